@@ -1,0 +1,185 @@
+"""Shared validation, field access and progress helpers used by every module.
+
+Everything here imports FiftyOne lazily so that ``import dinoprop`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Prefix of every tag dinoprop writes on samples.
+TAG_PREFIX = "dinoprop:"
+
+
+class DinopropError(ValueError):
+    """Raised for invalid user input; the message says what to change."""
+
+
+def validate_samples(samples: Any, require_images: bool = True) -> None:
+    """Checks that ``samples`` is a non-empty FiftyOne collection of images.
+
+    Args:
+        samples: a :class:`fiftyone.core.collections.SampleCollection`
+        require_images: whether the collection must contain image samples
+
+    Raises:
+        DinopropError: if ``samples`` is not a collection, is empty, or holds
+            another media type
+    """
+    import fiftyone.core.collections as foc
+
+    if not isinstance(samples, foc.SampleCollection):
+        raise DinopropError(
+            "Expected a FiftyOne Dataset or DatasetView; found %s"
+            % type(samples).__name__
+        )
+    if require_images and samples.media_type not in ("image", "group"):
+        raise DinopropError(
+            "dinoprop works on image datasets; '%s' has media type '%s'"
+            % (samples._root_dataset.name, samples.media_type)
+        )
+    if len(samples) == 0:
+        raise DinopropError(
+            "The view is empty: there are no samples to process"
+        )
+
+
+def get_field(samples: Any, field: str) -> Any:
+    """Returns the schema field ``field`` of ``samples``, or None if missing."""
+    return samples.get_field(field)
+
+
+def require_field(samples: Any, field: str, kind: str) -> Any:
+    """Returns the schema field ``field``, raising a clear error if missing.
+
+    Args:
+        samples: a sample collection
+        field: the field name
+        kind: a human description of what the field should hold
+
+    Returns:
+        the :class:`fiftyone.core.fields.Field`
+    """
+    schema_field = get_field(samples, field)
+    if schema_field is None:
+        raise DinopropError(
+            "Field '%s' does not exist on dataset '%s'; expected %s"
+            % (field, samples._root_dataset.name, kind)
+        )
+    return schema_field
+
+
+def require_label_field(samples: Any, field: str, label_types: tuple) -> type:
+    """Checks that ``field`` is a label field of one of ``label_types``.
+
+    Args:
+        samples: a sample collection
+        field: the label field name
+        label_types: a tuple of :class:`fiftyone.core.labels.Label` classes
+
+    Returns:
+        the label class of the field
+    """
+    import fiftyone.core.fields as fof
+
+    names = " or ".join(t.__name__ for t in label_types)
+    schema_field = require_field(samples, field, "a %s field" % names)
+    doc_type = getattr(schema_field, "document_type", None)
+    if not isinstance(schema_field, fof.EmbeddedDocumentField) or not (
+        doc_type and issubclass(doc_type, label_types)
+    ):
+        raise DinopropError(
+            "Field '%s' has type %s; expected a %s field"
+            % (field, _describe_field(schema_field), names)
+        )
+    return doc_type
+
+
+def check_vector_field(samples: Any, field: str) -> None:
+    """Raises if ``field`` exists and cannot hold embedding vectors."""
+    import fiftyone.core.fields as fof
+
+    schema_field = get_field(samples, field)
+    if schema_field is not None and not isinstance(
+        schema_field, (fof.VectorField, fof.ArrayField, fof.ListField)
+    ):
+        raise DinopropError(
+            "Field '%s' already exists with type %s and cannot hold "
+            "embeddings; choose another field name"
+            % (field, _describe_field(schema_field))
+        )
+
+
+def load_embeddings(
+    samples: Any, field: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads the embedding vectors stored in ``field``.
+
+    Samples without an embedding are left out.
+
+    Args:
+        samples: a sample collection
+        field: the name of a vector field
+
+    Returns:
+        a tuple ``(sample_ids, embeddings)``: a ``num`` array of sample IDs
+        and a ``num x dim`` float32 array
+
+    Raises:
+        DinopropError: if the field is missing, has another type, holds no
+            embedding, or the vectors have inconsistent dimensions
+    """
+    require_field(
+        samples,
+        field,
+        "an embeddings field (run dinoprop.compute_embeddings first)",
+    )
+    check_vector_field(samples, field)
+    ids, vectors = samples.values(["id", field])
+    keep = [i for i, v in enumerate(vectors) if v is not None]
+    if not keep:
+        raise DinopropError(
+            "No sample in the view has an embedding in '%s'; run "
+            "dinoprop.compute_embeddings first" % field
+        )
+    dims = {len(vectors[i]) for i in keep}
+    if len(dims) > 1:
+        raise DinopropError(
+            "Embeddings in '%s' have mixed dimensions %s; recompute them "
+            "with overwrite=True" % (field, sorted(dims))
+        )
+    sample_ids = np.array([ids[i] for i in keep])
+    embeddings = np.stack([np.asarray(vectors[i]) for i in keep])
+    return sample_ids, embeddings.astype(np.float32, copy=False)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Returns the rows of ``x`` scaled to unit L2 norm (zero rows kept)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def progress_bar(total: int, progress: Any = None, iters_str: str = "samples"):
+    """Returns FiftyOne's progress bar.
+
+    Args:
+        total: the number of iterations
+        progress: None (FiftyOne's default), a bool, or a callable receiving
+            the progress bar on each update (what operators pass)
+        iters_str: the unit shown in the bar
+
+    Returns:
+        a :class:`fiftyone.core.utils.ProgressBar`
+    """
+    import fiftyone.core.utils as fou
+
+    return fou.ProgressBar(total=total, progress=progress, iters_str=iters_str)
+
+
+def _describe_field(schema_field: Any) -> str:
+    doc_type = getattr(schema_field, "document_type", None)
+    if doc_type is not None:
+        return doc_type.__name__
+    return type(schema_field).__name__

@@ -1,0 +1,84 @@
+"""k-nearest-neighbour graphs of embeddings, computed with faiss.
+
+The graph is the one structure shared by UMAP and label propagation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dinoprop.core import l2_normalize
+
+
+def knn_search(
+    embeddings: np.ndarray, k: int, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine k-nearest neighbours of every row of ``embeddings``.
+
+    Args:
+        embeddings: a ``num x dim`` array
+        k: the number of neighbours per row (capped at ``num - 1`` when
+            ``exclude_self`` is True)
+        exclude_self: whether a point is left out of its own neighbours
+
+    Returns:
+        a tuple ``(neighbors, similarities)`` of ``num x k`` arrays: int64
+        row indices (-1 where fewer than k exist) and float32 cosine
+        similarities, best first
+    """
+    import faiss
+
+    x = np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+    num = x.shape[0]
+    k = int(min(k, num - 1 if exclude_self else num))
+    if k <= 0:
+        return np.empty((num, 0), np.int64), np.empty((num, 0), np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, nbrs = index.search(x, k + 1 if exclude_self else k)
+    if exclude_self:
+        sims, nbrs = _drop_self(sims, nbrs, k)
+    return nbrs.astype(np.int64), sims.astype(np.float32)
+
+
+def knn_graph(embeddings: np.ndarray, k: int):
+    """The cosine kNN graph of ``embeddings`` as a sparse matrix.
+
+    Args:
+        embeddings: a ``num x dim`` array
+        k: neighbours per node
+
+    Returns:
+        a ``num x num`` :class:`scipy.sparse.csr_matrix` whose row ``i``
+        holds the similarities of the ``k`` nearest neighbours of ``i``
+        (not symmetrised)
+    """
+    neighbors, sims = knn_search(embeddings, k)
+    return neighbors_to_csr(neighbors, sims)
+
+
+def neighbors_to_csr(neighbors: np.ndarray, sims: np.ndarray):
+    """Converts ``num x k`` neighbour/similarity arrays to a CSR matrix."""
+    import scipy.sparse as sp
+
+    num, k = neighbors.shape
+    rows = np.repeat(np.arange(num), k)
+    cols = neighbors.ravel()
+    valid = cols >= 0
+    return sp.csr_matrix(
+        (sims.ravel()[valid], (rows[valid], cols[valid])), shape=(num, num)
+    )
+
+
+def _drop_self(sims, nbrs, k):
+    """Removes each row's own index from its neighbour list, keeping k."""
+    num = nbrs.shape[0]
+    is_self = nbrs == np.arange(num)[:, None]
+    # Rows where self was not returned (exact duplicates) drop the last hit
+    no_self = ~is_self.any(axis=1)
+    is_self[no_self, -1] = True
+    keep = ~is_self
+    return (
+        sims[keep].reshape(num, k),
+        nbrs[keep].reshape(num, k),
+    )
