@@ -82,3 +82,24 @@ def _drop_self(sims, nbrs, k):
         sims[keep].reshape(num, k),
         nbrs[keep].reshape(num, k),
     )
+
+
+def sample_knn_graph(samples, embeddings_field: str, k: int):
+    """The kNN graph of the samples of a view that have an embedding.
+
+    Args:
+        samples: a FiftyOne sample collection
+        embeddings_field: the vector field holding the embeddings
+        k: neighbours per sample
+
+    Returns:
+        a tuple ``(sample_ids, embeddings, neighbors, similarities)``: a
+        ``num`` array of IDs, the ``num x dim`` float32 embeddings, and the
+        ``num x k`` neighbour indices (into ``sample_ids``) and cosine
+        similarities of :func:`knn_search`
+    """
+    from dinoprop.core import load_embeddings
+
+    sample_ids, embeddings = load_embeddings(samples, embeddings_field)
+    neighbors, sims = knn_search(embeddings, k)
+    return sample_ids, embeddings, neighbors, sims
