@@ -1,0 +1,35 @@
+"""FiftyOne plugin entry point of ``@dinoprop/dinoprop``.
+
+``fiftyone.yml`` names this file as the plugin's ``py_entry``; FiftyOne loads
+it as a package, calls :func:`register`, and the operators (one module per
+user action, thin wrappers over the SDK) register themselves.
+
+The SDK is importable either because the project was pip-installed or, when
+the repository was only downloaded as a plugin, from ``plugin/`` next to
+this folder. (The entry point lives here rather than in a root
+``__init__.py`` so that the repository root is not a Python package, which
+would confuse pytest.)
+"""
+
+import os
+import sys
+
+try:
+    import dinoprop  # noqa: F401
+except ImportError:
+    sys.path.insert(
+        0,
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "plugin",
+        ),
+    )
+
+#: The operator classes this plugin registers.
+OPERATORS = []
+
+
+def register(plugin):
+    """Registers every dinoprop operator with FiftyOne."""
+    for operator_cls in OPERATORS:
+        plugin.register(operator_cls)
