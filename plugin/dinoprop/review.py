@@ -1,0 +1,267 @@
+"""Reviewing propagated labels: the review queue, accepting and undoing.
+
+After :func:`dinoprop.propagate_labels`, every sample has a propagated
+:class:`fiftyone.core.labels.Classification` with a confidence, and the least
+confident ones are tagged ``dinoprop:needs_review``. This module lets a user
+look at those (:func:`review_queue_view`), turn the confident propagated
+labels into real labels (:func:`accept_propagated_labels`) and take that back
+(:func:`undo_accept`).
+
+Accepting never overwrites a human label: only samples whose label field is
+empty receive one. Every accepted label carries the attribute
+``dinoprop_accepted`` (the ID of the accept batch that wrote it), so an undo
+removes exactly the labels a batch wrote and nothing a human made.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from dinoprop.core import TAG_PREFIX, DinopropError, validate_samples
+
+#: Tag of samples whose label was accepted from a propagated label.
+ACCEPTED_TAG = TAG_PREFIX + "accepted"
+
+#: Tag that propagation puts on samples whose propagated label is uncertain.
+NEEDS_REVIEW_TAG = TAG_PREFIX + "needs_review"
+
+#: Name of the saved view that lists the samples to review.
+REVIEW_QUEUE_VIEW = "dinoprop review queue"
+
+#: Label attribute holding the accept batch that wrote an accepted label.
+BATCH_ATTRIBUTE = "dinoprop_accepted"
+
+
+class AcceptResults:
+    """What :func:`accept_propagated_labels` did.
+
+    Attributes:
+        batch: the ID of this accept batch (pass it to :func:`undo_accept`)
+        label_field: the field that received the labels
+        output_field: the propagated field the labels came from
+        min_confidence: the confidence threshold used
+        num_accepted: samples that received a label
+        num_human_labeled: samples skipped because they have a human label
+        num_below_threshold: unlabeled samples whose propagated confidence is
+            below the threshold (or missing)
+        sample_ids: the IDs of the samples that received a label
+    """
+
+    def __init__(
+        self,
+        batch: str,
+        label_field: str,
+        output_field: str,
+        min_confidence: float,
+        num_human_labeled: int,
+        num_below_threshold: int,
+        sample_ids: list,
+    ):
+        self.batch = batch
+        self.label_field = label_field
+        self.output_field = output_field
+        self.min_confidence = min_confidence
+        self.num_human_labeled = num_human_labeled
+        self.num_below_threshold = num_below_threshold
+        self.sample_ids = list(sample_ids)
+
+    @property
+    def num_accepted(self) -> int:
+        """The number of samples that received a label."""
+        return len(self.sample_ids)
+
+    def summary(self) -> dict:
+        """Returns the JSON-serialisable numbers an App result panel shows."""
+        return {
+            "batch": self.batch,
+            "label_field": self.label_field,
+            "output_field": self.output_field,
+            "min_confidence": float(self.min_confidence),
+            "num_accepted": self.num_accepted,
+            "num_human_labeled": self.num_human_labeled,
+            "num_below_threshold": self.num_below_threshold,
+        }
+
+    def __repr__(self) -> str:
+        return "AcceptResults(%s)" % self.summary()
+
+
+def accept_propagated_labels(
+    samples: Any,
+    output_field: str,
+    label_field: str,
+    min_confidence: float = 0.0,
+) -> AcceptResults:
+    """Copies confident propagated labels into the label field.
+
+    Only samples whose ``label_field`` is empty receive a label: human labels
+    are never overwritten. Each accepted sample is tagged
+    ``dinoprop:accepted`` and its new label records the batch that wrote it
+    (attribute ``dinoprop_accepted``), so :func:`undo_accept` can revert it.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        output_field: the field holding propagated
+            :class:`fiftyone.core.labels.Classification` labels, e.g.
+            ``"label_propagated"``
+        label_field: the human label field to fill, e.g. ``"label"``; it is
+            created if missing and must otherwise hold ``Classification``
+        min_confidence: the lowest propagated confidence accepted, in [0, 1]
+
+    Returns:
+        an :class:`AcceptResults`
+
+    Raises:
+        DinopropError: if the view is empty, a field is missing or has the
+            wrong type, the two fields are the same, or the threshold is out
+            of range; nothing is written then
+    """
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    _check_fields(samples, output_field, label_field)
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise DinopropError(
+            "min_confidence must be between 0 and 1; found %s" % min_confidence
+        )
+
+    if samples.get_field(label_field) is None:
+        unlabeled, num_human = samples.exists(output_field), 0
+    else:
+        unlabeled = samples.exists(label_field, False).exists(output_field)
+        num_human = samples.exists(label_field).count()
+    confident = unlabeled.match(
+        F(output_field + ".confidence") >= float(min_confidence)
+    )
+    ids = confident.values("id")
+    num_unlabeled = unlabeled.count()
+    batch = _new_batch_id()
+    if ids:
+        selected = samples.select(ids)
+        propagated = selected.values(output_field)
+        selected.set_values(
+            label_field,
+            [
+                fo.Classification(
+                    label=p.label,
+                    confidence=p.confidence,
+                    **{BATCH_ATTRIBUTE: batch},
+                )
+                for p in propagated
+            ],
+        )
+        selected.tag_samples(ACCEPTED_TAG)
+    return AcceptResults(
+        batch=batch,
+        label_field=label_field,
+        output_field=output_field,
+        min_confidence=float(min_confidence),
+        num_human_labeled=num_human,
+        num_below_threshold=num_unlabeled - len(ids),
+        sample_ids=ids,
+    )
+
+
+def undo_accept(
+    samples: Any, label_field: str, batch: Optional[str] = None
+) -> dict:
+    """Reverts labels written by :func:`accept_propagated_labels`.
+
+    Only labels that carry the accept marker are removed; labels a human
+    wrote are left alone. The ``dinoprop:accepted`` tag is removed from the
+    reverted samples.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the label field the labels were accepted into
+        batch: the accept batch to revert (``AcceptResults.batch``); None
+            reverts every accepted label in ``samples``
+
+    Returns:
+        a dict with ``num_reverted``, ``label_field`` and ``batch``
+
+    Raises:
+        DinopropError: if the view is empty or ``label_field`` is missing
+    """
+    from fiftyone import ViewField as F
+
+    validate_samples(samples, require_images=False)
+    if samples.get_field(label_field) is None:
+        raise DinopropError(
+            "Field '%s' does not exist on dataset '%s'; nothing to undo"
+            % (label_field, samples._root_dataset.name)
+        )
+    marker = F("%s.%s" % (label_field, BATCH_ATTRIBUTE))
+    condition = marker.exists() if batch is None else marker == batch
+    accepted = samples.match(condition)
+    ids = accepted.values("id")
+    if ids:
+        selected = samples.select(ids)
+        selected.set_values(label_field, [None] * len(ids))
+        selected.untag_samples(ACCEPTED_TAG)
+    return {"num_reverted": len(ids), "label_field": label_field, "batch": batch}
+
+
+def accepted_batches(samples: Any, label_field: str) -> dict:
+    """Returns ``{batch: number of labels}`` of accepted labels still present.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the label field labels were accepted into
+    """
+    if samples.get_field(label_field) is None:
+        return {}
+    counts = samples.count_values("%s.%s" % (label_field, BATCH_ATTRIBUTE))
+    return {k: v for k, v in counts.items() if k is not None}
+
+
+def review_queue_view(dataset: Any) -> Any:
+    """Returns the review queue: the samples propagation marked for review.
+
+    This is the saved view ``"dinoprop review queue"`` that
+    :func:`dinoprop.propagate_labels` writes (least confident first); if it
+    was deleted, the samples tagged ``dinoprop:needs_review``.
+
+    Args:
+        dataset: a FiftyOne dataset (or a view, whose dataset is used)
+
+    Returns:
+        a :class:`fiftyone.core.view.DatasetView`
+
+    Raises:
+        DinopropError: if no sample needs review, e.g. because labels were
+            never propagated
+    """
+    dataset = dataset._root_dataset
+    if dataset.has_saved_view(REVIEW_QUEUE_VIEW):
+        return dataset.load_saved_view(REVIEW_QUEUE_VIEW)
+    tagged = dataset.match_tags(NEEDS_REVIEW_TAG)
+    if tagged.count() == 0:
+        raise DinopropError(
+            "Dataset '%s' has no review queue: no sample is tagged '%s'. Run "
+            "propagate_labels first" % (dataset.name, NEEDS_REVIEW_TAG)
+        )
+    return tagged
+
+
+def _check_fields(samples: Any, output_field: str, label_field: str) -> None:
+    import fiftyone.core.labels as fol
+
+    from dinoprop.core import require_label_field
+
+    validate_samples(samples, require_images=False)
+    if output_field == label_field:
+        raise DinopropError(
+            "The propagated field and the label field must differ; both are "
+            "'%s'" % label_field
+        )
+    require_label_field(samples, output_field, (fol.Classification,))
+    if samples.get_field(label_field) is not None:
+        require_label_field(samples, label_field, (fol.Classification,))
+
+
+def _new_batch_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return "%s-%s" % (stamp, uuid.uuid4().hex[:6])
