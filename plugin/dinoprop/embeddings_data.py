@@ -1,0 +1,164 @@
+"""The input pipeline of :mod:`dinoprop.embeddings`: decode, resize, batch.
+
+DataLoader worker processes open images (PIL ``draft()`` lets the JPEG
+decoder downsample early), resize and centre-crop them, and hand uint8
+tensors to the main process, which normalises them on the device. Failures
+travel with the batch as ``(index, reason)`` pairs instead of crashing it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from dinoprop.models import Preprocessing, center_crop_to_tensor, open_image, preprocess_image
+
+
+class ImageItems:
+    """A map-style dataset of image files for a ``torch`` DataLoader.
+
+    Each item is ``(index, tensor or None, error or None)``.
+    """
+
+    def __init__(self, filepaths: Sequence[str], preprocessing: Preprocessing):
+        self.filepaths = filepaths
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = open_image(self.filepaths[index], self.preprocessing)
+            return index, preprocess_image(image, self.preprocessing), None
+        except Exception as e:  # reported per sample, never fatal here
+            return index, None, describe_failure(e)
+
+
+class PatchItems:
+    """A map-style dataset of box crops, one item per image.
+
+    Each item is ``(index, n x 3 x S x S tensor or None, error or None)``
+    where ``n`` is the number of boxes of that image.
+    """
+
+    def __init__(
+        self,
+        filepaths: Sequence[str],
+        boxes: Sequence[Sequence[Sequence[float]]],
+        preprocessing: Preprocessing,
+        min_box_pixels: int,
+    ):
+        self.filepaths = filepaths
+        self.boxes = boxes
+        self.preprocessing = preprocessing
+        self.min_box_pixels = min_box_pixels
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, index: int):
+        import torch
+        from PIL import Image
+
+        try:
+            with Image.open(self.filepaths[index]) as f:
+                image = f.convert("RGB")
+            crops = [
+                crop_box(image, box, self.preprocessing.crop_size, self.min_box_pixels)
+                for box in self.boxes[index]
+            ]
+            return index, torch.stack(crops), None
+        except Exception as e:  # reported per sample, never fatal here
+            return index, None, describe_failure(e)
+
+
+def crop_box(image: Any, box: Sequence[float], size: int, min_pixels: int) -> Any:
+    """Crops a relative ``[x, y, w, h]`` box, squared and padded, to a tensor.
+
+    The box is grown to a square around its centre (so objects are not
+    distorted) and to at least ``min_pixels`` on each side (tiny boxes get
+    context instead of crashing), clipped to the image, then resized to
+    ``size x size``.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    x, y, w, h = box
+    cx, cy = (x + w / 2) * width, (y + h / 2) * height
+    side = max(w * width, h * height, min_pixels, 1.0)
+    left = int(max(0, round(cx - side / 2)))
+    top = int(max(0, round(cy - side / 2)))
+    right = int(min(width, max(left + 1, round(cx + side / 2))))
+    bottom = int(min(height, max(top + 1, round(cy + side / 2))))
+    crop = image.crop((left, top, right, bottom))
+    crop = crop.resize((size, size), Image.BICUBIC)
+    return center_crop_to_tensor(crop, size)
+
+
+def describe_failure(error: Exception) -> str:
+    """A one-line reason for a per-sample failure."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found: %s" % (error.filename or error)
+    text = str(error).strip().splitlines()
+    return "%s: %s" % (type(error).__name__, text[0] if text else "")
+
+
+def collate(items: list) -> tuple:
+    """Stacks the successful items; keeps failures as ``(index, reason)``."""
+    import torch
+
+    good = [(i, t) for i, t, e in items if e is None]
+    failures = [(i, e) for i, _, e in items if e is not None]
+    indices = [i for i, _ in good]
+    if not good:
+        return indices, None, [], failures
+    counts = [t.shape[0] if t.dim() == 4 else 1 for _, t in good]
+    tensors = [t if t.dim() == 4 else t.unsqueeze(0) for _, t in good]
+    return indices, torch.cat(tensors), counts, failures
+
+
+def make_loader(items: Any, batch_size: int, num_workers: int, device: Any) -> Any:
+    """A DataLoader tuned for the device: pinned memory and prefetch on CUDA."""
+    import torch
+
+    on_cuda = device.type == "cuda"
+    kwargs = {}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = 4 if on_cuda else 2
+    return torch.utils.data.DataLoader(
+        items,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=on_cuda,
+        **kwargs,
+    )
+
+
+def default_num_workers(device: Any) -> int:
+    """Decoding workers: all spare cores on GPUs, one on small CPU hosts.
+
+    On the CPU the model itself uses every core, so one worker overlapping
+    decoding with inference is the sweet spot; GPUs are fed by as many
+    workers as there are cores (capped at 16).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(16, cores - 1))
+    return 1 if cores <= 4 else min(4, cores // 4)
+
+
+def default_batch_size(device: Any, hidden_dim: int) -> int:
+    """Images per forward pass: large on GPUs (scaled to the model), 16 on CPU."""
+    if device.type != "cuda":
+        return 16
+    import torch
+
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    by_width = {384: 512, 768: 256, 1024: 128, 1536: 64}
+    batch = by_width.get(hidden_dim, 128)
+    if free_bytes < 16 * 2**30:
+        batch //= 4
+    return max(8, batch)
