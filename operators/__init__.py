@@ -25,8 +25,24 @@ except ImportError:
         ),
     )
 
-#: The operator classes this plugin registers.
-OPERATORS = []
+from .accept_propagated_labels import AcceptPropagatedLabels  # noqa: E402
+from .compute_embeddings import ComputeEmbeddings  # noqa: E402
+from .compute_similarity import ComputeSimilarity  # noqa: E402
+from .compute_visualization import ComputeVisualization  # noqa: E402
+from .open_review_queue import OpenReviewQueue  # noqa: E402
+from .propagate_labels import PropagateLabels  # noqa: E402
+from .suggest_seeds import SuggestSeeds  # noqa: E402
+
+#: The operator classes this plugin registers, in workflow order.
+OPERATORS = [
+    ComputeEmbeddings,
+    ComputeSimilarity,
+    ComputeVisualization,
+    PropagateLabels,
+    SuggestSeeds,
+    OpenReviewQueue,
+    AcceptPropagatedLabels,
+]
 
 
 def register(plugin):

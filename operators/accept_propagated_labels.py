@@ -1,0 +1,246 @@
+"""Operator ``accept_propagated_labels``: keep confident labels, or undo."""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from . import _common
+
+#: Accepting over 200k+ samples defaults to a delegated run.
+DELEGATE_THRESHOLD = 200_000
+DEFAULT_MIN_CONFIDENCE = 0.9
+_ALL_BATCHES = "all"
+
+
+class AcceptPropagatedLabels(foo.Operator):
+    """Accepts or reverts propagated labels (``dinoprop.review``)."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="accept_propagated_labels",
+            label="dinoprop: accept propagated labels",
+            description="Copies confident propagated labels into the label "
+            "field of unlabeled samples (undoable)",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        view = _common.target_view(ctx, inputs, "Accept labels in")
+        actions = types.RadioGroup(orientation="horizontal")
+        actions.add_choice("accept", label="Accept")
+        actions.add_choice("undo", label="Undo an accept")
+        inputs.enum(
+            "action",
+            actions.values(),
+            default="accept",
+            required=True,
+            label="Action",
+            view=actions,
+        )
+        fields = _common.label_fields(view)
+        if ctx.params.get("action", "accept") == "undo":
+            ready = _undo_form(ctx, inputs, view, fields)
+        else:
+            ready = _accept_form(ctx, inputs, view, fields)
+        if ready:
+            _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
+        return types.Property(
+            inputs, view=types.View(label="Accept propagated labels")
+        )
+
+    def resolve_delegation(self, ctx):
+        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
+
+    def execute(self, ctx):
+        from dinoprop import review
+
+        params = ctx.params
+        view = ctx.target_view()
+        if params.get("action", "accept") == "undo":
+            batch = params.get("batch") or _ALL_BATCHES
+
+            def call(progress):
+                return _Undo(
+                    review.undo_accept(
+                        view,
+                        params["label_field"],
+                        batch=None if batch == _ALL_BATCHES else batch,
+                    )
+                )
+
+            label = "Reverting accepted labels"
+        else:
+
+            def call(progress):
+                return review.accept_propagated_labels(
+                    view,
+                    params["output_field"],
+                    params["label_field"],
+                    min_confidence=params.get(
+                        "min_confidence", DEFAULT_MIN_CONFIDENCE
+                    ),
+                )
+
+            label = "Accepting labels"
+        return _common.run(ctx, self, label, call, _common.reload)
+
+    def resolve_output(self, ctx):
+        if ctx.params.get("action") == "undo":
+            return _common.summary_output(
+                "Accepted labels reverted",
+                [
+                    ("num_reverted", "Labels removed", "int"),
+                    ("label_field", "Label field", "str"),
+                ],
+            )
+        return _common.summary_output(
+            "Propagated labels accepted",
+            [
+                ("num_accepted", "Labels accepted", "int"),
+                ("num_human_labeled", "Kept (human label)", "int"),
+                ("num_below_threshold", "Below the threshold", "int"),
+                ("min_confidence", "Minimum confidence", "float"),
+                ("label_field", "Label field", "str"),
+                ("batch", "Batch (to undo)", "str"),
+            ],
+        )
+
+
+class _Undo:
+    def __init__(self, summary):
+        self._summary = summary
+
+    def summary(self):
+        return self._summary
+
+
+def _accept_form(ctx, inputs, view, fields):
+    from fiftyone import ViewField as F
+
+    propagated = _propagated_fields(view, fields)
+    output = _common.field_dropdown(
+        ctx,
+        inputs,
+        "output_field",
+        propagated,
+        "Propagated field",
+        "The labels written by propagate_labels",
+        missing="No propagated labels: run propagate_labels first",
+    )
+    if output is None:
+        return False
+    default_label = None
+    if output.endswith("_propagated"):
+        default_label = output[: -len("_propagated")]
+    label_field = ctx.params.get("label_field") or default_label
+    choices = types.AutocompleteView()
+    for name in fields:
+        if name != output:
+            choices.add_choice(name, label=name)
+    error = _label_field_error(view, label_field, output)
+    inputs.str(
+        "label_field",
+        default=default_label,
+        required=True,
+        label="Label field",
+        description="The human label field to fill (created if missing); "
+        "samples that already have a label there are never changed",
+        view=choices,
+        invalid=error is not None,
+        error_message=error or "",
+    )
+    threshold = ctx.params.get("min_confidence", DEFAULT_MIN_CONFIDENCE)
+    inputs.float(
+        "min_confidence",
+        default=DEFAULT_MIN_CONFIDENCE,
+        min=0.0,
+        max=1.0,
+        required=True,
+        label="Minimum confidence",
+        description="Only propagated labels at least this confident are "
+        "accepted (propagate_labels reports a recommended threshold)",
+    )
+    if error is not None or not label_field or threshold is None:
+        return False
+    if view.get_field(label_field) is None:
+        unlabeled, human = view, 0
+    else:
+        unlabeled = view.exists(label_field, False)
+        human = view.count() - unlabeled.count()
+    accepted = unlabeled.match(
+        F(output + ".confidence") >= float(threshold)
+    ).count()
+    _common.notice(
+        inputs,
+        "preview",
+        "%d samples will get a label; %d keep their human label"
+        % (accepted, human),
+    )
+    return True
+
+
+def _undo_form(ctx, inputs, view, fields):
+    from dinoprop.review import accepted_batches
+
+    batches = {}
+    for name in fields:
+        for batch, count in accepted_batches(view, name).items():
+            batches[(name, batch)] = count
+    if not batches:
+        _common.warn(inputs, "undo", "No accepted labels to undo here")
+        return False
+    label_fields = sorted({name for name, _ in batches})
+    label_field = _common.field_dropdown(
+        ctx,
+        inputs,
+        "label_field",
+        label_fields,
+        "Label field",
+        "The field labels were accepted into",
+    )
+    choices = types.DropdownView()
+    choices.add_choice(_ALL_BATCHES, label="All accepted labels")
+    for (name, batch), count in sorted(batches.items(), reverse=True):
+        if name == label_field:
+            choices.add_choice(batch, label="%s (%d labels)" % (batch, count))
+    inputs.enum(
+        "batch",
+        choices.values(),
+        default=_ALL_BATCHES,
+        required=True,
+        label="Accept batch",
+        description="Newest first; only labels that batch wrote are removed",
+        view=choices,
+    )
+    return True
+
+
+def _propagated_fields(view, fields):
+    """Classification fields that look propagated: named so, or confident."""
+    return [
+        name
+        for name in fields
+        if name.endswith("_propagated")
+        or view.exists(name + ".confidence").limit(1).count()
+    ]
+
+
+def _label_field_error(view, label_field, output):
+    import fiftyone.core.fields as fof
+    import fiftyone.core.labels as fol
+
+    if not label_field:
+        return "Choose the label field to fill"
+    if label_field == output:
+        return "The label field must differ from the propagated field"
+    existing = view.get_field(label_field)
+    if existing is None or (
+        isinstance(existing, fof.EmbeddedDocumentField)
+        and issubclass(existing.document_type, fol.Classification)
+    ):
+        return None
+    return "Field '%s' does not hold Classification labels" % label_field

@@ -1,0 +1,238 @@
+"""The App operators, executed through FiftyOne's operator execution API.
+
+Each operator runs in immediate mode on a small dataset (the generator the
+App streams is exhausted, as the App would), then the dataset is checked.
+Forms are resolved the way the App resolves them, on datasets with and
+without the fields they need.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import random_embeddings
+
+PLUGIN = "@dinoprop/dinoprop"
+OPERATORS = [
+    "compute_embeddings",
+    "compute_similarity",
+    "compute_visualization",
+    "propagate_labels",
+    "suggest_seeds",
+    "open_review_queue",
+    "accept_propagated_labels",
+]
+
+
+def uri(name):
+    return "%s/%s" % (PLUGIN, name)
+
+
+def request(dataset, params=None, view=None, selected=None):
+    """The request parameters the App sends for ``dataset``/``view``."""
+    return {
+        "dataset_name": dataset.name,
+        "view": (view if view is not None else dataset.view())._serialize(),
+        "selected": selected or [],
+        "params": dict(params or {}),
+    }
+
+
+def resolve_form(name, dataset, params=None, view=None, selected=None):
+    """Resolves an operator's input form; returns ``{name: Property}``."""
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    req = request(dataset, params, view, selected)
+    req["target"] = "inputs"
+    prop = asyncio.run(resolve_type(OperatorRegistry(), uri(name), req))
+    assert not hasattr(prop, "error"), getattr(prop, "error", None)
+    return dict(prop.type.properties)
+
+
+def blocking_errors(form):
+    """The messages of the properties that stop the form from submitting."""
+    return [p.error_message for p in form.values() if p.invalid]
+
+
+def execute(name, dataset, params=None, view=None, selected=None):
+    """Executes an operator immediately, as the App does; returns requests.
+
+    Returns:
+        ``{operator name: [params, ...]}`` of the App actions it triggered
+    """
+    import fiftyone.operators as foo
+
+    params = {"delegate": False, **(params or {})}
+    result = foo.execute_operator(
+        uri(name),
+        dataset=dataset,
+        view=view,
+        selected=selected or [],
+        params=params,
+    )
+    assert not result.delegated
+    triggered = {}
+    for req in result.executor._requests:
+        triggered.setdefault(req.operator_uri, []).append(req.params)
+    return triggered
+
+
+def shown_summary(triggered):
+    """The results of the last result panel the operator showed."""
+    return triggered["show_output"][-1]["results"]
+
+
+# ------------------------------------------------------------- discovery
+
+
+def test_plugin_is_discovered_with_every_operator():
+    import fiftyone.plugins as fop
+    from fiftyone.operators.registry import OperatorRegistry
+
+    plugins = {p.name: p for p in fop.list_plugins()}
+    assert PLUGIN in plugins
+    assert sorted(plugins[PLUGIN].operators) == sorted(OPERATORS)
+
+    registry = OperatorRegistry()
+    for name in OPERATORS:
+        assert registry.operator_exists(uri(name)), name
+    assert not [e for e in registry.list_errors() if "dinoprop" in str(e)]
+
+
+def test_heavy_operators_offer_both_modes():
+    from fiftyone.operators.registry import OperatorRegistry
+
+    registry = OperatorRegistry()
+    for name in OPERATORS:
+        config = registry.get_operator(uri(name)).config
+        assert config.allow_immediate_execution, name
+        expected = name != "open_review_queue"
+        assert config.allow_delegated_execution == expected, name
+
+
+# ----------------------------------------------------------------- forms
+
+
+def test_forms_without_embeddings_block_with_a_clear_message(image_dataset):
+    for name in ("compute_similarity", "compute_visualization", "suggest_seeds"):
+        form = resolve_form(name, image_dataset)
+        assert blocking_errors(form) == [
+            "No embeddings yet: run compute_embeddings first"
+        ], name
+        with pytest.raises(Exception, match="compute_embeddings first"):
+            execute(name, image_dataset, {"embeddings": "dinoprop_embedding"})
+
+
+def test_forms_offer_schema_fields_and_defaults(embedded_dataset):
+    random_embeddings(embedded_dataset, field="other_vectors", dim=8)
+    form = resolve_form("compute_similarity", embedded_dataset)
+    assert form["embeddings"].type.values == ["dinoprop_embedding", "other_vectors"]
+    assert form["embeddings"].default == "dinoprop_embedding"
+    assert form["brain_key"].default == "dinoprop_similarity"
+    assert form["delegate"].default is False  # 24 samples: immediate
+    assert "view_target" in form
+    assert blocking_errors(form) == []
+
+    form = resolve_form("propagate_labels", embedded_dataset)
+    assert form["label_field"].type.values == ["ground_truth", "label"]
+    assert form["label_field"].default == "label"
+    assert form["output_field"].default == "label_propagated"
+    assert "6 seeds in 3 classes" in form["seeds_notice"].view.label
+    assert blocking_errors(form) == []
+
+
+def test_embeddings_form_models_and_field_validation(image_dataset):
+    from dinoprop.models import MODEL_CHOICES
+
+    form = resolve_form("compute_embeddings", image_dataset)
+    choices = [c.value for c in form["model"].view.choices]
+    assert choices == MODEL_CHOICES
+    assert form["model"].default == "dinov2-small"
+    assert form["embeddings_field"].default == "dinoprop_embedding"
+    assert blocking_errors(form) == []
+
+    form = resolve_form(
+        "compute_embeddings",
+        image_dataset,
+        {"model": "/no/such/model", "embeddings_field": "ground_truth"},
+    )
+    errors = blocking_errors(form)
+    assert "No such model file or directory: /no/such/model" in errors
+    assert any("ground_truth" in e and "not vectors" in e for e in errors)
+
+
+def test_propagate_form_without_seeds_or_classes(embedded_dataset):
+    ds = embedded_dataset
+    form = resolve_form("propagate_labels", ds, {"label_field": "label"})
+    assert blocking_errors(form) == []
+
+    ids = [i for i, lab in zip(*ds.values(["id", "label.label"])) if lab == "red"]
+    form = resolve_form(
+        "propagate_labels", ds, {"label_field": "label"}, view=ds.select(ids)
+    )
+    assert any("single class" in e for e in blocking_errors(form))
+
+    ds.delete_sample_field("label")
+    ds.delete_sample_field("ground_truth")
+    form = resolve_form("propagate_labels", ds)
+    assert blocking_errors(form) == [
+        "This dataset has no Classification field to propagate"
+    ]
+
+
+def test_propagate_form_counts_seeds_in_the_target_view(embedded_dataset):
+    ds = embedded_dataset
+    unlabeled = ds.exists("label", False)
+    form = resolve_form(
+        "propagate_labels", ds, {"label_field": "label"}, view=unlabeled
+    )
+    assert form["view_target"].type.values  # dataset / current view offered
+    assert "No seeds" in blocking_errors(form)[0]
+
+    # the whole dataset as target has the seeds again
+    form = resolve_form(
+        "propagate_labels",
+        ds,
+        {"label_field": "label", "view_target": "DATASET"},
+        view=unlabeled,
+    )
+    assert blocking_errors(form) == []
+
+
+def test_review_forms_before_propagation(embedded_dataset):
+    form = resolve_form("open_review_queue", embedded_dataset)
+    assert "propagate_labels first" in blocking_errors(form)[0]
+    form = resolve_form("accept_propagated_labels", embedded_dataset)
+    assert blocking_errors(form) == [
+        "No propagated labels: run propagate_labels first"
+    ]
+    form = resolve_form(
+        "accept_propagated_labels", embedded_dataset, {"action": "undo"}
+    )
+    assert blocking_errors(form) == ["No accepted labels to undo here"]
+
+
+def test_delegation_defaults_to_background_for_big_views(
+    embedded_dataset, monkeypatch
+):
+    from fiftyone.operators.registry import OperatorRegistry
+
+    registry = OperatorRegistry()
+    module = type(registry.get_operator(uri("compute_similarity"))).__module__
+    import sys
+
+    monkeypatch.setattr(sys.modules[module], "DELEGATE_THRESHOLD", 10)
+    form = resolve_form("compute_similarity", embedded_dataset)
+    assert form["delegate"].default is True
+    assert "delegate_notice" in form
+    # a selection of 3 samples stays immediate
+    ids = embedded_dataset.limit(3).values("id")
+    form = resolve_form(
+        "compute_similarity",
+        embedded_dataset,
+        {"view_target": "SELECTED_SAMPLES"},
+        selected=ids,
+    )
+    assert form["delegate"].default is False
