@@ -28,6 +28,7 @@ DEFAULT_EMBEDDINGS = "dinoprop_embedding"
 
 _DONE = object()
 _PROGRESS_INTERVAL = 0.25  # seconds between two progress messages
+_DELEGATED_PROGRESS_INTERVAL = 1.0
 
 
 # ----------------------------------------------------------------- the form
@@ -80,8 +81,9 @@ def field_dropdown(
     description,
     default=None,
     missing=None,
+    required=True,
 ):
-    """Adds a required dropdown of field names and returns the chosen one.
+    """Adds a dropdown of field names and returns the chosen one.
 
     When there is nothing to choose, a warning explaining ``missing`` is shown
     instead and the form cannot be submitted.
@@ -101,7 +103,7 @@ def field_dropdown(
         name,
         dropdown.values(),
         default=default,
-        required=True,
+        required=required,
         label=label,
         description=description,
         view=dropdown,
@@ -186,7 +188,6 @@ def brain_key_input(ctx, inputs, view, default):
     inputs.str(
         "brain_key",
         default=default,
-        required=True,
         label="Brain key",
         description="The name of this run",
         invalid=error is not None,
@@ -220,11 +221,18 @@ def run(ctx, operator, label, call, follow_up=None):
         (immediate)
     """
     if ctx.delegated:
+        last_sent = [0.0]
 
         def progress(pb):
-            ctx.set_progress(progress=_fraction(pb), label=label)
+            # each update is a database write: at most one per interval
+            now = time.monotonic()
+            if now - last_sent[0] >= _DELEGATED_PROGRESS_INTERVAL:
+                last_sent[0] = now
+                ctx.set_progress(progress=_fraction(pb), label=label)
 
-        return call(progress).summary()
+        summary = call(progress).summary()
+        ctx.set_progress(progress=1.0, label=label)
+        return summary
     return _stream(ctx, operator, label, call, follow_up)
 
 

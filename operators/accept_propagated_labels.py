@@ -37,7 +37,6 @@ class AcceptPropagatedLabels(foo.Operator):
             "action",
             actions.values(),
             default="accept",
-            required=True,
             label="Action",
             view=actions,
         )
@@ -159,7 +158,6 @@ def _accept_form(ctx, inputs, view, fields):
         default=DEFAULT_MIN_CONFIDENCE,
         min=0.0,
         max=1.0,
-        required=True,
         label="Minimum confidence",
         description="Only propagated labels at least this confident are "
         "accepted (propagate_labels reports a recommended threshold)",
@@ -211,7 +209,6 @@ def _undo_form(ctx, inputs, view, fields):
         "batch",
         choices.values(),
         default=_ALL_BATCHES,
-        required=True,
         label="Accept batch",
         description="Newest first; only labels that batch wrote are removed",
         view=choices,

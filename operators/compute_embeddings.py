@@ -42,7 +42,6 @@ class ComputeEmbeddings(foo.Operator):
         inputs.str(
             "model",
             default=DEFAULT_MODEL,
-            required=True,
             label="Model",
             description=(
                 "A built-in name, a Hugging Face model id or a local model "
@@ -59,7 +58,6 @@ class ComputeEmbeddings(foo.Operator):
         inputs.str(
             "embeddings_field",
             default=_common.DEFAULT_EMBEDDINGS,
-            required=True,
             label="Embeddings field",
             description="The sample field that stores the vectors",
             invalid=field_error is not None,

@@ -40,6 +40,7 @@ class ComputeSimilarity(foo.Operator):
             "The vectors to index",
             default=_common.DEFAULT_EMBEDDINGS,
             missing="No embeddings yet: run compute_embeddings first",
+            required=False,
         )
         if embeddings is None:
             return types.Property(inputs)

@@ -38,6 +38,7 @@ class ComputeVisualization(foo.Operator):
             "The vectors to map",
             default=_common.DEFAULT_EMBEDDINGS,
             missing="No embeddings yet: run compute_embeddings first",
+            required=False,
         )
         if embeddings is None:
             return types.Property(inputs)

@@ -56,6 +56,7 @@ class PropagateLabels(foo.Operator):
             "The vectors that define which samples are neighbours",
             default=_common.DEFAULT_EMBEDDINGS,
             missing="No embeddings yet: run compute_embeddings first",
+            required=False,
         )
         if embeddings is None:
             return types.Property(inputs)
@@ -66,7 +67,6 @@ class PropagateLabels(foo.Operator):
         inputs.str(
             "output_field",
             default=default_output,
-            required=True,
             label="Output field",
             description="Where the propagated labels (with confidence) go; "
             "the seed field is never modified",

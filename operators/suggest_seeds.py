@@ -37,6 +37,7 @@ class SuggestSeeds(foo.Operator):
             "The vectors used to find representative samples",
             default=_common.DEFAULT_EMBEDDINGS,
             missing="No embeddings yet: run compute_embeddings first",
+            required=False,
         )
         if embeddings is None:
             return types.Property(inputs)
@@ -46,7 +47,6 @@ class SuggestSeeds(foo.Operator):
         inputs.int(
             "count",
             default=10,
-            required=True,
             min=1,
             label="How many",
             description="Number of samples to suggest",

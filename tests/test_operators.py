@@ -236,3 +236,77 @@ def test_delegation_defaults_to_background_for_big_views(
         selected=ids,
     )
     assert form["delegate"].default is False
+
+
+# ------------------------------------------------------------- execution
+
+
+def test_compute_embeddings_immediate(image_dataset, tiny_dinov2_dir):
+    ds = image_dataset
+    triggered = execute(
+        "compute_embeddings",
+        ds,
+        {"model": tiny_dinov2_dir, "embeddings_field": "emb", "batch_size": 8},
+    )
+
+    vectors = ds.values("emb")
+    assert all(v is not None and len(v) == 32 for v in vectors)
+    assert np.isfinite(np.stack(vectors)).all()
+    summary = shown_summary(triggered)
+    assert summary["num_embedded"] == 24 and summary["num_failed"] == 0
+    assert summary["dim"] == 32
+    progress = [p["progress"] for p in triggered["set_progress"]]
+    assert progress[0] == 0.0 and progress == sorted(progress)
+    assert "reload_dataset" in triggered
+
+
+def test_compute_embeddings_on_selected_samples(image_dataset, tiny_dinov2_dir):
+    ds = image_dataset
+    ids = ds.take(5, seed=1).values("id")
+    triggered = execute(
+        "compute_embeddings",
+        ds,
+        {"model": tiny_dinov2_dir, "view_target": "SELECTED_SAMPLES"},
+        selected=ids,
+    )
+    assert shown_summary(triggered)["num_embedded"] == 5
+    assert set(ds.exists("dinoprop_embedding").values("id")) == set(ids)
+
+
+def test_delegated_run_reports_progress_and_result(
+    image_dataset, tiny_dinov2_dir
+):
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    ds = image_dataset
+    queued = foo.execute_operator(
+        uri("compute_embeddings"),
+        dataset=ds,
+        params={"model": tiny_dinov2_dir, "delegate": True},
+    )
+    assert queued.delegated
+    assert ds.get_field("dinoprop_embedding") is None  # only queued
+
+    service = DelegatedOperationService()
+    doc = service.get(queued.result["id"])
+    service.execute_operation(doc)
+    doc = service.get(queued.result["id"])
+    try:
+        assert doc.run_state == "completed", doc.result
+        assert doc.result.result["num_embedded"] == 24
+        assert doc.status.progress == 1.0
+        assert doc.status.label == "Embedding images"
+        outputs = doc.metadata["outputs_schema"]["type"]["properties"]
+        assert "num_embedded" in outputs  # the result panel's schema
+        assert ds.count("dinoprop_embedding") == 24
+    finally:
+        service.delete_operation(doc.id)
+
+
+def test_failed_run_reports_the_sdk_error_and_writes_nothing(image_dataset):
+    import fiftyone.operators as foo
+
+    with pytest.raises(foo.executor.ExecutionError, match="not-a-model"):
+        execute("compute_embeddings", image_dataset, {"model": "not-a-model"})
+    assert image_dataset.get_field("dinoprop_embedding") is None
