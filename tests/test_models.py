@@ -204,7 +204,7 @@ def test_remote_code_is_not_run_unless_trusted(tmp_path):
     (model_dir / "evil.py").write_text(
         "import os\nos.mkdir(%r)\n" % str(marker)
     )
-    with pytest.raises(DinopropError, match="remote-model"):
+    with pytest.raises(DinopropError, match="trust_remote_code=True"):
         load_model(str(model_dir), device="cpu")
     assert not marker.exists()
 

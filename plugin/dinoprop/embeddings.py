@@ -289,7 +289,7 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
 
 def _has_any_value(dataset: Any, path: str) -> bool:
     """Whether any sample (or label) of the dataset has a value at ``path``."""
-    if dataset.get_field(path) is None:
+    if dataset.get_field(path) is None and "." not in path:
         return False
     return dataset.count(path) > 0
 
@@ -370,6 +370,7 @@ class _Runner:
         self.results.num_skipped = skipped
         if not sample_ids:
             return
+        self._declare_vector_field(path)
         min_pixels = max(self.backbone.patch_size, 16)
         items = PatchItems(filepaths, boxes, self.backbone.preprocessing, min_pixels)
         self._run(items, sample_ids, batch_size, num_workers, progress, path, label_ids, True)
@@ -420,10 +421,7 @@ class _Runner:
 
     def _flush(self, path, labels) -> None:
         if self._buffer:
-            values = self._buffer
-            if labels:
-                values = {k: v.tolist() for k, v in values.items()}
-            _write_chunk(self.dataset, path, values, labels)
+            _write_chunk(self.dataset, path, self._buffer, labels)
             self._buffer = {}
         self._last_flush = time.monotonic()
 

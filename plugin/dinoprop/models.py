@@ -382,6 +382,12 @@ def _load_transformers(name: str, trust_remote_code: bool):
         raise
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "custom code" in reason and not trust_remote_code:
+            raise DinopropError(
+                "Model '%s' ships its own code, which dinoprop does not run "
+                "by default; pass trust_remote_code=True only if you trust "
+                "its source" % name
+            ) from None
         raise DinopropError(
             "Cannot load model '%s' (%s): %s. %s"
             % (name, source, reason, _OFFLINE_HELP)

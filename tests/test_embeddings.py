@@ -1,0 +1,303 @@
+"""compute_embeddings: storage, resuming, failures, patches, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dinoprop.embeddings as de
+from dinoprop.core import DinopropError
+from dinoprop.models import EmbeddingModel, load_model, open_image, preprocess_image
+
+from conftest import SHARED_DATASETS
+
+FIELD = "dinoprop_embedding"
+
+
+@pytest.fixture
+def count_forward(monkeypatch):
+    """Counts the images the model embeds, by wrapping EmbeddingModel.embed."""
+    seen = []
+    original = EmbeddingModel.embed
+
+    def counting(self, images, **kwargs):
+        seen.append(len(images))
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModel, "embed", counting)
+    return seen
+
+
+def _snapshot(dataset):
+    """What a failed call must leave unchanged."""
+    dataset.reload()
+    schema = sorted(dataset.get_field_schema(flat=True))
+    return schema, dataset.list_runs(), dataset.count_values("ground_truth.label")
+
+
+def test_embeddings_stored_as_unit_vectors(image_dataset, tiny_dinov2_dir):
+    import fiftyone as fo
+
+    labels_before = image_dataset.values("label.label")
+    results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+
+    assert results.num_embedded == len(image_dataset) == 24
+    assert (results.num_skipped, results.num_failed, results.dim) == (0, 0, 32)
+    assert results.device == "cpu" and results.images_per_second > 0
+    summary = results.summary()
+    assert json.loads(json.dumps(summary))["num_embedded"] == 24
+    assert isinstance(image_dataset.get_field(FIELD), fo.VectorField)
+    vectors = np.stack(image_dataset.values(FIELD))
+    assert vectors.shape == (24, 32) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert image_dataset.values("label.label") == labels_before
+
+    run = de.get_embeddings_run(image_dataset, FIELD)
+    assert run["fingerprint"] == results.fingerprint and run["status"] == "completed"
+    assert image_dataset.load_run_results(results.run_key).num_embedded == 24
+
+
+def test_stored_vectors_equal_the_model_output(image_dataset, tiny_dinov2_dir):
+    de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, pooling="cls+mean", normalize=False,
+        num_workers=1, batch_size=5,
+    )
+    model = load_model(tiny_dinov2_dir, device="cpu")
+    sample = image_dataset.first()
+    image = open_image(sample.filepath, model.preprocessing)
+    expected = model.embed(
+        preprocess_image(image, model.preprocessing)[None], pooling="cls+mean", normalize=False
+    )[0]
+    assert expected.shape == (64,)
+    np.testing.assert_allclose(sample[FIELD], expected, atol=1e-5)
+    assert abs(np.linalg.norm(expected) - 1) > 1e-3  # really not normalised
+
+
+def test_rerun_after_crash_embeds_only_missing_samples(
+    image_dataset, tiny_dinov2_dir, monkeypatch, count_forward
+):
+    written = []
+    original_write = de._write_chunk
+
+    def crash_after_two_chunks(dataset, path, values, label_values):
+        if len(written) == 2:
+            raise RuntimeError("simulated crash")
+        written.append(sorted(values))
+        original_write(dataset, path, values, label_values)
+
+    monkeypatch.setattr(de, "_write_chunk", crash_after_two_chunks)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        de.compute_embeddings(
+            image_dataset, model=tiny_dinov2_dir, batch_size=4, chunk_size=4, num_workers=0
+        )
+    stored_ids = [i for c in written for i in c]
+    assert len(stored_ids) == 8
+    image_dataset.reload()
+    stored = dict(zip(*image_dataset.exists(FIELD).values(["id", FIELD])))
+    assert sorted(stored) == sorted(stored_ids)
+    assert de.get_embeddings_run(image_dataset, FIELD)["status"] == "running"
+
+    monkeypatch.setattr(de, "_write_chunk", original_write)
+    count_forward.clear()
+    results = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, batch_size=4, num_workers=0
+    )
+    assert sum(count_forward) == 16  # none of the 8 stored samples again
+    assert (results.num_embedded, results.num_skipped) == (16, 8)
+    assert image_dataset.count(FIELD) == 24
+    for sample_id, vector in stored.items():
+        np.testing.assert_array_equal(image_dataset[sample_id][FIELD], vector)
+
+    count_forward.clear()
+    again = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (again.num_embedded, again.num_skipped, sum(count_forward)) == (0, 24, 0)
+    redo = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, num_workers=0, overwrite=True
+    )
+    assert (redo.num_embedded, redo.num_skipped, sum(count_forward)) == (24, 0, 24)
+
+
+def test_vectors_of_unknown_origin_are_not_mixed_with_ours(embedded_dataset, tiny_dinov2_dir):
+    before = embedded_dataset.values(FIELD)
+    with pytest.raises(DinopropError, match="unknown source"):
+        de.compute_embeddings(embedded_dataset, model=tiny_dinov2_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(before, embedded_dataset.values(FIELD)))
+
+
+def test_other_model_settings_never_mix_in_one_field(image_dataset, tiny_dinov2_dir):
+    de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    with pytest.raises(DinopropError, match="pooling.*overwrite=True"):
+        de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, pooling="mean")
+    results = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, pooling="mean", overwrite=True, num_workers=0
+    )
+    assert results.num_embedded == 24
+    assert de.get_embeddings_run(image_dataset, FIELD)["pooling"] == "mean"
+
+
+def test_unreadable_images_are_skipped_and_reported(image_dataset, tiny_dinov2_dir, tmp_path):
+    import fiftyone as fo
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    bad = [fo.Sample(filepath=str(tmp_path / "missing.jpg")), fo.Sample(filepath=str(corrupt))]
+    bad_ids = image_dataset.add_samples(bad)
+
+    results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=1)
+    assert (results.num_embedded, results.num_failed) == (24, 2)
+    reasons = dict(results.failures)
+    assert sorted(reasons) == sorted(bad_ids)
+    assert "not found" in reasons[bad_ids[0]] and reasons[bad_ids[1]]
+    assert image_dataset.count(FIELD) == 24
+
+    with pytest.raises(DinopropError, match=bad_ids[0]):
+        de.compute_embeddings(
+            image_dataset, model=tiny_dinov2_dir, skip_failures=False, num_workers=0
+        )
+
+
+def test_progress_callable_is_called(image_dataset, tiny_dinov2_dir):
+    calls = []
+    de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, num_workers=0, batch_size=8,
+        progress=lambda pb: calls.append(pb.progress),
+    )
+    assert calls and calls[-1] == pytest.approx(1.0)
+
+
+def test_view_embeds_only_its_samples(image_dataset, tiny_dinov2_dir):
+    view = image_dataset.match_tags("none").limit(0)
+    assert len(view) == 0
+    subset = image_dataset.take(5, seed=0)
+    results = de.compute_embeddings(subset, model=tiny_dinov2_dir, num_workers=0)
+    assert results.num_embedded == 5 and image_dataset.count(FIELD) == 5
+    rest = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (rest.num_embedded, rest.num_skipped) == (19, 5)
+
+
+def _add_boxes(dataset):
+    import fiftyone as fo
+
+    for i, sample in enumerate(dataset.limit(4)):
+        sample["boxes"] = fo.Detections(detections=[
+            fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.5, 0.6]),
+            fo.Detection(label="tiny", bounding_box=[0.9, 0.9, 0.01, 0.01]),
+        ][: 1 + i % 2])
+        sample["shapes"] = fo.Polylines(polylines=[
+            fo.Polyline(label="p", points=[[(0.2, 0.2), (0.6, 0.3), (0.4, 0.8)]], closed=True),
+        ])
+        sample.save()
+
+
+def test_patch_embeddings_stored_on_each_label(image_dataset, tiny_dinov2_dir, count_forward):
+    _add_boxes(image_dataset)
+    results = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, patches_field="boxes",
+        embeddings_field="embedding", num_workers=0, batch_size=2,
+    )
+    assert (results.num_embedded, results.num_failed) == (6, 0)
+    assert max(count_forward) <= 2
+    vectors = [v for vs in image_dataset.values("boxes.detections.embedding") if vs for v in vs]
+    assert len(vectors) == 6
+    assert all(v.shape == (32,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    assert not image_dataset.has_field(FIELD)
+
+    count_forward.clear()
+    again = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, patches_field="boxes", embeddings_field="embedding"
+    )
+    assert (again.num_embedded, again.num_skipped, sum(count_forward)) == (0, 6, 0)
+    with pytest.raises(DinopropError, match="boxes.detections.embedding"):
+        de.compute_embeddings(
+            image_dataset, model=tiny_dinov2_dir, patches_field="boxes",
+            embeddings_field="embedding", pooling="mean",
+        )
+
+    polys = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, patches_field="shapes",
+        embeddings_field="embedding", num_workers=0,
+    )
+    assert polys.num_embedded == 4
+    assert image_dataset.count("shapes.polylines.embedding") == 4
+
+
+def test_tiny_and_edge_boxes_are_padded_not_crashed():
+    from PIL import Image
+
+    from dinoprop.embeddings_data import crop_box
+
+    image = Image.new("RGB", (100, 50), (10, 20, 30))
+    for box in ([0.99, 0.99, 0.001, 0.001], [0.0, 0.0, 0.0, 0.0], [0.5, 0.2, 0.5, 0.8]):
+        tensor = crop_box(image, box, 56, min_pixels=16)
+        assert tensor.shape == (3, 56, 56) and tensor.dtype == torch.uint8
+
+
+def _video_dataset(tmp_path):
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    dataset.add_sample(fo.Sample(filepath=str(tmp_path / "clip.mp4")))
+    return dataset
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model="no-such/model-here"), "no-such/model-here"),
+        (dict(model="dinov2-small"), "efficientnet-lite0"),
+        (dict(embeddings_field="ground_truth"), "ground_truth"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=-3), "batch_size"),
+        (dict(num_workers=-1), "num_workers"),
+        (dict(pooling="max"), "pooling"),
+        (dict(patches_field="label"), "Detections or Polylines"),
+        (dict(patches_field="missing"), "does not exist"),
+    ],
+)
+def test_bad_input_raises_one_clear_error_and_changes_nothing(
+    image_dataset, tiny_dinov2_dir, kwargs, match
+):
+    before = _snapshot(image_dataset)
+    kwargs = {"model": tiny_dinov2_dir, **kwargs}
+    with pytest.raises(DinopropError, match=match):
+        de.compute_embeddings(image_dataset, **kwargs)
+    assert _snapshot(image_dataset) == before
+    assert not image_dataset.has_field(FIELD)
+
+
+def test_empty_view_and_video_dataset_are_rejected(image_dataset, tiny_dinov2_dir, tmp_path):
+    with pytest.raises(DinopropError, match="empty"):
+        de.compute_embeddings(image_dataset.limit(0), model=tiny_dinov2_dir)
+    video = _video_dataset(tmp_path)
+    with pytest.raises(DinopropError, match="media type 'video'"):
+        de.compute_embeddings(video, model=tiny_dinov2_dir)
+    assert not video.has_field(FIELD) and not video.list_runs()
+    video.delete()
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATASETS / "clothing-small").is_dir(), reason="shared datasets missing"
+)
+def test_real_photos_cluster_by_class_with_the_offline_backbone():
+    import fiftyone as fo
+
+    root = SHARED_DATASETS / "clothing-small" / "test"
+    dataset = fo.Dataset()
+    for label in ("shoes", "pants"):
+        paths = sorted((root / label).glob("*.jpg"))[:10]
+        dataset.add_samples([
+            fo.Sample(filepath=str(p), ground_truth=fo.Classification(label=label))
+            for p in paths
+        ])
+    try:
+        results = de.compute_embeddings(dataset, model="efficientnet-lite0", batch_size=8)
+        assert (results.num_embedded, results.dim) == (20, 1280)
+        vectors = np.stack(dataset.values(FIELD))
+        labels = np.array(dataset.values("ground_truth.label"))
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        nearest = sims.argmax(1)
+        assert (labels[nearest] == labels).mean() >= 0.9
+    finally:
+        dataset.delete()
