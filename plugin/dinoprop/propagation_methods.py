@@ -1,0 +1,610 @@
+"""Array-level label propagation: kNN vote, graph diffusion, linear, auto.
+
+Everything here works on numpy arrays and scipy sparse matrices, with no
+FiftyOne involved, so it can be tested and benchmarked on its own.
+:mod:`dinoprop.propagation` is the FiftyOne glue around it.
+
+Notation: ``N`` nodes (samples or patches), ``C`` classes, ``seed_idx`` the
+node indices of the labeled seeds and ``seed_labels`` their class indices in
+``[0, C)``. Every method returns an ``N x C`` array of class probabilities.
+
+No ``N x N`` dense matrix is ever formed: graphs are sparse ``N x N`` with
+``O(N k)`` entries and every score matrix is ``N x C``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dinoprop.core import l2_normalize
+
+#: The propagation methods, "auto" first.
+METHODS = ("auto", "knn", "diffusion", "linear", "graph_linear")
+
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------- features
+
+
+def center_and_normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Mean-centres the rows of ``embeddings`` and scales them to unit norm.
+
+    Centring removes the direction all features share (large for networks
+    whose features are post-ReLU averages), so cosine similarity reflects
+    what distinguishes samples.
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    return l2_normalize(x - x.mean(axis=0, keepdims=True)).astype(np.float32)
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Returns the ``len(labels) x num_classes`` float32 one-hot matrix."""
+    out = np.zeros((len(labels), num_classes), np.float32)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+# ------------------------------------------------------------------ graphs
+
+
+def affinity_matrix(neighbors: np.ndarray, sims: np.ndarray, gamma: float = 3.0):
+    """The symmetric sparse affinity matrix of a kNN graph.
+
+    Following Iscen et al. (CVPR 2019), similarities are clipped at 0 and
+    raised to the power ``gamma`` (which sharpens the graph), then the
+    graph is symmetrised with ``W + W^T``.
+
+    Args:
+        neighbors: ``N x k`` neighbour indices (-1 for none)
+        sims: ``N x k`` cosine similarities
+        gamma: the similarity exponent
+
+    Returns:
+        an ``N x N`` :class:`scipy.sparse.csr_matrix`, zero diagonal
+    """
+    import scipy.sparse as sp
+
+    num, k = neighbors.shape
+    rows = np.repeat(np.arange(num), k)
+    cols = neighbors.ravel()
+    vals = np.clip(sims.ravel().astype(np.float32), 0.0, None) ** gamma
+    keep = (cols >= 0) & (cols != rows) & (vals > 0)
+    w = sp.csr_matrix(
+        (vals[keep], (rows[keep], cols[keep])), shape=(num, num), dtype=np.float32
+    )
+    return (w + w.T).tocsr()
+
+
+def normalized_affinity(w):
+    """Returns ``D^-1/2 W D^-1/2`` for a symmetric sparse ``W``."""
+    import scipy.sparse as sp
+
+    degrees = np.asarray(w.sum(axis=1)).ravel()
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(degrees, _EPS))
+    d = sp.diags(inv_sqrt.astype(np.float32))
+    return (d @ w @ d).tocsr()
+
+
+def diffuse(
+    s_norm,
+    y: np.ndarray,
+    alpha: float = 0.99,
+    tol: float = 1e-6,
+    maxiter: int = 20,
+) -> np.ndarray:
+    """Solves ``(I - alpha S) F = Y`` for all columns of ``Y`` at once.
+
+    This is label spreading (Zhou et al., 2004) solved by conjugate
+    gradient as in Iscen et al. (2019). The ``C`` independent systems share
+    one matrix, so they are solved as one block-diagonal system with
+    :func:`scipy.sparse.linalg.cg`, whose operator multiplies the sparse
+    matrix by the whole ``N x C`` block: one pass over the graph per
+    iteration instead of one per class.
+
+    Args:
+        s_norm: the ``N x N`` normalised affinity matrix
+        y: the ``N x C`` right-hand side
+        alpha: the propagation strength in ``(0, 1)``
+        tol: the relative residual tolerance
+        maxiter: the iteration cap (a truncated solve is already accurate
+            for ranking; Iscen et al. use 20)
+
+    Returns:
+        the ``N x C`` float32 solution
+    """
+    import scipy.sparse.linalg as spla
+
+    y = np.asarray(y, dtype=np.float32)
+    num, ncols = y.shape
+
+    def matvec(v):
+        block = v.reshape(num, ncols)
+        return (block - alpha * (s_norm @ block)).ravel()
+
+    operator = spla.LinearOperator(
+        (num * ncols, num * ncols), matvec=matvec, dtype=np.float32
+    )
+    solution, _ = spla.cg(operator, y.ravel(), rtol=tol, maxiter=maxiter)
+    return solution.reshape(num, ncols).astype(np.float32, copy=False)
+
+
+@dataclass
+class Graph:
+    """A kNN graph over ``N`` nodes, with what propagation derives from it.
+
+    Attributes:
+        neighbors: ``N x k`` neighbour indices
+        sims: ``N x k`` similarities
+        s_norm: the normalised symmetric affinity (built on first use)
+    """
+
+    neighbors: np.ndarray
+    sims: np.ndarray
+    gamma: float = 3.0
+    _s_norm: object = field(default=None, repr=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.neighbors.shape[0]
+
+    @property
+    def s_norm(self):
+        if self._s_norm is None:
+            self._s_norm = normalized_affinity(
+                affinity_matrix(self.neighbors, self.sims, self.gamma)
+            )
+        return self._s_norm
+
+
+# ----------------------------------------------------------------- methods
+
+
+def knn_scores(
+    x: np.ndarray,
+    seed_idx: np.ndarray,
+    seed_labels: np.ndarray,
+    num_classes: int,
+    k: int = 10,
+    temperature: float = 0.05,
+) -> np.ndarray:
+    """Similarity-weighted vote of each node's ``k`` nearest seeds.
+
+    Args:
+        x: ``N x D`` unit-norm features
+        seed_idx: seed node indices
+        seed_labels: seed class indices
+        num_classes: ``C``
+        k: the number of seeds that vote
+        temperature: votes are weighted by ``exp(sim / temperature)``
+
+    Returns:
+        ``N x C`` class probabilities
+    """
+    import faiss
+
+    seeds = np.ascontiguousarray(x[seed_idx], dtype=np.float32)
+    k = int(min(k, len(seed_idx)))
+    index = faiss.IndexFlatIP(seeds.shape[1])
+    index.add(seeds)
+    sims, nbrs = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    weights = np.exp((sims - sims[:, :1]) / temperature)
+    scores = np.zeros((x.shape[0], num_classes), np.float32)
+    np.add.at(
+        scores,
+        (np.repeat(np.arange(x.shape[0]), k), seed_labels[nbrs].ravel()),
+        weights.ravel(),
+    )
+    return _normalize_rows(scores)
+
+
+def diffusion_scores(
+    graph: Graph,
+    seed_idx: np.ndarray,
+    seed_labels: np.ndarray,
+    num_classes: int,
+    alpha: float = 0.99,
+    maxiter: int = 20,
+) -> np.ndarray:
+    """Class-balanced label spreading of the seeds over the graph.
+
+    Each class's seed column is divided by its number of seeds, so a class
+    with many seeds does not flood the graph; the diffused scores are
+    clipped at 0 and normalised per node (Iscen et al., 2019).
+
+    Returns:
+        ``N x C`` class probabilities (uniform where nothing reached)
+    """
+    y = np.zeros((graph.num_nodes, num_classes), np.float32)
+    counts = np.bincount(seed_labels, minlength=num_classes).astype(np.float32)
+    y[seed_idx, seed_labels] = 1.0 / counts[seed_labels]
+    f = diffuse(graph.s_norm, y, alpha=alpha, maxiter=maxiter)
+    return _normalize_rows(np.clip(f, 0.0, None))
+
+
+def linear_logits(
+    x: np.ndarray,
+    seed_idx: np.ndarray,
+    seed_labels: np.ndarray,
+    num_classes: int,
+    c: float = 1.0,
+    sample_weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Logits of a multinomial logistic regression fit on the seeds.
+
+    Args:
+        x: ``N x D`` unit-norm features
+        seed_idx, seed_labels: the training nodes and their classes
+        num_classes: ``C``
+        c: the inverse L2 regularisation strength
+        sample_weight: optional per-training-node weights
+
+    Returns:
+        ``N x C`` logits (columns of classes without seeds are ``-inf``-like)
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(seed_labels)
+    logits = np.full((x.shape[0], num_classes), -30.0, np.float32)
+    if len(present) == 1:
+        logits[:, present[0]] = 0.0
+        return logits
+    model = LogisticRegression(C=c, max_iter=300)
+    model.fit(x[seed_idx], seed_labels, sample_weight=sample_weight)
+    scores = model.decision_function(x).astype(np.float32)
+    if scores.ndim == 1:  # binary problem: sklearn returns one column
+        scores = np.stack([-scores / 2, scores / 2], axis=1)
+    logits[:, model.classes_] = scores
+    return logits
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _normalize_rows(scores: np.ndarray) -> np.ndarray:
+    totals = scores.sum(axis=1, keepdims=True)
+    uniform = np.full_like(scores, 1.0 / scores.shape[1])
+    return np.where(totals > _EPS, scores / np.maximum(totals, _EPS), uniform)
+
+
+# ------------------------------------------------------ graph + linear
+
+
+def graph_features(x: np.ndarray, graph: Graph, hops: int = 2) -> np.ndarray:
+    """Features augmented with their graph-smoothed version.
+
+    Each node's features are concatenated with the average of its graph
+    neighbourhood over ``hops`` lazy random-walk steps (simplified graph
+    convolution, Wu et al., 2019), so a linear classifier sees both the
+    sample and the region of the data it lies in.
+
+    Returns:
+        ``N x 2D`` unit-norm float32 features
+    """
+    smoothed = x
+    for _ in range(hops):
+        smoothed = 0.5 * smoothed + 0.5 * (graph.s_norm @ smoothed)
+    both = np.hstack([x, l2_normalize(smoothed)])
+    return l2_normalize(both).astype(np.float32)
+
+
+def smooth_scores(
+    graph: Graph,
+    probs: np.ndarray,
+    seed_idx: np.ndarray,
+    seed_labels: np.ndarray,
+    alpha: float = 0.9,
+) -> np.ndarray:
+    """Spreads class scores over the graph, seeds clamped to their labels.
+
+    This is the "smooth" step of Correct and Smooth (Huang et al., 2021):
+    the classifier's scores, with each seed's row replaced by its one-hot
+    label, are propagated with label spreading, so neighbouring samples
+    agree and the seeds' labels reach their neighbourhoods.
+
+    Returns:
+        ``N x C`` class probabilities
+    """
+    z = probs.astype(np.float32, copy=True)
+    z[seed_idx] = one_hot(seed_labels, probs.shape[1])
+    f = diffuse(graph.s_norm, z, alpha=alpha)
+    return _normalize_rows(np.clip(f, 0.0, None))
+
+
+# ------------------------------------------------ candidates and auto
+
+
+class Problem:
+    """A propagation problem: features, graph, and cached derived data.
+
+    Args:
+        x: ``N x D`` unit-norm (centred) features
+        graph: the :class:`Graph` over the same ``N`` nodes
+        num_classes: ``C``
+        knn_k: the number of seeds that vote in the ``knn`` method
+        alpha: the diffusion strength of the ``diffusion`` method
+    """
+
+    def __init__(self, x, graph, num_classes, knn_k=10, alpha=0.99):
+        self.x = x
+        self.graph = graph
+        self.num_classes = num_classes
+        self.knn_k = knn_k
+        self.alpha = alpha
+        self._xg = None
+
+    @property
+    def xg(self) -> np.ndarray:
+        """The graph-augmented features (computed once)."""
+        if self._xg is None:
+            self._xg = graph_features(self.x, self.graph)
+        return self._xg
+
+    def scores(self, name: str, seed_idx, seed_labels) -> np.ndarray:
+        """The ``N x C`` probabilities of candidate ``name``."""
+        c = self.num_classes
+        if name == "knn":
+            return knn_scores(self.x, seed_idx, seed_labels, c, k=self.knn_k)
+        if name == "diffusion":
+            return diffusion_scores(
+                self.graph, seed_idx, seed_labels, c, alpha=self.alpha
+            )
+        if name == "linear":
+            return softmax(linear_logits(self.x, seed_idx, seed_labels, c))
+        if name.startswith("graph_linear"):
+            strength = float(name.rsplit("@", 1)[1]) if "@" in name else 0.9
+            probs = softmax(linear_logits(self.xg, seed_idx, seed_labels, c))
+            return smooth_scores(
+                self.graph, probs, seed_idx, seed_labels, alpha=strength
+            )
+        raise ValueError("Unknown propagation method %r" % name)
+
+
+#: What ``method="auto"`` chooses from; the first is its default, kept
+#: unless cross-validation shows another is better by more than noise.
+AUTO_CANDIDATES = ("graph_linear@0.9", "graph_linear@0.7", "linear", "diffusion", "knn")
+
+
+@dataclass
+class Propagation:
+    """The outcome of :func:`propagate`.
+
+    Attributes:
+        probs: ``N x C`` calibrated class probabilities
+        method: the method that produced them (for ``auto``, the one chosen)
+        temperature: the fitted calibration temperature (1 if not fitted)
+        oof_probs: calibrated out-of-fold probabilities of the seeds, or
+            None when the seeds are too few to cross-validate
+        oof_labels: the seeds' true classes, aligned with ``oof_probs``
+        cv_accuracy: the cross-validated seed accuracy of each candidate
+        num_folds: the number of cross-validation folds (0 if none)
+    """
+
+    probs: np.ndarray
+    method: str
+    temperature: float = 1.0
+    oof_probs: np.ndarray | None = None
+    oof_labels: np.ndarray | None = None
+    cv_accuracy: dict = field(default_factory=dict)
+    num_folds: int = 0
+
+
+def propagate(
+    problem: Problem,
+    seed_idx: np.ndarray,
+    seed_labels: np.ndarray,
+    method: str = "auto",
+    max_folds: int = 5,
+    cv_max_nodes: int = 50000,
+    random_state: int = 0,
+) -> Propagation:
+    """Propagates seed labels to every node, with calibrated confidence.
+
+    The seeds are cross-validated (stratified k-fold) with each candidate
+    method; the out-of-fold predictions choose the method (``auto``), fit
+    the calibration temperature, and estimate accuracy. On graphs larger
+    than ``cv_max_nodes``, cross-validation runs on the seeds'
+    neighbourhood subgraph, which is what decides their predictions.
+
+    Args:
+        problem: the :class:`Problem`
+        seed_idx: seed node indices
+        seed_labels: seed class indices
+        method: ``"auto"`` or one of :data:`METHODS` (``graph_linear``
+            variants are also accepted)
+        max_folds: the most cross-validation folds
+        cv_max_nodes: the node budget of the cross-validation subgraph
+        random_state: the fold shuffling seed
+
+    Returns:
+        a :class:`Propagation`
+    """
+    candidates = list(AUTO_CANDIDATES) if method == "auto" else [method]
+    folds = _seed_folds(seed_labels, max_folds, random_state)
+    oof = {}
+    if folds:
+        cv_problem, cv_seeds = _cv_problem(problem, seed_idx, cv_max_nodes)
+        oof = {
+            name: _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, name)
+            for name in candidates
+        }
+    chosen = _choose(oof, seed_labels, candidates)
+    probs = problem.scores(chosen, seed_idx, seed_labels)
+    result = Propagation(probs=probs, method=chosen, num_folds=len(folds))
+    if oof:
+        result.cv_accuracy = {
+            name: float((p.argmax(1) == seed_labels).mean())
+            for name, p in oof.items()
+        }
+        result.temperature = fit_temperature(oof[chosen], seed_labels)
+        result.oof_probs = calibrate(oof[chosen], result.temperature)
+        result.oof_labels = np.asarray(seed_labels)
+        result.probs = calibrate(probs, result.temperature)
+    return result
+
+
+def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Applies temperature scaling to probabilities."""
+    return softmax(np.log(np.clip(probs, 1e-6, None)), temperature)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of ``labels``.
+
+    Args:
+        probs: ``S x C`` out-of-fold probabilities
+        labels: the ``S`` true classes
+
+    Returns:
+        the temperature, in ``[0.05, 20]``
+    """
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(probs, 1e-6, None)).astype(np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(log_t):
+        z = logp / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float((lse - z[rows, labels]).mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, num_bins: int = 15
+) -> float:
+    """The expected calibration error over equal-width confidence bins."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(confidence) == 0:
+        return 0.0
+    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(total / len(confidence))
+
+
+def threshold_for_precision(
+    confidence: np.ndarray, target_precision: float, correct: np.ndarray | None = None
+) -> tuple[float, float, float]:
+    """The lowest confidence threshold whose accepted set reaches a precision.
+
+    Accepted samples are those with ``confidence >= threshold``. Their
+    precision is the fraction of ``correct`` ones when truth is given,
+    otherwise the mean calibrated confidence (what calibration promises).
+
+    Args:
+        confidence: per-sample confidences
+        target_precision: the precision to reach
+        correct: optional per-sample booleans
+
+    Returns:
+        a tuple ``(threshold, coverage, precision)``; the threshold is 1.0
+        with coverage 0 when no threshold reaches the target
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if len(confidence) == 0:
+        return 1.0, 0.0, 0.0
+    order = np.argsort(-confidence, kind="stable")
+    hits = confidence[order] if correct is None else np.asarray(correct, float)[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    sorted_conf = confidence[order]
+    # Only cut between distinct confidences
+    last_of_value = np.append(sorted_conf[1:] != sorted_conf[:-1], True)
+    ok = np.flatnonzero((precision >= target_precision) & last_of_value)
+    if len(ok) == 0:
+        return 1.0, 0.0, 0.0
+    cut = ok[-1]
+    return float(sorted_conf[cut]), float((cut + 1) / len(hits)), float(precision[cut])
+
+
+def _seed_folds(seed_labels, max_folds, random_state):
+    """Stratified folds of the seeds, or [] when they are too few."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(seed_labels)
+    counts = counts[counts > 0]
+    num_folds = int(min(max_folds, np.median(counts)))
+    if num_folds < 2 or len(counts) < 2:
+        return []
+    splitter = StratifiedKFold(num_folds, shuffle=True, random_state=random_state)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # classes with few seeds
+        return [test for _, test in splitter.split(np.zeros(len(seed_labels)), seed_labels)]
+
+
+def _out_of_fold(problem, seed_idx, seed_labels, folds, name):
+    oof = np.zeros((len(seed_idx), problem.num_classes), np.float32)
+    for test in folds:
+        train = np.setdiff1d(np.arange(len(seed_idx)), test)
+        probs = problem.scores(name, seed_idx[train], seed_labels[train])
+        oof[test] = probs[seed_idx[test]]
+    return oof
+
+
+def _choose(oof, seed_labels, candidates):
+    """The default candidate, unless another beats it by over one std error."""
+    default = candidates[0]
+    if len(candidates) == 1 or not oof:
+        return default
+    base = oof[default].argmax(1) == seed_labels
+    best, best_gain = default, 0.0
+    for name in candidates[1:]:
+        diff = (oof[name].argmax(1) == seed_labels).astype(float) - base
+        gain = diff.mean()
+        stderr = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+        if gain > stderr and gain > best_gain:
+            best, best_gain = name, gain
+    return best
+
+
+def _cv_problem(problem, seed_idx, max_nodes):
+    """The problem restricted to the seeds' graph neighbourhood if large."""
+    if problem.graph.num_nodes <= max_nodes:
+        return problem, seed_idx
+    nodes = _neighbourhood(problem.graph.neighbors, seed_idx, max_nodes)
+    remap = np.full(problem.graph.num_nodes, -1, np.int64)
+    remap[nodes] = np.arange(len(nodes))
+    nbrs = problem.graph.neighbors[nodes]
+    nbrs = np.where(nbrs >= 0, remap[np.maximum(nbrs, 0)], -1)
+    sub = Problem(
+        problem.x[nodes],
+        Graph(nbrs, problem.graph.sims[nodes], problem.graph.gamma),
+        problem.num_classes,
+        knn_k=problem.knn_k,
+        alpha=problem.alpha,
+    )
+    return sub, remap[seed_idx]
+
+
+def _neighbourhood(neighbors, start, max_nodes):
+    """Breadth-first expansion of ``start`` over the graph, capped."""
+    seen = np.zeros(neighbors.shape[0], bool)
+    seen[start] = True
+    frontier = np.unique(start)
+    order = [frontier]
+    total = len(frontier)
+    while total < max_nodes and len(frontier):
+        nxt = neighbors[frontier].ravel()
+        nxt = np.unique(nxt[nxt >= 0])
+        nxt = nxt[~seen[nxt]]
+        nxt = nxt[: max_nodes - total]
+        seen[nxt] = True
+        order.append(nxt)
+        total += len(nxt)
+        frontier = nxt
+    return np.concatenate(order)
