@@ -87,6 +87,13 @@ def _drop_self(sims, nbrs, k):
 def sample_knn_graph(samples, embeddings_field: str, k: int):
     """The kNN graph of the samples of a view that have an embedding.
 
+    When a dinoprop similarity run (:func:`dinoprop.compute_similarity`,
+    cosine metric) indexes ``embeddings_field`` for exactly the samples of
+    the view that have an embedding, and its vectors match the field, its
+    cached graph is reused instead of searching again (approximate, with the
+    recall that index was calibrated to, when that index is not exact).
+    Otherwise the exact graph is computed with :func:`knn_search`.
+
     Args:
         samples: a FiftyOne sample collection
         embeddings_field: the vector field holding the embeddings
@@ -101,5 +108,50 @@ def sample_knn_graph(samples, embeddings_field: str, k: int):
     from dinoprop.core import load_embeddings
 
     sample_ids, embeddings = load_embeddings(samples, embeddings_field)
-    neighbors, sims = knn_search(embeddings, k)
+    cached = cached_knn(samples, embeddings_field, sample_ids, embeddings, k)
+    if cached is not None:
+        neighbors, sims = cached
+    else:
+        neighbors, sims = knn_search(embeddings, k)
     return sample_ids, embeddings, neighbors, sims
+
+
+def cached_knn(samples, embeddings_field, sample_ids, embeddings, k):
+    """The kNN of ``sample_ids`` from a matching similarity run, if any.
+
+    Args:
+        samples: a FiftyOne sample collection
+        embeddings_field: the vector field holding the embeddings
+        sample_ids: the ``num`` sample IDs whose graph is wanted
+        embeddings: their ``num x dim`` embeddings
+        k: neighbours per sample
+
+    Returns:
+        a tuple ``(neighbors, similarities)`` as returned by
+        :func:`knn_search`, with indices into ``sample_ids``, or None when
+        no dinoprop similarity run covers exactly these samples
+    """
+    from dinoprop.similarity import find_similarity_run
+
+    key = find_similarity_run(samples, embeddings_field)
+    if key is None:
+        return None
+    index = samples._root_dataset.load_brain_results(key)
+    index_ids = index.sample_ids
+    if len(index_ids) != len(sample_ids) or set(index_ids) != set(sample_ids):
+        return None
+    position = {sid: i for i, sid in enumerate(sample_ids)}
+    order = np.array([position[sid] for sid in index_ids])
+    rng = np.random.default_rng(0)
+    probe = rng.choice(len(order), min(16, len(order)), replace=False)
+    stored = index.get_embeddings(sample_ids=list(index_ids[probe]))[0]
+    if not np.allclose(stored, embeddings[order[probe]], atol=1e-4):
+        return None  # the field changed since the index was built
+    neighbors, dists = index.knn(k)
+    # Rows follow the index order; map them and their entries to sample_ids
+    mapped = np.where(neighbors >= 0, order[np.maximum(neighbors, 0)], -1)
+    out_neighbors = np.empty_like(mapped)
+    out_sims = np.empty(dists.shape, np.float32)
+    out_neighbors[order] = mapped
+    out_sims[order] = 1.0 - dists
+    return out_neighbors, out_sims
