@@ -1,0 +1,93 @@
+"""The shared kNN graph: exact on small data, cached with the index, reused."""
+
+import numpy as np
+import pytest
+
+import dinoprop as dp
+import dinoprop.graph as graph
+from dinoprop.core import l2_normalize
+
+from conftest import random_embeddings
+
+
+def _exact_neighbors(x, k):
+    x = l2_normalize(x)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, 1)
+
+
+def test_knn_search_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    neighbors, sims = graph.knn_search(x, 5)
+    expected, expected_sims = _exact_neighbors(x, 5)
+    assert np.allclose(sims, expected_sims, atol=1e-5)
+    assert (neighbors == expected).mean() > 0.99  # ties may swap
+
+
+def test_index_graph_equals_exact_knn(embedded_dataset):
+    index = dp.compute_similarity(embedded_dataset, brain_key="g")
+    vectors, _, _ = index.get_embeddings()
+    neighbors, dists = index.knn(4)
+    exact, sims = _exact_neighbors(vectors, 4)
+    assert np.array_equal(neighbors, exact)
+    assert np.allclose(dists, 1.0 - sims, atol=1e-5)
+
+    csr = index.knn_graph(4)
+    assert csr.shape == (len(vectors), len(vectors))
+    assert (csr.getnnz(axis=1) == 4).all()
+    expected = graph.neighbors_to_csr(exact, 1.0 - sims)
+    assert np.allclose(csr.toarray(), expected.toarray(), atol=1e-5)
+
+
+def test_graph_is_cached_with_the_run_and_invalidated_by_changes(
+    embedded_dataset, monkeypatch
+):
+    index = dp.compute_similarity(embedded_dataset, brain_key="g")
+    first = index.knn(3)
+    reloaded = embedded_dataset.load_brain_results("g", cache=False)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(reloaded, "_search_rows", no_search)
+    again = reloaded.knn(3)
+    assert np.array_equal(first[0], again[0])
+    monkeypatch.undo()
+
+    index.remove_from_index(sample_ids=[embedded_dataset.first().id])
+    neighbors, _ = index.knn(3)
+    assert neighbors.shape == (len(embedded_dataset) - 1, 3)
+    assert neighbors.max() < len(embedded_dataset) - 1
+
+
+def test_sample_knn_graph_reuses_the_similarity_run(
+    embedded_dataset, monkeypatch
+):
+    exact = graph.sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
+    dp.compute_similarity(embedded_dataset, brain_key="g")
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("sample_knn_graph searched again")
+
+    monkeypatch.setattr(graph, "knn_search", no_search)
+    reused = graph.sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
+    assert np.array_equal(reused[0], exact[0])
+    assert np.array_equal(reused[2], exact[2])
+    assert np.allclose(reused[3], exact[3], atol=1e-5)
+
+    # A strict subset is not covered by the run's graph: exact search again
+    with pytest.raises(AssertionError, match="searched again"):
+        graph.sample_knn_graph(embedded_dataset.limit(10), "dinoprop_embedding", 3)
+
+
+def test_sample_knn_graph_ignores_a_stale_run(embedded_dataset):
+    dp.compute_similarity(embedded_dataset, brain_key="g")
+    random_embeddings(embedded_dataset, seed=7)  # embeddings recomputed
+    ids, x, neighbors, sims = graph.sample_knn_graph(
+        embedded_dataset, "dinoprop_embedding", 3
+    )
+    expected, expected_sims = _exact_neighbors(x, 3)
+    assert np.allclose(sims, expected_sims, atol=1e-5)
