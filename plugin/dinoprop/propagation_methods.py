@@ -444,15 +444,22 @@ def propagate(
             for name, p in oof.items()
         }
         result.temperature = fit_temperature(oof[chosen], seed_labels)
-        result.oof_probs = calibrate(oof[chosen], result.temperature)
+        # Laplace's rule of succession: S checked predictions cannot vouch
+        # for more than 1 - 1/(S + 2) certainty, so probabilities are
+        # shrunk toward uniform by that much
+        shrink = 1.0 / (len(seed_labels) + 2)
+        result.oof_probs = calibrate(oof[chosen], result.temperature, shrink)
         result.oof_labels = np.asarray(seed_labels)
-        result.probs = calibrate(probs, result.temperature)
+        result.probs = calibrate(probs, result.temperature, shrink)
     return result
 
 
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Applies temperature scaling to probabilities."""
-    return softmax(np.log(np.clip(probs, 1e-6, None)), temperature)
+def calibrate(
+    probs: np.ndarray, temperature: float, shrink: float = 0.0
+) -> np.ndarray:
+    """Applies temperature scaling, then mixes in ``shrink`` of uniform."""
+    scaled = softmax(np.log(np.clip(probs, 1e-6, None)), temperature)
+    return ((1.0 - shrink) * scaled + shrink / probs.shape[1]).astype(np.float32)
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -1,0 +1,417 @@
+"""Label propagation: methods on arrays, the FiftyOne run, objects, errors."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import dinoprop
+from dinoprop import propagation_methods as pm
+from dinoprop.core import DinopropError
+from dinoprop.graph import knn_search
+
+
+# ------------------------------------------------------------ array level
+
+
+def _clusters(num_classes=4, per_class=60, dim=12, spread=0.6, seed=0):
+    """Gaussian clusters on the sphere, with labels."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_classes, dim)) * 2
+    labels = np.repeat(np.arange(num_classes), per_class)
+    x = centers[labels] + rng.normal(size=(len(labels), dim)) * spread
+    return x.astype(np.float32), labels
+
+
+def _problem(x, num_classes, k=10):
+    neighbors, sims = knn_search(x, k)
+    return pm.Problem(pm.center_and_normalize(x), pm.Graph(neighbors, sims), num_classes)
+
+
+def _seeds(labels, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+         for c in np.unique(labels)]
+    )
+
+
+@pytest.mark.parametrize("method", pm.METHODS)
+def test_each_method_is_accurate_on_clustered_data(method):
+    x, labels = _clusters()
+    problem = _problem(x, 4)
+    seeds = _seeds(labels, 3)
+    result = pm.propagate(problem, seeds, labels[seeds], method=method)
+    targets = np.setdiff1d(np.arange(len(labels)), seeds)
+    accuracy = (result.probs[targets].argmax(1) == labels[targets]).mean()
+    assert accuracy > 0.95
+    assert result.probs.shape == (len(labels), 4)
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_diffusion_follows_the_graph_where_prototypes_fail():
+    """Two interleaved half-moons: only graph methods follow the manifold."""
+    from sklearn.datasets import make_moons
+
+    x, labels = make_moons(400, noise=0.04, random_state=0)
+    # on the sphere around a far origin, cosine neighbours are Euclidean ones
+    x = np.hstack([x, np.full((len(x), 1), 20.0)]).astype(np.float32)
+    neighbors, sims = knn_search(x, 10)
+    problem = pm.Problem(pm.center_and_normalize(x), pm.Graph(neighbors, sims), 2)
+    seeds = np.concatenate(
+        [np.flatnonzero(labels == c)[[0, 100, 199]] for c in (0, 1)]
+    )
+    diff = problem.scores("diffusion", seeds, labels[seeds])
+    lin = problem.scores("linear", seeds, labels[seeds])
+    assert (diff.argmax(1) == labels).mean() > 0.95
+    assert (diff.argmax(1) == labels).mean() > (lin.argmax(1) == labels).mean()
+
+
+def test_diffusion_is_class_balanced():
+    """A class with many more seeds must not flood the other class."""
+    x, labels = _clusters(num_classes=2, per_class=100)
+    problem = _problem(x, 2)
+    seeds = np.concatenate(
+        [np.flatnonzero(labels == 0)[:40], np.flatnonzero(labels == 1)[:2]]
+    )
+    probs = problem.scores("diffusion", seeds, labels[seeds])
+    assert (probs.argmax(1) == labels).mean() > 0.95
+
+
+def test_auto_keeps_default_unless_another_method_is_clearly_better():
+    x, labels = _clusters(seed=3)
+    problem = _problem(x, 4)
+    seeds = _seeds(labels, 6)
+    result = pm.propagate(problem, seeds, labels[seeds], method="auto")
+    assert result.method in pm.AUTO_CANDIDATES
+    assert set(result.cv_accuracy) == set(pm.AUTO_CANDIDATES)
+    best = max(result.cv_accuracy.values())
+    # never worse than the best candidate by more than the noise allowance
+    assert result.cv_accuracy[result.method] >= best - 0.1
+    assert result.num_folds == 5
+
+
+def test_calibration_fixes_overconfidence():
+    """Temperature scaling moves confidences toward the observed accuracy."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    logits = rng.normal(size=(400, 3))
+    logits[np.arange(400), labels] += 1.0
+    overconfident = pm.softmax(logits * 6)
+    temperature = pm.fit_temperature(overconfident, labels)
+    assert temperature > 2
+    calibrated = pm.calibrate(overconfident, temperature)
+    correct = overconfident.argmax(1) == labels
+    before = pm.expected_calibration_error(overconfident.max(1), correct)
+    after = pm.expected_calibration_error(calibrated.max(1), correct)
+    assert after < before / 2
+    assert after < 0.08
+    # argmax is unchanged by temperature scaling
+    np.testing.assert_array_equal(calibrated.argmax(1), overconfident.argmax(1))
+
+
+def test_propagation_is_calibrated_by_cross_validation():
+    x, labels = _clusters(num_classes=5, per_class=120, spread=1.6, seed=1)
+    problem = _problem(x, 5)
+    seeds = _seeds(labels, 10)
+    result = pm.propagate(problem, seeds, labels[seeds])
+    targets = np.setdiff1d(np.arange(len(labels)), seeds)
+    conf = result.probs[targets].max(1)
+    correct = result.probs[targets].argmax(1) == labels[targets]
+    assert 0.6 < correct.mean() < 1.0  # a problem with real uncertainty
+    assert pm.expected_calibration_error(conf, correct) < 0.1
+    assert result.oof_probs.shape == (len(seeds), 5)
+
+
+def test_one_seed_per_class_cannot_be_cross_validated():
+    x, labels = _clusters()
+    seeds = _seeds(labels, 1)
+    result = pm.propagate(_problem(x, 4), seeds, labels[seeds])
+    assert result.oof_probs is None and result.num_folds == 0
+    assert result.method == pm.AUTO_CANDIDATES[0]
+
+
+def test_threshold_for_precision():
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.6, 0.5])
+    correct = np.array([1, 1, 1, 0, 1, 0], bool)
+    threshold, coverage, precision = pm.threshold_for_precision(confidence, 0.95, correct)
+    assert threshold == 0.9 and coverage == 0.5 and precision == 1.0
+    # without truth, calibrated confidence is the promised precision
+    threshold, coverage, _ = pm.threshold_for_precision(confidence, 0.9)
+    assert threshold == 0.8 and coverage == pytest.approx(4 / 6)
+    assert pm.threshold_for_precision(confidence, 1.0, ~correct)[1] == 0.0
+
+
+def test_cross_validation_on_large_graphs_uses_the_seed_neighbourhood():
+    x, labels = _clusters(num_classes=3, per_class=400, seed=2)
+    problem = _problem(x, 3)
+    seeds = _seeds(labels, 4)
+    small = pm.propagate(problem, seeds, labels[seeds], cv_max_nodes=200)
+    assert small.num_folds == 4
+    targets = np.setdiff1d(np.arange(len(labels)), seeds)
+    assert (small.probs[targets].argmax(1) == labels[targets]).mean() > 0.95
+
+
+def test_affinity_is_sparse_and_symmetric():
+    x, _ = _clusters()
+    neighbors, sims = knn_search(x, 5)
+    w = pm.affinity_matrix(neighbors, sims)
+    assert w.nnz <= 2 * 5 * len(x)
+    assert abs(w - w.T).max() < 1e-6
+    assert w.diagonal().max() == 0
+
+
+# ---------------------------------------------------------- FiftyOne run
+
+
+def test_propagate_labels_end_to_end(embedded_dataset):
+    import fiftyone as fo
+
+    dataset = embedded_dataset
+    human_before = dataset.values("label", _allow_missing=True)
+    human_before = [None if v is None else v.to_dict() for v in human_before]
+    results = dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
+
+    summary = results.summary()
+    for key in (
+        "method", "num_seeds", "num_classes", "num_propagated",
+        "num_needs_review", "estimated_accuracy", "recommended_threshold",
+        "coverage_at_threshold", "ece", "seconds", "run_key", "output_field",
+    ):
+        assert key in summary
+    assert summary["num_seeds"] == 6 and summary["num_classes"] == 3
+    assert summary["num_propagated"] == 18
+    assert summary["output_field"] == "label_propagated"
+
+    # outputs: a Classification with confidence on every target, None on seeds
+    seeds, predicted, truth = dataset.values(
+        ["label", "label_propagated", "ground_truth.label"]
+    )
+    accuracy = []
+    for seed, pred, gt in zip(seeds, predicted, truth):
+        if seed is not None:
+            assert pred is None
+            continue
+        assert isinstance(pred, fo.Classification)
+        assert 0.0 <= pred.confidence <= 1.0
+        accuracy.append(pred.label == gt)
+    assert np.mean(accuracy) > 0.9
+
+    # human labels untouched
+    after = [None if v is None else v.to_dict() for v in dataset.values("label")]
+    assert after == human_before
+
+    # review tags and the saved view, ascending confidence
+    tagged = dataset.match_tags(dinoprop.propagation.NEEDS_REVIEW_TAG)
+    assert len(tagged) == summary["num_needs_review"] == 18
+    queue = dataset.load_saved_view("dinoprop review queue")
+    confidences = queue.values("label_propagated.confidence")
+    assert confidences == sorted(confidences)
+    assert len(confidences) == 18
+
+    # the run is recorded and reloads
+    run_key = summary["run_key"]
+    assert run_key in dataset.list_runs()
+    info = dataset.get_run_info(run_key)
+    assert info.config.label_field == "label" and info.config.k == 10
+    dataset.clear_cache()
+    loaded = dataset.load_run_results(run_key, cache=False)
+    assert isinstance(loaded, dinoprop.propagation.PropagationResults)
+    assert loaded.summary() == summary
+    assert sorted(loaded.seed_ids) == sorted(dataset.exists("label").values("id"))
+
+    # evaluate: from cross-validation, and against the truth
+    estimate = results.evaluate()
+    assert estimate["source"] == "cross_validation"
+    assert estimate["num_evaluated"] == 6
+    truth_eval = results.evaluate(gt_field="ground_truth")
+    assert truth_eval["num_evaluated"] == 18
+    assert truth_eval["accuracy"] == pytest.approx(np.mean(accuracy))
+    assert 0 <= truth_eval["coverage_at_threshold"] <= 1
+    assert len(truth_eval["accuracy_vs_coverage"]) == 10
+
+    dataset.delete_run(run_key)
+    assert run_key not in dataset.list_runs()
+
+
+def test_results_reload_in_a_fresh_process(embedded_dataset):
+    dataset = embedded_dataset
+    dataset.persistent = True
+    try:
+        results = dinoprop.propagate_labels(dataset, "label", method="knn")
+        script = textwrap.dedent(
+            """
+            import fiftyone as fo
+            dataset = fo.load_dataset(%r)
+            results = dataset.load_run_results(%r)
+            print(type(results).__name__, results.summary()["num_propagated"])
+            print(results.evaluate(gt_field="ground_truth")["num_evaluated"])
+            """
+            % (dataset.name, results.key)
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True,
+            check=True, timeout=120,
+        ).stdout.splitlines()
+        assert out[-2:] == ["PropagationResults 18", "18"]
+    finally:
+        dataset.persistent = False
+
+
+def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset):
+    import fiftyone as fo
+
+    dataset = embedded_dataset
+    dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
+    assert len(dataset.match_tags("dinoprop:needs_review")) == 18
+    # a human labels one more sample: it becomes a seed, its output clears
+    target = dataset.match(fo.ViewField("label") == None).first()  # noqa: E711
+    target["label"] = fo.Classification(label=target.ground_truth.label)
+    target.save()
+    results = dinoprop.propagate_labels(dataset, "label", confidence_threshold=0.0)
+    assert results.summary()["num_seeds"] == 7
+    assert dataset[target.id]["label_propagated"] is None
+    assert len(dataset.match_tags("dinoprop:needs_review")) == 0
+    assert len(dataset.list_runs()) == 1
+
+
+def test_seed_tag_view_and_store_scores(embedded_dataset):
+    dataset = embedded_dataset
+    verified = dataset.exists("label").limit(4)
+    verified.tag_samples("verified")
+    view = dataset.match_tags("other", bool=False)
+    results = dinoprop.propagate_labels(
+        view, "label", seed_tag="verified", output_field="pred",
+        store_scores=True, method="linear", run_key="mine",
+    )
+    assert results.summary()["num_seeds"] == 4
+    assert results.summary()["num_propagated"] == 20
+    assert dataset.list_runs() == ["mine"]
+    preds = [p for p in dataset.values("pred") if p is not None]
+    assert len(preds[0].logits) == len(results.classes)
+    assert np.exp(preds[0].logits).sum() == pytest.approx(1.0, abs=1e-3)
+
+
+# --------------------------------------------------------------- objects
+
+
+@pytest.fixture
+def detection_dataset(image_items):
+    """Images with boxes; some boxes labeled; clustered patch embeddings."""
+    import fiftyone as fo
+
+    rng = np.random.default_rng(0)
+    centers = {"cat": rng.normal(size=8) * 3, "dog": rng.normal(size=8) * 3}
+    dataset = fo.Dataset()
+    samples = []
+    count = 0
+    for i, (path, _) in enumerate(image_items[:12]):
+        dets, truth = [], []
+        for j in range(3):
+            cls = "cat" if (i + j) % 2 else "dog"
+            vector = centers[cls] + rng.normal(size=8) * 0.5
+            labeled = count < 8 and j == 0
+            count += labeled
+            det = fo.Detection(
+                label=cls if labeled else None,
+                bounding_box=[0.1 * j, 0.1, 0.2, 0.2],
+                dinoprop_embedding=vector.astype(np.float32),
+            )
+            dets.append(det)
+            truth.append(fo.Detection(label=cls, bounding_box=det.bounding_box))
+            truth[-1]._id = det._id
+        samples.append(
+            fo.Sample(filepath=path, boxes=fo.Detections(detections=dets),
+                      truth=fo.Detections(detections=truth))
+        )
+    dataset.add_samples(samples)
+    dataset.add_dynamic_sample_fields()
+    yield dataset
+    dataset.delete()
+
+
+def test_object_labels_propagate_from_labeled_boxes(detection_dataset):
+    import fiftyone as fo
+
+    dataset = detection_dataset
+    before = [d.to_dict() for d in dataset.values("boxes")]
+    results = dinoprop.propagate_labels(dataset, "boxes", confidence_threshold=0.99)
+    summary = results.summary()
+    assert summary["num_seeds"] == 8 and summary["num_propagated"] == 28
+    outputs = dataset.values("boxes_propagated")
+    assert all(isinstance(o, fo.Detections) for o in outputs)
+    assert sum(len(o.detections) for o in outputs) == 28
+    for dets in outputs:
+        for det in dets.detections:
+            assert det.source_id and 0 <= det.confidence <= 1
+    evaluation = results.evaluate(gt_field="truth")
+    assert evaluation["num_evaluated"] == 28 and evaluation["accuracy"] > 0.9
+    assert [d.to_dict() for d in dataset.values("boxes")] == before
+    queue = dataset.load_saved_view("dinoprop review queue")
+    mins = [min(d.confidence for d in o.detections) for o in queue.values("boxes_propagated")]
+    assert mins == sorted(mins)
+
+
+def test_objects_with_unembedded_seed_are_rejected(detection_dataset):
+    dataset = detection_dataset
+    sample = dataset.first()
+    sample.boxes.detections[0].dinoprop_embedding = None
+    sample.save()
+    with pytest.raises(DinopropError, match="no embedding"):
+        dinoprop.propagate_labels(dataset, "boxes")
+    assert "boxes_propagated" not in dataset.get_field_schema()
+
+
+# ------------------------------------------------------------- bad input
+
+
+def _assert_untouched(dataset):
+    assert "label_propagated" not in dataset.get_field_schema()
+    assert dataset.list_runs() == []
+    assert len(dataset.match_tags("dinoprop:needs_review")) == 0
+    assert not dataset.has_saved_view("dinoprop review queue")
+
+
+@pytest.mark.parametrize(
+    "prepare, kwargs, message",
+    [
+        (lambda d: d.set_values("label", [None] * len(d)), {}, "No seeds"),
+        (
+            lambda d: d.set_values(
+                "label", [None if v is None else v.__class__(label="red")
+                          for v in d.values("label")]
+            ),
+            {},
+            "same class",
+        ),
+        (
+            lambda d: d.exists("label").limit(1).set_values(
+                "dinoprop_embedding", [None]
+            ),
+            {},
+            "no embedding",
+        ),
+        (lambda d: None, {"label_field": "filepath"}, "expected a"),
+        (lambda d: None, {"output_field": "label"}, "must differ"),
+        (lambda d: None, {"method": "magic"}, "Unknown method"),
+        (lambda d: None, {"embeddings": "missing"}, "does not exist"),
+        (lambda d: None, {"seed_tag": "nobody"}, "No seeds"),
+    ],
+)
+def test_bad_input_raises_and_writes_nothing(embedded_dataset, prepare, kwargs, message):
+    dataset = embedded_dataset
+    prepare(dataset)
+    kwargs = {"label_field": "label", **kwargs}
+    with pytest.raises(DinopropError, match=message):
+        dinoprop.propagate_labels(dataset, **kwargs)
+    _assert_untouched(dataset)
+
+
+def test_existing_output_of_another_type_is_rejected(embedded_dataset):
+    dataset = embedded_dataset
+    dataset.set_values("label_propagated", [1] * len(dataset))
+    with pytest.raises(DinopropError, match="label_propagated"):
+        dinoprop.propagate_labels(dataset, "label")
+    assert dataset.list_runs() == []
