@@ -116,39 +116,49 @@ def sample_knn_graph(samples, embeddings_field: str, k: int):
     return sample_ids, embeddings, neighbors, sims
 
 
-def cached_knn(samples, embeddings_field, sample_ids, embeddings, k):
-    """The kNN of ``sample_ids`` from a matching similarity run, if any.
+def cached_knn(
+    samples, embeddings_field, ids, embeddings, k, patches_field=None
+):
+    """The kNN of ``ids`` from a matching similarity run, if any.
 
     Args:
         samples: a FiftyOne sample collection
-        embeddings_field: the vector field holding the embeddings
-        sample_ids: the ``num`` sample IDs whose graph is wanted
+        embeddings_field: the embeddings field (for patches, the attribute of
+            each label)
+        ids: the ``num`` sample IDs (label IDs for patches) whose graph is
+            wanted
         embeddings: their ``num x dim`` embeddings
         k: neighbours per sample
+        patches_field: the patches field, if the graph is one of labels
 
     Returns:
         a tuple ``(neighbors, similarities)`` as returned by
-        :func:`knn_search`, with indices into ``sample_ids``, or None when
-        no dinoprop similarity run covers exactly these samples
+        :func:`knn_search`, with indices into ``ids``, or None when no
+        dinoprop similarity run (cosine) covers exactly these IDs with these
+        embeddings
     """
     from dinoprop.similarity import find_similarity_run
 
-    key = find_similarity_run(samples, embeddings_field)
+    key = find_similarity_run(samples, embeddings_field, patches_field)
     if key is None:
         return None
     index = samples._root_dataset.load_brain_results(key)
-    index_ids = index.sample_ids
-    if len(index_ids) != len(sample_ids) or set(index_ids) != set(sample_ids):
+    index_ids = index.label_ids if patches_field else index.sample_ids
+    if len(index_ids) != len(ids) or set(index_ids) != set(ids):
         return None
-    position = {sid: i for i, sid in enumerate(sample_ids)}
-    order = np.array([position[sid] for sid in index_ids])
+    position = {_id: i for i, _id in enumerate(ids)}
+    order = np.array([position[_id] for _id in index_ids])
     rng = np.random.default_rng(0)
-    probe = rng.choice(len(order), min(16, len(order)), replace=False)
-    stored = index.get_embeddings(sample_ids=list(index_ids[probe]))[0]
-    if not np.allclose(stored, embeddings[order[probe]], atol=1e-4):
+    probe = list(index_ids[rng.choice(len(order), min(16, len(order)), False)])
+    if patches_field:
+        stored = index.get_embeddings(label_ids=probe)[0]
+    else:
+        stored = index.get_embeddings(sample_ids=probe)[0]
+    wanted = np.asarray(embeddings)[[position[_id] for _id in probe]]
+    if not np.allclose(stored, wanted, atol=1e-4):
         return None  # the field changed since the index was built
     neighbors, dists = index.knn(k)
-    # Rows follow the index order; map them and their entries to sample_ids
+    # Rows follow the index order; map them and their entries to ``ids``
     mapped = np.where(neighbors >= 0, order[np.maximum(neighbors, 0)], -1)
     out_neighbors = np.empty_like(mapped)
     out_sims = np.empty(dists.shape, np.float32)

@@ -140,8 +140,11 @@ def compute_similarity(
 
     validate_samples(samples, require_images=False)
     _check_options(metric, index_type)
-    if not etau.is_str(brain_key) or not brain_key:
-        raise DinopropError("brain_key must be a non-empty string")
+    if not etau.is_str(brain_key) or not brain_key.isidentifier():
+        raise DinopropError(
+            "Invalid brain_key %r; keys must be valid Python identifiers"
+            % (brain_key,)
+        )
     _check_embeddings(samples, embeddings, patches_field)
     dataset = samples._root_dataset
     if brain_key in dataset.list_brain_runs():

@@ -1,0 +1,373 @@
+"""UMAP (or PCA) maps of embeddings for the FiftyOne App's Embeddings panel.
+
+``dinoprop.compute_visualization()`` stores a regular FiftyOne Brain
+visualization run, so the App's Embeddings panel lists it (colour by any
+field, lasso selection) and ``dataset.load_brain_results(brain_key)`` returns
+it. UMAP is fed the kNN graph of a dinoprop similarity run on the same
+embeddings when one covers the samples (no second neighbour search),
+otherwise an exact faiss kNN graph. numba's compiled UMAP kernels are cached
+on disk (``NUMBA_CACHE_DIR``, by default a ``numba-cache`` folder beside
+dinoprop's index directory), so only the first run in a fresh environment
+pays for JIT compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+import eta.core.utils as etau
+
+import fiftyone.brain.visualization as fbv
+
+from dinoprop.core import DinopropError, l2_normalize, progress_bar
+
+logger = logging.getLogger(__name__)
+
+_METHODS = ("umap", "pca")
+_NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
+_numba_cache_enabled = False
+
+
+def numba_cache_dir() -> str:
+    """Where numba caches compiled UMAP kernels.
+
+    ``$NUMBA_CACHE_DIR`` when set, else ``numba-cache`` beside
+    :func:`dinoprop.similarity.index_dir`.
+    """
+    from dinoprop.similarity import index_dir
+
+    return os.environ.get(_NUMBA_CACHE_ENV) or os.path.join(
+        os.path.dirname(index_dir()), "numba-cache"
+    )
+
+
+def compute_visualization(
+    samples: Any,
+    embeddings: str = "dinoprop_embedding",
+    brain_key: str = "dinoprop_umap",
+    method: str = "umap",
+    num_dims: int = 2,
+    seed: int | None = 51,
+    k: int = 15,
+    min_dist: float = 0.1,
+    patches_field: str | None = None,
+    overwrite: bool = True,
+    progress: Any = None,
+):
+    """Computes a 2-D or 3-D map of embeddings as a FiftyOne Brain run.
+
+    Args:
+        samples: a FiftyOne dataset or view; the map covers its samples (or
+            patches) that have an embedding
+        embeddings: the vector field holding the embeddings (for patches, the
+            attribute of each label holding its embedding)
+        brain_key: the brain key of the visualization run
+        method: ``"umap"`` or ``"pca"`` (fast, linear)
+        num_dims: 2 or 3
+        seed: a random seed making the map reproducible (None: fastest,
+            multi-threaded, not reproducible)
+        k: UMAP's number of neighbours (including the point itself)
+        min_dist: UMAP's minimum distance between embedded points
+        patches_field: an optional ``Detections``/``Polylines`` field whose
+            labels are mapped instead of the samples
+        overwrite: whether to replace an existing run with this brain key
+        progress: None (FiftyOne's default), a bool, or a progress callback
+
+    Returns:
+        a :class:`DinopropVisualizationResults` (a FiftyOne Brain
+        ``VisualizationResults``) whose ``points`` are ``num x num_dims``
+
+    Raises:
+        DinopropError: if the input is invalid; nothing is written then
+    """
+    from dinoprop.core import validate_samples
+
+    start = time.perf_counter()
+    validate_samples(samples, require_images=False)
+    _check_options(samples, brain_key, method, num_dims, k, overwrite)
+    vectors, sample_ids, label_ids = _load(samples, embeddings, patches_field)
+    if method == "umap" and len(vectors) < 4:
+        raise DinopropError(
+            "UMAP needs at least 4 embedded samples; found %d (use "
+            "method='pca')" % len(vectors)
+        )
+
+    with progress_bar(2, progress=progress, iters_str="steps") as pb:
+        if method == "umap":
+            points, knn_source = _umap(
+                samples, embeddings, patches_field, vectors,
+                label_ids if patches_field else sample_ids,
+                num_dims, seed, k, min_dist,
+            )
+        else:
+            points, knn_source = _pca(vectors, num_dims, seed), None
+        pb.update()
+        results = _save_run(
+            samples, brain_key, points, sample_ids, label_ids,
+            DinopropVisualizationConfig(
+                embeddings_field=embeddings,
+                patches_field=patches_field,
+                num_dims=num_dims,
+                reduction=method,
+                num_neighbors=k if method == "umap" else None,
+                min_dist=min_dist if method == "umap" else None,
+                seed=seed,
+                knn_source=knn_source,
+            ),
+        )
+        pb.update()
+    results._seconds = time.perf_counter() - start
+    return results
+
+
+def _check_options(samples, brain_key, method, num_dims, k, overwrite):
+    if method not in _METHODS:
+        raise DinopropError(
+            "Unsupported method '%s'; use one of %s" % (method, _METHODS)
+        )
+    if num_dims not in (2, 3):
+        raise DinopropError("num_dims must be 2 or 3; got %r" % (num_dims,))
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        raise DinopropError("k must be an integer >= 2; got %r" % (k,))
+    if not etau.is_str(brain_key) or not brain_key.isidentifier():
+        raise DinopropError(
+            "Invalid brain_key %r; keys must be valid Python identifiers"
+            % (brain_key,)
+        )
+    if not overwrite and brain_key in samples._root_dataset.list_brain_runs():
+        raise DinopropError(
+            "Brain key '%s' already exists; pass overwrite=True or choose "
+            "another key" % brain_key
+        )
+
+
+def _load(samples, field, patches_field):
+    """Loads ``(vectors, sample_ids, label_ids)`` with clear errors."""
+    import fiftyone.brain.internal.core.utils as fbu
+    import fiftyone.core.fields as fof
+    import fiftyone.core.labels as fol
+    from dinoprop.core import check_vector_field, require_field
+
+    if patches_field is None:
+        require_field(
+            samples,
+            field,
+            "an embeddings field (run dinoprop.compute_embeddings first)",
+        )
+        check_vector_field(samples, field)
+    else:
+        require_field(samples, patches_field, "a patches (label) field")
+        label_type, path = samples._get_label_field_path(patches_field, field)
+        if not issubclass(label_type, fol._LABEL_LIST_FIELDS):
+            raise DinopropError(
+                "patches_field '%s' must be a label list field such as "
+                "Detections" % patches_field
+            )
+        if samples.count(path) and not samples.has_field(path):
+            samples._dataset.add_sample_field(path, fof.VectorField)
+    try:
+        vectors, sample_ids, label_ids = fbu.get_embeddings(
+            samples, patches_field=patches_field, embeddings_field=field
+        )
+    except ValueError as e:
+        raise DinopropError(
+            "Cannot read embeddings '%s' (%s); do they all have the same "
+            "dimension? Recompute them with overwrite=True" % (field, e)
+        ) from e
+    if len(vectors) == 0:
+        raise DinopropError(
+            "No sample in the view has an embedding in '%s'; run "
+            "dinoprop.compute_embeddings first" % field
+        )
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise DinopropError("Embeddings in '%s' contain NaN or inf" % field)
+    return vectors, np.asarray(sample_ids), label_ids
+
+
+def _knn_with_self(samples, field, patches_field, vectors, ids, k):
+    """UMAP's kNN input: each point first (distance 0), then k - 1 others.
+
+    Reuses the graph of a dinoprop similarity run covering exactly these
+    points, else computes the exact cosine graph with faiss.
+    """
+    from dinoprop.graph import cached_knn, knn_search
+
+    cached = cached_knn(
+        samples, field, ids, vectors, k - 1, patches_field=patches_field
+    )
+    if cached is not None:
+        neighbors, sims = cached
+        source = "similarity index"
+    else:
+        neighbors, sims = knn_search(vectors, k - 1)
+        source = "exact search"
+    num = len(vectors)
+    indices = np.hstack([np.arange(num)[:, None], neighbors]).astype(np.int64)
+    dists = np.hstack(
+        [np.zeros((num, 1), np.float32), np.maximum(1.0 - sims, 0.0)]
+    ).astype(np.float32)
+    missing = indices < 0  # fewer neighbours than asked: repeat self
+    indices[missing] = np.nonzero(missing)[0]
+    dists[missing] = 0.0
+    return indices, dists, source
+
+
+def _umap(samples, field, patches_field, vectors, ids, num_dims, seed, k,
+          min_dist):
+    k = int(min(k, len(vectors) - 1))
+    indices, dists, source = _knn_with_self(
+        samples, field, patches_field, vectors, ids, k
+    )
+    enable_numba_cache()
+    import umap
+
+    reducer = umap.UMAP(
+        n_neighbors=k,
+        n_components=num_dims,
+        metric="cosine",
+        min_dist=min_dist,
+        random_state=seed,
+        precomputed_knn=(indices, dists),
+        verbose=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no search index / n_jobs notices
+        points = reducer.fit_transform(l2_normalize(vectors))
+    return np.asarray(points, dtype=np.float32), source
+
+
+def _pca(vectors, num_dims, seed):
+    from sklearn.decomposition import PCA
+
+    num_dims_fit = min(num_dims, *vectors.shape)
+    points = PCA(n_components=num_dims_fit, random_state=seed).fit_transform(
+        vectors
+    )
+    if num_dims_fit < num_dims:
+        pad = np.zeros((len(points), num_dims - num_dims_fit))
+        points = np.hstack([points, pad])
+    return points.astype(np.float32)
+
+
+def enable_numba_cache() -> None:
+    """Makes numba cache UMAP's compiled kernels on disk.
+
+    umap-learn compiles its kernels without numba's ``cache=True``, so every
+    new process recompiles them (tens of seconds). This turns caching on for
+    them, in :func:`numba_cache_dir`. Safe to call repeatedly.
+    """
+    global _numba_cache_enabled
+    if _numba_cache_enabled:
+        return
+    cache_dir = numba_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    os.environ.setdefault(_NUMBA_CACHE_ENV, cache_dir)
+    import numba
+
+    numba.config.CACHE_DIR = os.environ[_NUMBA_CACHE_ENV]
+    from numba.core.registry import CPUDispatcher
+    import umap.layouts
+    import umap.spectral
+    import umap.umap_
+    import umap.utils
+
+    for module in (umap.umap_, umap.layouts, umap.spectral, umap.utils):
+        for obj in list(vars(module).values()):
+            if (
+                isinstance(obj, CPUDispatcher)
+                and type(obj._cache).__name__ == "NullCache"
+            ):
+                try:
+                    obj.enable_caching()
+                except Exception:  # uncachable kernel: compile as before
+                    logger.debug("Cannot cache %s", obj, exc_info=True)
+    _numba_cache_enabled = True
+
+
+def _save_run(samples, brain_key, points, sample_ids, label_ids, config):
+    dataset = samples._root_dataset
+    if brain_key in dataset.list_brain_runs():
+        dataset.delete_brain_run(brain_key)
+    brain_method = config.build()
+    brain_method.register_run(samples, brain_key)
+    results = DinopropVisualizationResults(
+        samples,
+        config,
+        brain_key,
+        points,
+        sample_ids=sample_ids,
+        label_ids=label_ids,
+        backend=brain_method,
+    )
+    brain_method.save_run_results(samples, brain_key, results)
+    return results
+
+
+class DinopropVisualizationConfig(fbv.VisualizationConfig):
+    """Configuration of a dinoprop visualization run.
+
+    Args:
+        reduction: ``"umap"`` or ``"pca"``
+        num_neighbors: UMAP's number of neighbours
+        min_dist: UMAP's minimum distance
+        seed: the random seed
+        knn_source: where UMAP's kNN graph came from
+        **kwargs: keyword arguments for
+            :class:`fiftyone.brain.visualization.VisualizationConfig`
+    """
+
+    def __init__(
+        self,
+        reduction="umap",
+        num_neighbors=None,
+        min_dist=None,
+        seed=None,
+        knn_source=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.reduction = reduction
+        self.num_neighbors = num_neighbors
+        self.min_dist = min_dist
+        self.seed = seed
+        self.knn_source = knn_source
+
+    @property
+    def method(self):
+        return "dinoprop_" + self.reduction
+
+
+class DinopropVisualization(fbv.Visualization):
+    """The run class of :class:`DinopropVisualizationConfig`."""
+
+    def fit_reducer(self, embeddings):
+        raise NotImplementedError(
+            "Use dinoprop.compute_visualization() to compute maps"
+        )
+
+
+class DinopropVisualizationResults(fbv.VisualizationResults):
+    """FiftyOne Brain visualization results with a :meth:`summary`."""
+
+    _seconds = None
+
+    def summary(self) -> dict:
+        """A JSON-serialisable description of the map."""
+        return {
+            "brain_key": self.key,
+            "method": self.config.reduction,
+            "num_points": int(len(self.points)),
+            "num_dims": int(self.points.shape[1]),
+            "k": self.config.num_neighbors,
+            "knn_source": self.config.knn_source,
+            "seconds": (
+                None if self._seconds is None else round(self._seconds, 3)
+            ),
+        }

@@ -1,0 +1,132 @@
+"""UMAP/PCA maps stored as FiftyOne Brain visualization runs."""
+
+import os
+
+import numpy as np
+import pytest
+
+import fiftyone as fo
+
+import dinoprop as dp
+import dinoprop.graph as graph
+from dinoprop.core import DinopropError
+from dinoprop.visualization import numba_cache_dir
+
+
+def _same_class_neighbour_rate(points, labels):
+    d = np.linalg.norm(points[:, None] - points[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    nearest = d.argmin(axis=1)
+    return np.mean(np.array(labels)[nearest] == np.array(labels))
+
+
+def test_umap_run_is_a_readable_brain_run(embedded_dataset):
+    results = dp.compute_visualization(embedded_dataset)
+    summary = results.summary()
+    assert summary["num_points"] == 24 and summary["num_dims"] == 2
+    assert summary["knn_source"] == "exact search"
+
+    info = embedded_dataset.get_brain_info("dinoprop_umap")
+    assert info.config.type == "visualization"
+    loaded = embedded_dataset.load_brain_results("dinoprop_umap", cache=False)
+    assert loaded.points.shape == (24, 2)
+    assert list(loaded.sample_ids) == embedded_dataset.values("id")
+    assert np.allclose(loaded.points, results.points)
+
+    # The map keeps the classes apart
+    labels = embedded_dataset.values("ground_truth.label")
+    assert _same_class_neighbour_rate(loaded.points, labels) >= 0.9
+
+    # What the App's Embeddings panel does with a filtered grid
+    subset = embedded_dataset.take(5, seed=0)
+    loaded.use_view(subset, allow_missing=True)
+    assert loaded.current_points.shape == (5, 2)
+    assert set(loaded.current_sample_ids) == set(subset.values("id"))
+
+    # Same seed, same map
+    again = dp.compute_visualization(embedded_dataset, brain_key="again")
+    assert np.allclose(again.points, results.points)
+
+    # numba's on-disk cache now holds UMAP's compiled kernels
+    cached = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(numba_cache_dir())
+        for name in names
+    ]
+    assert any("umap" in path and path.endswith(".nbi") for path in cached)
+
+
+def test_3d_and_pca(embedded_dataset):
+    umap3 = dp.compute_visualization(embedded_dataset, brain_key="u3", num_dims=3)
+    assert umap3.points.shape == (24, 3)
+    pca = dp.compute_visualization(
+        embedded_dataset, brain_key="p2", method="pca"
+    )
+    assert pca.points.shape == (24, 2)
+    labels = embedded_dataset.values("ground_truth.label")
+    assert _same_class_neighbour_rate(pca.points, labels) >= 0.9
+    loaded = embedded_dataset.load_brain_results("p2", cache=False)
+    assert loaded.summary()["method"] == "pca"
+
+
+def test_umap_reuses_the_similarity_graph(embedded_dataset, monkeypatch):
+    dp.compute_similarity(embedded_dataset)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("UMAP searched for neighbours again")
+
+    monkeypatch.setattr(graph, "knn_search", no_search)
+    results = dp.compute_visualization(embedded_dataset, brain_key="shared")
+    assert results.summary()["knn_source"] == "similarity index"
+    assert results.points.shape == (24, 2)
+
+
+def test_patch_points(image_dataset):
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(2, 8)) * 3
+    for sample in image_dataset:
+        sample["boxes"] = fo.Detections(
+            detections=[
+                fo.Detection(
+                    label=str(c),
+                    bounding_box=[0.1, 0.1, 0.3, 0.3],
+                    dinoprop_embedding=centers[c] + rng.normal(size=8),
+                )
+                for c in (0, 1)
+            ]
+        )
+        sample.save()
+    results = dp.compute_visualization(
+        image_dataset, brain_key="patch_map", patches_field="boxes"
+    )
+    assert results.points.shape == (48, 2)
+    loaded = image_dataset.load_brain_results("patch_map", cache=False)
+    assert len(loaded.label_ids) == 48
+    assert loaded.config.patches_field == "boxes"
+    labels = image_dataset.values("boxes.detections.label", unwind=True)
+    assert _same_class_neighbour_rate(loaded.points, labels) >= 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="tsne"), "method"),
+        (dict(num_dims=4), "num_dims"),
+        (dict(k=1), "k must be"),
+        (dict(embeddings="nope"), "does not exist"),
+        (dict(embeddings="ground_truth"), "cannot hold embeddings"),
+        (dict(brain_key="not a key"), "brain_key"),
+    ],
+)
+def test_bad_input_raises_one_clear_error(embedded_dataset, kwargs, match):
+    with pytest.raises(DinopropError, match=match):
+        dp.compute_visualization(embedded_dataset, **kwargs)
+    assert embedded_dataset.list_brain_runs() == []
+
+
+def test_empty_view_and_tiny_view(embedded_dataset):
+    with pytest.raises(DinopropError, match="empty"):
+        dp.compute_visualization(embedded_dataset.limit(0))
+    with pytest.raises(DinopropError, match="at least 4"):
+        dp.compute_visualization(embedded_dataset.limit(3))
+    assert embedded_dataset.list_brain_runs() == []
