@@ -309,3 +309,16 @@ def test_device_resolution():
             resolve_device("cuda:1")
     with pytest.raises(DinopropError, match="Invalid device"):
         resolve_device("quantum")
+
+
+def test_bf16_precision_on_cpu_stays_close_to_fp32(tiny_dinov2_dir):
+    fp32 = load_model(tiny_dinov2_dir, device="cpu")
+    bf16 = load_model(tiny_dinov2_dir, device="cpu", precision="bf16")
+    assert bf16.fingerprint == fp32.fingerprint and str(bf16.dtype) == "torch.bfloat16"
+    images = _batch(_random_images(4), fp32.preprocessing)
+    cosines = (fp32.embed(images) * bf16.embed(images)).sum(1)
+    assert cosines.min() > 0.98
+    with pytest.raises(DinopropError, match="fp16"):
+        load_model(tiny_dinov2_dir, device="cpu", precision="fp16")
+    with pytest.raises(DinopropError, match="precision"):
+        load_model(tiny_dinov2_dir, device="cpu", precision="int3")

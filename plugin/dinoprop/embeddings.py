@@ -105,6 +105,7 @@ def compute_embeddings(
     image_size: int | None = None,
     trust_remote_code: bool = False,
     compile: bool = False,
+    precision: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> EmbeddingsResults:
     """Embeds every image (or every box) of a collection with a backbone.
@@ -137,6 +138,8 @@ def compute_embeddings(
         image_size: the model's input crop size (default 224)
         trust_remote_code: allow Hugging Face models to run their own code
         compile: ``torch.compile`` the model (CUDA only)
+        precision: ``"auto"`` (bf16/fp16 on GPUs, fp32 on CPU), ``"fp32"``,
+            ``"bf16"`` (also fast on CPUs with AVX512-BF16/AMX) or ``"fp16"``
         chunk_size: samples committed per database write
 
     Returns:
@@ -156,7 +159,7 @@ def compute_embeddings(
     label_path = _check_target(samples, embeddings_field, patches_field)
     backbone = model if isinstance(model, dm.EmbeddingModel) else dm.load_model(
         model, device=device, image_size=image_size,
-        trust_remote_code=trust_remote_code, compile=compile,
+        trust_remote_code=trust_remote_code, compile=compile, precision=precision,
     )
     settings = {
         "model": backbone.name,
