@@ -39,8 +39,8 @@ since.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
-import io
 import json
 import logging
 import os
@@ -80,6 +80,9 @@ _FILE_VERSION = 1
 _CALIBRATION_QUERIES = 256
 _COMPACT_FRACTION = 0.3
 _QUERY_CHUNK = 1024
+_ADD_CHUNK = 20000
+#: The ``progress`` argument of the compute_similarity() call in progress
+_PROGRESS = contextvars.ContextVar("dinoprop_similarity_progress", default=None)
 
 
 def index_dir() -> str:
@@ -156,6 +159,7 @@ def compute_similarity(
         dataset.delete_brain_run(brain_key)
 
     start = time.perf_counter()
+    token = _PROGRESS.set(progress)
     try:
         results = fob.compute_similarity(
             samples,
@@ -172,6 +176,8 @@ def compute_similarity(
         if brain_key in dataset.list_brain_runs():
             dataset.delete_brain_run(brain_key)
         raise
+    finally:
+        _PROGRESS.reset(token)
     results._seconds = time.perf_counter() - start
     return results
 
@@ -352,6 +358,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         self._dim = None
         self._resolved_type = None
         self._search_param = None
+        self._recall = None
         self._row_sample_ids = np.array([], dtype="<U24")
         self._row_label_ids = (
             np.array([], dtype="<U24")
@@ -411,6 +418,9 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             "index_size": self.total_index_size,
             "dim": self._dim,
             "metric": self.config.metric,
+            "expected_recall_at_10": (
+                1.0 if self._resolved_type == "flat" else self._recall
+            ),
             "seconds": None if self._seconds is None else round(self._seconds, 3),
         }
 
@@ -462,7 +472,10 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             rng = np.random.default_rng(0)
             train = x[rng.choice(num, min(num, 40 * nlist), replace=False)]
             index.train(train)
-        index.add(x)
+        with progress_bar(num, _PROGRESS.get(), "vectors") as pb:
+            for start in range(0, num, _ADD_CHUNK):
+                index.add(x[start : start + _ADD_CHUNK])
+                pb.update(min(_ADD_CHUNK, num - start))
         if kind == "ivf":
             index.make_direct_map()
         self._index = index
@@ -603,6 +616,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             "dim": self._dim,
             "index_type": self._resolved_type,
             "search_param": self._search_param,
+            "recall": self._recall,
             "graph_k": None if self._graph is None else self._graph[0],
             "checksum": _checksum(arrays),
         }
@@ -639,6 +653,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 self._dim = meta["dim"]
                 self._resolved_type = meta["index_type"]
                 self._search_param = meta["search_param"]
+                self._recall = meta.get("recall")
                 self._row_sample_ids = arrays["sample_ids"]
                 self._row_label_ids = arrays.get("label_ids")
                 if (self.config.patches_field is None) != (
