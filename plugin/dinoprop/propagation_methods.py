@@ -251,7 +251,7 @@ def linear_logits(
     if len(present) == 1:
         logits[:, present[0]] = 0.0
         return logits
-    model = LogisticRegression(C=c, max_iter=300)
+    model = LogisticRegression(C=c, max_iter=300, class_weight="balanced")
     model.fit(x[seed_idx], seed_labels, sample_weight=sample_weight)
     scores = model.decision_function(x).astype(np.float32)
     if scores.ndim == 1:  # binary problem: sklearn returns one column
@@ -380,9 +380,11 @@ class Propagation:
         probs: ``N x C`` calibrated class probabilities
         method: the method that produced them (for ``auto``, the one chosen)
         temperature: the fitted calibration temperature (1 if not fitted)
-        oof_probs: calibrated out-of-fold probabilities of the seeds, or
-            None when the seeds are too few to cross-validate
-        oof_labels: the seeds' true classes, aligned with ``oof_probs``
+        oof_probs: calibrated out-of-fold probabilities of the held-out
+            seeds (every seed of a class with at least 2), or None when the
+            seeds are too few to cross-validate
+        oof_labels: the held-out seeds' true classes, aligned with
+            ``oof_probs``
         cv_accuracy: the cross-validated seed accuracy of each candidate
         num_folds: the number of cross-validation folds (0 if none)
     """
@@ -427,6 +429,8 @@ def propagate(
         a :class:`Propagation`
     """
     candidates = list(AUTO_CANDIDATES) if method == "auto" else [method]
+    seed_idx = np.asarray(seed_idx, np.int64)
+    seed_labels = np.asarray(seed_labels, np.int64)
     folds = _seed_folds(seed_labels, max_folds, random_state)
     oof = {}
     if folds:
@@ -435,21 +439,22 @@ def propagate(
             name: _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, name)
             for name in candidates
         }
-    chosen = _choose(oof, seed_labels, candidates)
+    held_out = seed_labels[np.concatenate(folds)] if folds else seed_labels
+    chosen = _choose(oof, held_out, candidates)
     probs = problem.scores(chosen, seed_idx, seed_labels)
     result = Propagation(probs=probs, method=chosen, num_folds=len(folds))
     if oof:
         result.cv_accuracy = {
-            name: float((p.argmax(1) == seed_labels).mean())
+            name: float((p.argmax(1) == held_out).mean())
             for name, p in oof.items()
         }
-        result.temperature = fit_temperature(oof[chosen], seed_labels)
+        result.temperature = fit_temperature(oof[chosen], held_out)
         # Laplace's rule of succession: S checked predictions cannot vouch
         # for more than 1 - 1/(S + 2) certainty, so probabilities are
         # shrunk toward uniform by that much
-        shrink = 1.0 / (len(seed_labels) + 2)
+        shrink = 1.0 / (len(held_out) + 2)
         result.oof_probs = calibrate(oof[chosen], result.temperature, shrink)
-        result.oof_labels = np.asarray(seed_labels)
+        result.oof_labels = np.asarray(held_out)
         result.probs = calibrate(probs, result.temperature, shrink)
     return result
 
@@ -537,30 +542,44 @@ def threshold_for_precision(
     return float(sorted_conf[cut]), float((cut + 1) / len(hits)), float(precision[cut])
 
 
-def _seed_folds(seed_labels, max_folds, random_state):
-    """Stratified folds of the seeds, or [] when they are too few."""
-    from sklearn.model_selection import StratifiedKFold
+def can_cross_validate(seed_labels: np.ndarray) -> bool:
+    """Whether the seeds can be cross-validated: 2 classes with 2 seeds."""
+    counts = np.bincount(np.asarray(seed_labels, np.int64))
+    return int(np.sum(counts >= 2)) >= 2
 
-    counts = np.bincount(seed_labels)
-    counts = counts[counts > 0]
-    num_folds = int(min(max_folds, np.median(counts)))
-    if num_folds < 2 or len(counts) < 2:
-        return []
-    splitter = StratifiedKFold(num_folds, shuffle=True, random_state=random_state)
+
+def _seed_folds(seed_labels, max_folds, random_state):
+    """Stratified folds over the seeds of classes with at least 2 seeds.
+
+    A class's only seed is never held out (the other folds would know
+    nothing of its class), so it always trains. Returns [] when fewer than
+    two classes have 2 seeds.
+    """
     import warnings
 
+    from sklearn.model_selection import StratifiedKFold
+
+    if not can_cross_validate(seed_labels):
+        return []
+    counts = np.bincount(seed_labels)
+    eligible = np.flatnonzero(counts[seed_labels] >= 2)
+    repeated = counts[counts >= 2]
+    num_folds = int(min(max_folds, repeated.min()))
+    splitter = StratifiedKFold(num_folds, shuffle=True, random_state=random_state)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # classes with few seeds
-        return [test for _, test in splitter.split(np.zeros(len(seed_labels)), seed_labels)]
+        warnings.simplefilter("ignore", UserWarning)
+        splits = splitter.split(np.zeros(len(eligible)), seed_labels[eligible])
+        return [eligible[test] for _, test in splits]
 
 
 def _out_of_fold(problem, seed_idx, seed_labels, folds, name):
-    oof = np.zeros((len(seed_idx), problem.num_classes), np.float32)
+    """Out-of-fold probabilities of the held-out seeds, in fold order."""
+    oof = []
     for test in folds:
         train = np.setdiff1d(np.arange(len(seed_idx)), test)
         probs = problem.scores(name, seed_idx[train], seed_labels[train])
-        oof[test] = probs[seed_idx[test]]
-    return oof
+        oof.append(probs[seed_idx[test]])
+    return np.concatenate(oof)
 
 
 def _choose(oof, seed_labels, candidates):

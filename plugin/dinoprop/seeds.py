@@ -1,0 +1,208 @@
+"""Which samples to annotate next: coverage first, then informative ones.
+
+:func:`suggest_seeds` picks the samples whose labels would help label
+propagation most. Without seeds (or with seeds of a single class) it covers
+the embedding space with k-center greedy selection (Sener & Savarese,
+2018), starting from any existing seeds. Once there are seeds of two or
+more classes, it propagates them and picks samples that are uncertain AND
+lie in dense regions (their label will spread to many neighbours), keeping
+the picks apart from each other so one batch does not ask about the same
+thing twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from dinoprop import propagation_methods as pm
+from dinoprop.core import DinopropError, progress_bar, validate_samples
+
+#: Candidates considered per suggestion: the most informative
+#: ``POOL_FACTOR * count`` samples form the pool that k-center selection
+#: spreads the suggestions over.
+POOL_FACTOR = 5
+
+#: The pool factor while no class has two seeds: the propagation cannot be
+#: cross-validated yet, so its uncertainty is not trusted and suggestions
+#: cover the densest regions instead, from a wider pool.
+COVERAGE_POOL_FACTOR = 20
+
+#: The tag put on the suggested samples.
+ANNOTATE_NEXT_TAG = "dinoprop:annotate_next"
+
+
+def suggest_seeds(
+    samples: Any,
+    count: int,
+    label_field: Optional[str] = None,
+    embeddings: str = "dinoprop_embedding",
+    tag: str = ANNOTATE_NEXT_TAG,
+    k: int = 10,
+    progress: Union[None, bool, Callable] = None,
+) -> list:
+    """Suggests the samples to annotate next and tags them.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        count: how many samples to suggest
+        label_field: the Classification field holding the seeds so far;
+            None (or a field with no labels yet) means no seeds
+        embeddings: the field holding the embeddings
+        tag: the tag put on the suggested samples (removed first from the
+            other samples of ``samples``)
+        k: the number of neighbours of the kNN graph
+        progress: None (FiftyOne's default), a bool, or a progress callback
+
+    Returns:
+        the IDs of the suggested samples, most useful first (fewer than
+        ``count`` when fewer unlabeled samples have embeddings)
+
+    Raises:
+        DinopropError: for a non-positive ``count`` or ``k``, a missing or
+            wrong embeddings or label field; nothing is written then
+    """
+    import fiftyone.core.labels as fol
+
+    from dinoprop.core import require_label_field
+    from dinoprop.propagation import _graph
+
+    validate_samples(samples)
+    if not isinstance(count, (int, np.integer)) or count < 1:
+        raise DinopropError("count must be a positive integer; got %r" % (count,))
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise DinopropError("k must be a positive integer; got %r" % (k,))
+    if not tag or not isinstance(tag, str):
+        raise DinopropError("tag must be a non-empty string; got %r" % (tag,))
+    labels = {}
+    if label_field is not None:
+        require_label_field(samples, label_field, (fol.Classification,))
+        ids, values = samples.values(["id", label_field + ".label"])
+        labels = {i: v for i, v in zip(ids, values) if v is not None}
+    with progress_bar(3, progress, iters_str="steps") as bar:
+        sample_ids, vectors, graph = _graph(samples, embeddings, k)
+        bar.update()
+        seed_idx = np.array(
+            [i for i, sid in enumerate(sample_ids) if sid in labels], np.int64
+        )
+        seed_names = [labels[sample_ids[i]] for i in seed_idx]
+        chosen = suggest(
+            pm.center_and_normalize(vectors), graph, seed_idx, seed_names, count
+        )
+        bar.update()
+        suggested = [str(sample_ids[i]) for i in chosen]
+        samples.untag_samples(tag)
+        if suggested:
+            samples.select(suggested).tag_samples(tag)
+        bar.update()
+    return suggested
+
+
+def suggest(
+    x: np.ndarray,
+    graph: "pm.Graph",
+    seed_idx: np.ndarray,
+    seed_labels: list,
+    count: int,
+) -> np.ndarray:
+    """Array-level :func:`suggest_seeds`: node indices to annotate next.
+
+    Args:
+        x: ``N x D`` unit-norm features
+        graph: the kNN :class:`dinoprop.propagation_methods.Graph`
+        seed_idx: the nodes labeled so far
+        seed_labels: their labels (any hashable values)
+        count: how many nodes to suggest
+
+    Returns:
+        up to ``count`` node indices, not seeds, most useful first
+    """
+    seed_idx = np.asarray(seed_idx, np.int64)
+    count = min(count, x.shape[0] - len(np.unique(seed_idx)))
+    if count <= 0:
+        return np.empty(0, np.int64)
+    if len(set(seed_labels)) < 2:
+        return k_center_greedy(x, seed_idx, count)
+    return uncertain_dense(x, graph, seed_idx, seed_labels, count)
+
+
+def k_center_greedy(x: np.ndarray, centers: np.ndarray, count: int) -> np.ndarray:
+    """Greedy k-center selection: each pick is the node farthest from all
+    picks (and from the existing ``centers``) so far.
+
+    With no existing center, the first pick is the node closest to the
+    mean of the data (the most typical one) rather than an outlier.
+
+    Args:
+        x: ``N x D`` unit-norm features
+        centers: node indices already covered (may be empty)
+        count: how many nodes to pick
+
+    Returns:
+        ``count`` node indices, in pick order
+    """
+    num = x.shape[0]
+    nearest = np.full(num, np.inf, np.float32)
+    for start in range(0, len(centers), 1024):
+        block = 1.0 - x @ x[centers[start : start + 1024]].T
+        nearest = np.minimum(nearest, block.min(axis=1))
+    picks = []
+    if len(centers) == 0:
+        first = int(np.argmax(x @ x.mean(axis=0)))
+        picks.append(first)
+        nearest = np.minimum(nearest, 1.0 - x @ x[first])
+    while len(picks) < count:
+        pick = int(np.argmax(nearest))
+        picks.append(pick)
+        nearest = np.minimum(nearest, 1.0 - x @ x[pick])
+    return np.array(picks, np.int64)
+
+
+def uncertain_dense(
+    x: np.ndarray,
+    graph: "pm.Graph",
+    seed_idx: np.ndarray,
+    seed_labels: list,
+    count: int,
+) -> np.ndarray:
+    """Uncertain nodes in dense regions, kept apart from each other.
+
+    A node's score is its uncertainty under the current propagation
+    (``1 - margin`` between its two most likely classes) times its local
+    density (mean similarity to its graph neighbours): labeling it both
+    resolves a confusion and settles its many neighbours. The best-scoring
+    nodes form a pool; k-center greedy selection over the pool (weighted by
+    score, the seeds counting as covered) then spreads the batch so it
+    does not ask about the same confusion twice. While no class has two
+    seeds, the propagation cannot be checked, so the score is density alone
+    (coverage of the densest regions).
+
+    Returns:
+        ``count`` node indices, best first
+    """
+    classes, labels = np.unique(np.asarray(seed_labels), return_inverse=True)
+    problem = pm.Problem(x, graph, len(classes))
+    probs = pm.propagate(problem, seed_idx, labels, method="graph_linear").probs
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    uncertainty = 1.0 - (top2[:, 1] - top2[:, 0])
+    density = np.clip(graph.sims, 0.0, None).mean(axis=1)
+    if not pm.can_cross_validate(labels):
+        score, factor = density, COVERAGE_POOL_FACTOR
+    else:
+        score, factor = uncertainty * density, POOL_FACTOR
+    pool_size = min(factor * count, x.shape[0])
+    order = np.argsort(-score, kind="stable")
+    pool = order[~np.isin(order, seed_idx)][:pool_size]
+    # k-center greedy within the pool, the seeds counting as covered
+    nearest = np.full(len(pool), np.inf, np.float32)
+    for start in range(0, len(seed_idx), 1024):
+        block = 1.0 - x[pool] @ x[seed_idx[start : start + 1024]].T
+        nearest = np.minimum(nearest, block.min(axis=1))
+    picks = []
+    for _ in range(min(count, len(pool))):
+        best = int(np.argmax(nearest * score[pool]))
+        picks.append(int(pool[best]))
+        nearest = np.minimum(nearest, 1.0 - x[pool] @ x[pool[best]])
+        nearest[best] = -1.0
+    return np.array(picks, np.int64)
