@@ -301,3 +301,35 @@ def test_real_photos_cluster_by_class_with_the_offline_backbone():
         assert (labels[nearest] == labels).mean() >= 0.9
     finally:
         dataset.delete()
+
+
+def test_device_decoding_matches_the_cpu_pipeline(image_items, tmp_path):
+    """The GPU decoding path, exercised on the CPU (same code, device='cpu')."""
+    from PIL import Image
+
+    from dinoprop.embeddings_data import EncodedItems, collate_encoded, decode_on_device
+    from dinoprop.models import Preprocessing
+
+    png = tmp_path / "image.png"
+    Image.open(image_items[0][0]).save(png)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 broken")
+    paths = [image_items[0][0], image_items[9][0], str(png), str(corrupt), str(tmp_path / "gone.jpg")]
+    items = EncodedItems(paths)
+    preprocessing = Preprocessing(crop_size=56, resize_size=64)
+    indices, encoded, _, failures = collate_encoded([items[i] for i in range(len(paths))])
+    kept, batch, more = decode_on_device(indices, encoded, paths, preprocessing, torch.device("cpu"))
+
+    assert kept == [0, 1, 2] and batch.shape == (3, 3, 56, 56) and batch.dtype == torch.uint8
+    assert [i for i, _ in failures + more] == [4, 3]
+    for position, path in enumerate(paths[:3]):
+        reference = preprocess_image(open_image(path, preprocessing), preprocessing)
+        assert (batch[position].float() - reference.float()).abs().mean() < 2.0
+
+
+def test_gpu_decoding_needs_cuda(image_dataset, tiny_dinov2_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DinopropError, match="CUDA"):
+        de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, gpu_decode=True)
+    assert not image_dataset.has_field(FIELD)

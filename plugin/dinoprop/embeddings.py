@@ -106,6 +106,7 @@ def compute_embeddings(
     trust_remote_code: bool = False,
     compile: bool = False,
     precision: str | None = None,
+    gpu_decode: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> EmbeddingsResults:
     """Embeds every image (or every box) of a collection with a backbone.
@@ -140,6 +141,9 @@ def compute_embeddings(
         compile: ``torch.compile`` the model (CUDA only)
         precision: ``"auto"`` (bf16/fp16 on GPUs, fp32 on CPU), ``"fp32"``,
             ``"bf16"`` (also fast on CPUs with AVX512-BF16/AMX) or ``"fp16"``
+        gpu_decode: decode JPEGs on the GPU with nvJPEG (CUDA only; workers
+            then only read files, which helps when CPU decoding is the
+            bottleneck)
         chunk_size: samples committed per database write
 
     Returns:
@@ -170,6 +174,11 @@ def compute_embeddings(
         "embeddings_field": embeddings_field,
         "dim": backbone.output_dim(pooling),
     }
+    if gpu_decode and (backbone.device.type != "cuda" or patches_field is not None):
+        raise DinopropError(
+            "gpu_decode=True needs a CUDA device and whole-image embeddings "
+            "(not patches_field); this run uses %s" % backbone.device
+        )
     run_key = run_key_for(embeddings_field, patches_field)
     _check_previous_run(samples, run_key, settings, label_path or embeddings_field, overwrite)
 
@@ -187,7 +196,7 @@ def compute_embeddings(
     _record_run(samples, run_key, settings, backbone, status="running")
     batch_size = batch_size or _default_batch_size(backbone)
     num_workers = _default_workers(backbone) if num_workers is None else num_workers
-    runner = _Runner(samples, backbone, settings, results, skip_failures, chunk_size)
+    runner = _Runner(samples, backbone, settings, results, skip_failures, chunk_size, gpu_decode)
     if patches_field is None:
         runner.embed_images(label_path, overwrite, batch_size, num_workers, progress)
     else:
@@ -340,7 +349,8 @@ def _write_chunk(dataset: Any, path: str, values: dict, label_values: bool) -> N
 class _Runner:
     """Drives one embeddings call: loader → model → buffered bulk writes."""
 
-    def __init__(self, samples, backbone, settings, results, skip_failures, chunk_size):
+    def __init__(self, samples, backbone, settings, results, skip_failures, chunk_size, gpu_decode):
+        self.gpu_decode = gpu_decode
         self.samples = samples
         self.dataset = samples._dataset
         self.backbone = backbone
@@ -352,7 +362,7 @@ class _Runner:
         self._last_flush = time.monotonic()
 
     def embed_images(self, _, overwrite, batch_size, num_workers, progress) -> None:
-        from dinoprop.embeddings_data import ImageItems
+        from dinoprop.embeddings_data import EncodedItems, ImageItems
 
         field_name = self.settings["embeddings_field"]
         todo = self.samples if overwrite else self.samples.exists(field_name, False)
@@ -361,7 +371,10 @@ class _Runner:
         if not ids:
             return
         self._declare_vector_field(field_name)
-        items = ImageItems(filepaths, self.backbone.preprocessing)
+        if self.gpu_decode:
+            items = EncodedItems(filepaths)
+        else:
+            items = ImageItems(filepaths, self.backbone.preprocessing)
         self._run(items, ids, batch_size, num_workers, progress, field_name, ids, False)
 
     def embed_patches(self, path, overwrite, batch_size, num_workers, progress) -> None:
@@ -379,13 +392,21 @@ class _Runner:
         self._run(items, sample_ids, batch_size, num_workers, progress, path, label_ids, True)
 
     def _run(self, items, sample_ids, batch_size, num_workers, progress, path, keys, labels):
-        from dinoprop.embeddings_data import make_loader
+        from dinoprop.embeddings_data import collate_encoded, decode_on_device, make_loader
 
-        loader = make_loader(items, batch_size, num_workers, self.backbone.device)
+        device = self.backbone.device
+        encoded = self.gpu_decode and not labels
+        collate_fn = collate_encoded if encoded else None
+        loader = make_loader(items, batch_size, num_workers, device, collate_fn)
         embed = self.backbone.embed
         pooling, normalize = self.settings["pooling"], self.settings["normalize"]
         with progress_bar(len(items), progress=progress, iters_str="images") as pb:
             for indices, tensors, counts, failures in loader:
+                if encoded:
+                    indices, tensors, more = decode_on_device(
+                        indices, tensors, items.filepaths, self.backbone.preprocessing, device
+                    )
+                    failures, counts = failures + more, [1] * len(indices)
                 self._record_failures(failures, sample_ids, path, labels)
                 if indices:
                     vectors = _embed_in_batches(embed, tensors, batch_size, pooling, normalize)

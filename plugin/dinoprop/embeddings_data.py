@@ -118,7 +118,9 @@ def collate(items: list) -> tuple:
     return indices, torch.cat(tensors), counts, failures
 
 
-def make_loader(items: Any, batch_size: int, num_workers: int, device: Any) -> Any:
+def make_loader(
+    items: Any, batch_size: int, num_workers: int, device: Any, collate_fn: Any = None
+) -> Any:
     """A DataLoader tuned for the device: pinned memory and prefetch on CUDA."""
     import torch
 
@@ -131,7 +133,7 @@ def make_loader(items: Any, batch_size: int, num_workers: int, device: Any) -> A
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn or collate,
         pin_memory=on_cuda,
         **kwargs,
     )
@@ -162,3 +164,103 @@ def default_batch_size(device: Any, hidden_dim: int) -> int:
     if free_bytes < 16 * 2**30:
         batch //= 4
     return max(8, batch)
+
+
+# --- GPU JPEG decoding --------------------------------------------------------
+
+
+class EncodedItems:
+    """Image files as raw bytes, decoded later on the device.
+
+    Workers only read files; :func:`decode_on_device` decodes whole batches
+    with nvJPEG (``torchvision.io.decode_jpeg(..., device="cuda")``) and
+    resizes on the GPU, leaving the CPU almost idle.
+    """
+
+    def __init__(self, filepaths: Sequence[str]):
+        self.filepaths = filepaths
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, index: int):
+        from torchvision.io import read_file
+
+        try:
+            return index, read_file(self.filepaths[index]), None
+        except Exception as e:  # reported per sample, never fatal here
+            return index, None, describe_failure(e)
+
+
+def collate_encoded(items: list) -> tuple:
+    """Keeps encoded files as a list (they have different lengths)."""
+    good = [(i, t) for i, t, e in items if e is None]
+    failures = [(i, e) for i, _, e in items if e is not None]
+    return [i for i, _ in good], [t for _, t in good], [1] * len(good), failures
+
+
+def decode_on_device(
+    indices: list, encoded: list, filepaths: Sequence[str], preprocessing: Preprocessing, device: Any
+) -> tuple:
+    """Decodes, resizes and crops a batch of encoded images on ``device``.
+
+    JPEGs are decoded in one batched call; anything the device decoder
+    rejects (PNG, CMYK or corrupt JPEGs) falls back to PIL on the CPU, and
+    images PIL cannot read either are reported as failures.
+
+    Returns:
+        ``(indices, B x 3 x S x S uint8 tensor or None, failures)``
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(None)
+    kept, tensors, failures = [], [], []
+    for index, image in zip(indices, images):
+        try:
+            if image is None:
+                pil = open_image(filepaths[index], preprocessing)
+                tensor = preprocess_image(pil, preprocessing).to(device)
+            else:
+                tensor = resize_crop_tensor(image, preprocessing)
+        except Exception as e:  # reported per sample, never fatal here
+            failures.append((index, describe_failure(e)))
+            continue
+        kept.append(index)
+        tensors.append(tensor)
+    if not tensors:
+        return kept, None, failures
+    import torch
+
+    return kept, torch.stack(tensors), failures
+
+
+def resize_crop_tensor(image: Any, preprocessing: Preprocessing) -> Any:
+    """DINOv2's resize + centre crop of a ``3 x H x W`` uint8 tensor.
+
+    Bicubic with antialiasing, like PIL; results match the CPU path within a
+    few grey levels.
+    """
+    import torch
+
+    _, height, width = image.shape
+    short = preprocessing.resize_size
+    if width <= height:
+        size = (int(short * height / width), short)
+    else:
+        size = (short, int(short * width / height))
+    resized = torch.nn.functional.interpolate(
+        image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False
+    )[0]
+    crop = preprocessing.crop_size
+    top = int((size[0] - crop) / 2)
+    left = int((size[1] - crop) / 2)
+    resized = resized[:, top : top + crop, left : left + crop]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
