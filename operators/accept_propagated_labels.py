@@ -152,15 +152,19 @@ def _accept_form(ctx, inputs, view, fields):
         invalid=error is not None,
         error_message=error or "",
     )
-    threshold = ctx.params.get("min_confidence", DEFAULT_MIN_CONFIDENCE)
+    recommended = _recommended_threshold(view, output)
+    default_threshold = (
+        DEFAULT_MIN_CONFIDENCE if recommended is None else recommended
+    )
+    threshold = ctx.params.get("min_confidence", default_threshold)
     inputs.float(
         "min_confidence",
-        default=DEFAULT_MIN_CONFIDENCE,
+        default=default_threshold,
         min=0.0,
         max=1.0,
         label="Minimum confidence",
         description="Only propagated labels at least this confident are "
-        "accepted (propagate_labels reports a recommended threshold)",
+        "accepted; defaults to the threshold propagate_labels recommended",
     )
     if error is not None or not label_field or threshold is None:
         return False
@@ -214,6 +218,17 @@ def _undo_form(ctx, inputs, view, fields):
         view=choices,
     )
     return True
+
+
+def _recommended_threshold(view, output):
+    """The recommended threshold of the propagation run that wrote it."""
+    dataset = view._root_dataset
+    for key in dataset.list_runs():
+        config = dataset.get_run_info(key).config
+        if getattr(config, "output_field", None) == output:
+            summary = dataset.load_run_results(key).summary()
+            return summary.get("recommended_threshold")
+    return None
 
 
 def _propagated_fields(view, fields):

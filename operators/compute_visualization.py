@@ -81,17 +81,15 @@ class ComputeVisualization(foo.Operator):
         view = ctx.target_view()
 
         def call(progress):
-            return _Visualization(
-                dinoprop.compute_visualization(
-                    view,
-                    embeddings=params.get("embeddings")
-                    or _common.DEFAULT_EMBEDDINGS,
-                    brain_key=params.get("brain_key") or DEFAULT_BRAIN_KEY,
-                    method=params.get("method") or "umap",
-                    num_dims=int(params.get("num_dims") or 2),
-                    seed=params.get("seed", 51),
-                    progress=progress,
-                )
+            return dinoprop.compute_visualization(
+                view,
+                embeddings=params.get("embeddings")
+                or _common.DEFAULT_EMBEDDINGS,
+                brain_key=params.get("brain_key") or DEFAULT_BRAIN_KEY,
+                method=params.get("method") or "umap",
+                num_dims=int(params.get("num_dims") or 2),
+                seed=params.get("seed", 51),
+                progress=progress,
             )
 
         return _common.run(ctx, self, "Computing the map", call, _show_map)
@@ -104,24 +102,9 @@ class ComputeVisualization(foo.Operator):
                 ("method", "Method", "str"),
                 ("num_points", "Points", "int"),
                 ("num_dims", "Dimensions", "int"),
+                ("seconds", "Seconds", "float"),
             ],
         )
-
-
-class _Visualization:
-    """A fiftyone-brain VisualizationResults with a ``summary()``."""
-
-    def __init__(self, results):
-        self.results = results
-
-    def summary(self):
-        config = self.results.config
-        return {
-            "brain_key": self.results.key,
-            "method": config.method,
-            "num_points": int(len(self.results.points)),
-            "num_dims": int(config.num_dims),
-        }
 
 
 def _show_map(ctx, results):
@@ -130,5 +113,5 @@ def _show_map(ctx, results):
         "Embeddings",
         layout="horizontal",
         is_active=True,
-        state={"openKey": results.results.key},
+        state={"openKey": results.key},
     )

@@ -39,13 +39,10 @@ class OpenReviewQueue(foo.Operator):
         )
 
     def execute(self, ctx):
-        from dinoprop.review import REVIEW_QUEUE_VIEW, review_queue_view
+        from dinoprop.review import review_queue_view
 
         queue = review_queue_view(ctx.dataset)
-        if ctx.dataset.has_saved_view(REVIEW_QUEUE_VIEW):
-            ctx.ops.set_view(name=REVIEW_QUEUE_VIEW)
-        else:
-            ctx.ops.set_view(view=queue)
+        ctx.ops.set_view(view=queue)
         return {"num_samples": queue.count()}
 
     def resolve_output(self, ctx):

@@ -1,9 +1,13 @@
 """Operator ``propagate_labels``: few seed labels to every sample."""
 
+import fiftyone.core.labels as fol
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import _common
+
+#: The seed label types propagate_labels accepts.
+LABEL_TYPES = (fol.Classification, fol.Detections)
 
 #: Propagating over 200k+ samples defaults to a delegated run.
 DELEGATE_THRESHOLD = 200_000
@@ -31,35 +35,47 @@ class PropagateLabels(foo.Operator):
 
         inputs = types.Object()
         view = _common.target_view(ctx, inputs, "Propagate labels in")
-        fields = _common.label_fields(view)
+        fields = _common.label_fields(view, LABEL_TYPES)
         label_field = _common.field_dropdown(
             ctx,
             inputs,
             "label_field",
             fields,
             "Seed label field",
-            "The Classification field holding the annotated seeds",
+            "The Classification field holding the annotated seeds, or a "
+            "Detections field whose boxes carry patch embeddings",
             default=_default_label_field(fields),
-            missing="This dataset has no Classification field to propagate",
+            missing="This dataset has no Classification or Detections field "
+            "to propagate",
         )
         if label_field is None:
             return types.Property(inputs)
-        if not _seeds_ok(inputs, view, label_field):
+        objects = _is_detections(view, label_field)
+        if not _seeds_ok(inputs, view, label_field, objects):
             return types.Property(inputs)
 
-        embeddings = _common.field_dropdown(
-            ctx,
-            inputs,
-            "embeddings",
-            _common.vector_fields(view),
-            "Embeddings field",
-            "The vectors that define which samples are neighbours",
-            default=_common.DEFAULT_EMBEDDINGS,
-            missing="No embeddings yet: run compute_embeddings first",
-            required=False,
-        )
-        if embeddings is None:
-            return types.Property(inputs)
+        if objects:
+            inputs.str(
+                "embeddings",
+                default="embeddings",
+                label="Patch embeddings attribute",
+                description="The detection attribute holding the patch "
+                "embeddings (compute_embeddings with a patches field)",
+            )
+        else:
+            embeddings = _common.field_dropdown(
+                ctx,
+                inputs,
+                "embeddings",
+                _common.vector_fields(view),
+                "Embeddings field",
+                "The vectors that define which samples are neighbours",
+                default=_common.DEFAULT_EMBEDDINGS,
+                missing="No embeddings yet: run compute_embeddings first",
+                required=False,
+            )
+            if embeddings is None:
+                return types.Property(inputs)
 
         default_output = label_field + "_propagated"
         output = ctx.params.get("output_field") or default_output
@@ -126,13 +142,18 @@ class PropagateLabels(foo.Operator):
 
         params = ctx.params
         view = ctx.target_view()
+        label_field = params["label_field"]
+        default_embeddings = (
+            "embeddings"
+            if _is_detections(view, label_field)
+            else _common.DEFAULT_EMBEDDINGS
+        )
 
         def call(progress):
             return dinoprop.propagate_labels(
                 view,
-                params["label_field"],
-                embeddings=params.get("embeddings")
-                or _common.DEFAULT_EMBEDDINGS,
+                label_field,
+                embeddings=params.get("embeddings") or default_embeddings,
                 output_field=params.get("output_field") or None,
                 method=params.get("method") or "auto",
                 k=int(params.get("k") or DEFAULT_K),
@@ -172,16 +193,21 @@ def _default_label_field(fields):
     return (plain or fields or [None])[0]
 
 
-def _seeds_ok(inputs, view, label_field):
+def _is_detections(view, label_field):
+    return issubclass(view.get_field(label_field).document_type, fol.Detections)
+
+
+def _seeds_ok(inputs, view, label_field, objects):
     """Shows how many seeds there are; blocks the form when too few."""
-    num_seeds = view.exists(label_field).count()
-    classes = view.distinct(label_field + ".label")
+    path = label_field + (".detections.label" if objects else ".label")
+    num_seeds = view.count(path)
+    classes = view.distinct(path)
     if num_seeds == 0:
         _common.warn(
             inputs,
             "seeds",
-            "No seeds: no sample in the target view has a label in '%s'"
-            % label_field,
+            "No seeds: no %s in the target view has a label in '%s'"
+            % ("box" if objects else "sample", label_field),
             "Annotate a few samples per class first (suggest_seeds tells "
             "you which)",
         )
@@ -194,18 +220,22 @@ def _seeds_ok(inputs, view, label_field):
             "classes" % (label_field, ", ".join(map(str, classes))),
         )
         return False
+    if objects:
+        rest = "the other boxes get a propagated label"
+    else:
+        rest = "the other %d samples get a propagated label" % (
+            view.count() - num_seeds
+        )
     _common.notice(
         inputs,
         "seeds",
-        "%d seeds in %d classes; the other %d samples get a propagated label"
-        % (num_seeds, len(classes), view.count() - num_seeds),
+        "%d seeds in %d classes; %s" % (num_seeds, len(classes), rest),
     )
     return True
 
 
 def _output_error(view, output, label_field):
     import fiftyone.core.fields as fof
-    import fiftyone.core.labels as fol
 
     if output == label_field:
         return "The output field must differ from the seed field"
@@ -213,17 +243,22 @@ def _output_error(view, output, label_field):
     if existing is None:
         return None
     if isinstance(existing, fof.EmbeddedDocumentField) and issubclass(
-        existing.document_type, fol.Classification
+        existing.document_type, LABEL_TYPES
     ):
         return None
-    return "Field '%s' exists and does not hold Classification labels" % output
+    return "Field '%s' exists and does not hold labels" % output
 
 
 def _show_review_queue(ctx, results):
-    from dinoprop.review import REVIEW_QUEUE_VIEW
+    from dinoprop.core import DinopropError
+    from dinoprop.review import review_queue_view
 
     yield ctx.ops.reload_dataset()
-    if results.summary().get("num_needs_review") and ctx.dataset.has_saved_view(
-        REVIEW_QUEUE_VIEW
-    ):
-        yield ctx.ops.set_view(name=REVIEW_QUEUE_VIEW)
+    if results.summary().get("num_needs_review"):
+        try:
+            queue = review_queue_view(ctx.dataset)
+        except DinopropError:
+            return
+        # the view itself, not its name: the App may not have refetched the
+        # dataset's saved views yet
+        yield ctx.ops.set_view(view=queue)

@@ -178,7 +178,7 @@ def test_propagate_form_without_seeds_or_classes(embedded_dataset):
     ds.delete_sample_field("ground_truth")
     form = resolve_form("propagate_labels", ds)
     assert blocking_errors(form) == [
-        "This dataset has no Classification field to propagate"
+        "This dataset has no Classification or Detections field to propagate"
     ]
 
 
@@ -310,3 +310,128 @@ def test_failed_run_reports_the_sdk_error_and_writes_nothing(image_dataset):
     with pytest.raises(foo.executor.ExecutionError, match="not-a-model"):
         execute("compute_embeddings", image_dataset, {"model": "not-a-model"})
     assert image_dataset.get_field("dinoprop_embedding") is None
+
+
+def test_compute_similarity_immediate(embedded_dataset):
+    ds = embedded_dataset
+    triggered = execute(
+        "compute_similarity", ds, {"brain_key": "sim", "index_type": "flat"}
+    )
+    summary = shown_summary(triggered)
+    assert summary["brain_key"] == "sim" and summary["index_size"] == 24
+    assert summary["index_type"] == "flat"
+    assert "sim" in ds.list_brain_runs()
+    query = ds.first().id
+    nearest = ds.sort_by_similarity(query, k=3, brain_key="sim").values("id")
+    assert nearest[0] == query
+    assert "reload_dataset" in triggered
+
+    form = resolve_form("compute_similarity", ds, {"brain_key": "sim"})
+    assert "will be replaced" in form["brain_key_notice"].view.label
+
+
+def test_compute_visualization_opens_the_embeddings_panel(embedded_dataset):
+    ds = embedded_dataset
+    triggered = execute(
+        "compute_visualization", ds, {"brain_key": "viz", "method": "pca"}
+    )
+    results = ds.load_brain_results("viz")
+    assert results.points.shape == (24, 2)
+    summary = shown_summary(triggered)
+    assert (summary["brain_key"], summary["method"]) == ("viz", "pca")
+    assert (summary["num_points"], summary["num_dims"]) == (24, 2)
+    (panel,) = triggered["open_panel"]
+    assert panel["name"] == "Embeddings" and panel["isActive"]
+    assert "reload_dataset" in triggered
+
+
+def test_propagate_labels_sets_the_review_queue(embedded_dataset):
+    from dinoprop.review import NEEDS_REVIEW_TAG
+
+    ds = embedded_dataset
+    seeds = ds.values("label")
+    triggered = execute(
+        "propagate_labels",
+        ds,
+        {"label_field": "label", "method": "knn", "confidence_threshold": 0.99},
+    )
+
+    assert ds.values("label") == seeds  # human labels untouched
+    propagated = ds.exists("label_propagated")
+    assert propagated.count() == 18
+    truth, pred = propagated.values(["ground_truth.label", "label_propagated.label"])
+    assert np.mean(np.array(truth) == np.array(pred)) > 0.8
+    summary = shown_summary(triggered)
+    assert summary["num_seeds"] == 6 and summary["num_propagated"] == 18
+    assert summary["num_needs_review"] == ds.match_tags(NEEDS_REVIEW_TAG).count()
+    assert summary["num_needs_review"] > 0
+    (set_view,) = triggered["set_view"]
+    stages = [stage["_cls"] for stage in set_view["view"]]
+    assert "fiftyone.core.stages.MatchTags" in stages
+
+
+def test_suggest_seeds_shows_the_suggestions(embedded_dataset):
+    ds = embedded_dataset
+    triggered = execute(
+        "suggest_seeds", ds, {"count": 4, "label_field": "label"}
+    )
+    tagged = ds.match_tags("dinoprop:annotate_next")
+    assert tagged.count() == 4
+    assert tagged.exists("label").count() == 0  # labeled samples not suggested
+    assert shown_summary(triggered)["num_suggested"] == 4
+    (set_view,) = triggered["set_view"]
+    assert set_view["view"][0]["_cls"] == "fiftyone.core.stages.Select"
+
+    form = resolve_form("suggest_seeds", ds, {"count": 100})
+    assert blocking_errors(form) == ["The target view has only 24 samples"]
+
+
+def test_review_queue_accept_and_undo(embedded_dataset):
+    ds = embedded_dataset
+    execute(
+        "propagate_labels",
+        ds,
+        {"label_field": "label", "method": "knn", "confidence_threshold": 0.99},
+    )
+    queue_size = ds.match_tags("dinoprop:needs_review").count()
+
+    form = resolve_form("open_review_queue", ds)
+    assert blocking_errors(form) == []
+    triggered = execute("open_review_queue", ds)
+    assert triggered["set_view"][0]["view"]
+    assert len(triggered["set_view"]) == 1
+
+    form = resolve_form("accept_propagated_labels", ds)
+    assert form["output_field"].default == "label_propagated"
+    assert form["label_field"].default == "label"
+    assert "6 keep their human label" in form["preview_notice"].view.label
+
+    before = ds.values("label")
+    triggered = execute(
+        "accept_propagated_labels",
+        ds,
+        {
+            "output_field": "label_propagated",
+            "label_field": "label",
+            "min_confidence": 0.0,
+        },
+    )
+    summary = shown_summary(triggered)
+    assert summary["num_accepted"] == 18 and summary["num_human_labeled"] == 6
+    assert ds.count("label") == 24
+    assert ds.match_tags("dinoprop:accepted").count() == 18
+
+    form = resolve_form("accept_propagated_labels", ds, {"action": "undo"})
+    assert blocking_errors(form) == []
+    batches = form["batch"].type.values
+    assert batches == ["all", summary["batch"]]
+
+    triggered = execute(
+        "accept_propagated_labels",
+        ds,
+        {"action": "undo", "label_field": "label", "batch": summary["batch"]},
+    )
+    assert shown_summary(triggered)["num_reverted"] == 18
+    assert ds.values("label") == before
+    assert ds.match_tags("dinoprop:accepted").count() == 0
+    assert queue_size == ds.match_tags("dinoprop:needs_review").count()
