@@ -30,6 +30,7 @@ from dinoprop.core import DinopropError, l2_normalize, progress_bar
 logger = logging.getLogger(__name__)
 
 _METHODS = ("umap", "pca")
+_EXACT_KNN_HINT = 50000
 _NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
 _numba_cache_enabled = False
 
@@ -206,6 +207,14 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
         neighbors, sims = cached
         source = "similarity index"
     else:
+        if len(vectors) > _EXACT_KNN_HINT:
+            logger.info(
+                "Computing an exact kNN graph of %d points; run "
+                "dinoprop.compute_similarity() on '%s' first to reuse its "
+                "faster index graph",
+                len(vectors),
+                field,
+            )
         neighbors, sims = knn_search(vectors, k - 1)
         source = "exact search"
     num = len(vectors)
