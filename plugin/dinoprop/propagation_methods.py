@@ -68,24 +68,28 @@ def affinity_matrix(neighbors: np.ndarray, sims: np.ndarray, gamma: float = 3.0)
     import scipy.sparse as sp
 
     num, k = neighbors.shape
-    rows = np.repeat(np.arange(num), k)
+    rows = np.repeat(np.arange(num, dtype=np.int64), k)
     cols = neighbors.ravel()
     vals = np.clip(sims.ravel().astype(np.float32), 0.0, None) ** gamma
     keep = (cols >= 0) & (cols != rows) & (vals > 0)
-    w = sp.csr_matrix(
-        (vals[keep], (rows[keep], cols[keep])), shape=(num, num), dtype=np.float32
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    # W + W^T in one construction (duplicates are summed)
+    return sp.csr_matrix(
+        (np.concatenate([vals, vals]),
+         (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
+        shape=(num, num),
+        dtype=np.float32,
     )
-    return (w + w.T).tocsr()
 
 
 def normalized_affinity(w):
-    """Returns ``D^-1/2 W D^-1/2`` for a symmetric sparse ``W``."""
-    import scipy.sparse as sp
-
+    """Returns ``D^-1/2 W D^-1/2`` for a symmetric sparse CSR ``W``."""
     degrees = np.asarray(w.sum(axis=1)).ravel()
-    inv_sqrt = 1.0 / np.sqrt(np.maximum(degrees, _EPS))
-    d = sp.diags(inv_sqrt.astype(np.float32))
-    return (d @ w @ d).tocsr()
+    inv_sqrt = (1.0 / np.sqrt(np.maximum(degrees, _EPS))).astype(np.float32)
+    w = w.copy()
+    row_of_entry = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    w.data *= inv_sqrt[row_of_entry] * inv_sqrt[w.indices]
+    return w
 
 
 def diffuse(
@@ -122,7 +126,10 @@ def diffuse(
 
     def matvec(v):
         block = v.reshape(num, ncols)
-        return (block - alpha * (s_norm @ block)).ravel()
+        out = s_norm @ block
+        out *= -alpha
+        out += block
+        return out.ravel()
 
     operator = spla.LinearOperator(
         (num * ncols, num * ncols), matvec=matvec, dtype=np.float32
@@ -301,20 +308,23 @@ def smooth_scores(
     seed_idx: np.ndarray,
     seed_labels: np.ndarray,
     alpha: float = 0.9,
+    maxiter: int = 8,
 ) -> np.ndarray:
     """Spreads class scores over the graph, seeds clamped to their labels.
 
     This is the "smooth" step of Correct and Smooth (Huang et al., 2021):
     the classifier's scores, with each seed's row replaced by its one-hot
     label, are propagated with label spreading, so neighbouring samples
-    agree and the seeds' labels reach their neighbourhoods.
+    agree and the seeds' labels reach their neighbourhoods. With
+    ``alpha`` well below 1 the system is well conditioned, so a few
+    conjugate-gradient iterations reach the solution (``maxiter``).
 
     Returns:
         ``N x C`` class probabilities
     """
     z = probs.astype(np.float32, copy=True)
     z[seed_idx] = one_hot(seed_labels, probs.shape[1])
-    f = diffuse(graph.s_norm, z, alpha=alpha)
+    f = diffuse(graph.s_norm, z, alpha=alpha, maxiter=maxiter)
     return _normalize_rows(np.clip(f, 0.0, None))
 
 
@@ -339,6 +349,17 @@ class Problem:
         self.knn_k = knn_k
         self.alpha = alpha
         self._xg = None
+        self._linear_cache = {}
+
+    def linear_probs(self, graph_augmented: bool, seed_idx, seed_labels):
+        """Logistic-regression probabilities, memoised per training set."""
+        key = (graph_augmented, np.asarray(seed_idx).tobytes(), np.asarray(seed_labels).tobytes())
+        if key not in self._linear_cache:
+            x = self.xg if graph_augmented else self.x
+            self._linear_cache = {
+                key: softmax(linear_logits(x, seed_idx, seed_labels, self.num_classes))
+            }
+        return self._linear_cache[key]
 
     @property
     def xg(self) -> np.ndarray:
@@ -357,10 +378,10 @@ class Problem:
                 self.graph, seed_idx, seed_labels, c, alpha=self.alpha
             )
         if name == "linear":
-            return softmax(linear_logits(self.x, seed_idx, seed_labels, c))
+            return self.linear_probs(False, seed_idx, seed_labels)
         if name.startswith("graph_linear"):
             strength = float(name.rsplit("@", 1)[1]) if "@" in name else 0.9
-            probs = softmax(linear_logits(self.xg, seed_idx, seed_labels, c))
+            probs = self.linear_probs(True, seed_idx, seed_labels)
             return smooth_scores(
                 self.graph, probs, seed_idx, seed_labels, alpha=strength
             )
@@ -404,7 +425,7 @@ def propagate(
     seed_labels: np.ndarray,
     method: str = "auto",
     max_folds: int = 5,
-    cv_max_nodes: int = 50000,
+    cv_max_nodes: int = 20000,
     random_state: int = 0,
 ) -> Propagation:
     """Propagates seed labels to every node, with calibrated confidence.
@@ -435,10 +456,7 @@ def propagate(
     oof = {}
     if folds:
         cv_problem, cv_seeds = _cv_problem(problem, seed_idx, cv_max_nodes)
-        oof = {
-            name: _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, name)
-            for name in candidates
-        }
+        oof = _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, candidates)
     held_out = seed_labels[np.concatenate(folds)] if folds else seed_labels
     chosen = _choose(oof, held_out, candidates)
     probs = problem.scores(chosen, seed_idx, seed_labels)
@@ -572,14 +590,19 @@ def _seed_folds(seed_labels, max_folds, random_state):
         return [eligible[test] for _, test in splits]
 
 
-def _out_of_fold(problem, seed_idx, seed_labels, folds, name):
-    """Out-of-fold probabilities of the held-out seeds, in fold order."""
-    oof = []
+def _out_of_fold(problem, seed_idx, seed_labels, folds, candidates):
+    """Out-of-fold probabilities of the held-out seeds per candidate.
+
+    Folds run in the outer loop so candidates sharing a classifier reuse
+    its fit on the fold.
+    """
+    oof = {name: [] for name in candidates}
     for test in folds:
         train = np.setdiff1d(np.arange(len(seed_idx)), test)
-        probs = problem.scores(name, seed_idx[train], seed_labels[train])
-        oof.append(probs[seed_idx[test]])
-    return np.concatenate(oof)
+        for name in candidates:
+            probs = problem.scores(name, seed_idx[train], seed_labels[train])
+            oof[name].append(probs[seed_idx[test]])
+    return {name: np.concatenate(parts) for name, parts in oof.items()}
 
 
 def _choose(oof, seed_labels, candidates):
