@@ -51,7 +51,7 @@ def _private_database():
     (exit handlers run last-registered first, and FiftyOne registers its
     own when it is imported, after this one).
     """
-    tmp = tempfile.mkdtemp(prefix="dinoprop-bench-embeddings-")
+    tmp = tempfile.mkdtemp(prefix="embbench-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(tmp, "db")
     os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"

@@ -333,3 +333,54 @@ def test_gpu_decoding_needs_cuda(image_dataset, tiny_dinov2_dir):
     with pytest.raises(DinopropError, match="CUDA"):
         de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, gpu_decode=True)
     assert not image_dataset.has_field(FIELD)
+
+
+def test_group_dataset_embeds_every_image_slice(image_items, tiny_dinov2_dir):
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    dataset.add_group_field("group", default="left")
+    samples = []
+    for i in range(3):
+        group = fo.Group()
+        for j, slice_name in enumerate(("left", "right")):
+            path = image_items[2 * i + j][0]
+            samples.append(fo.Sample(filepath=path, group=group.element(slice_name)))
+    dataset.add_samples(samples)
+    try:
+        results = de.compute_embeddings(dataset, model=tiny_dinov2_dir, num_workers=0)
+        assert results.num_embedded == 6
+        assert dataset.select_group_slices().count(FIELD) == 6
+        again = de.compute_embeddings(dataset, model=tiny_dinov2_dir, num_workers=0)
+        assert (again.num_embedded, again.num_skipped) == (0, 6)
+    finally:
+        dataset.delete()
+
+
+def test_killed_process_resumes_in_a_fresh_one(image_dataset, tiny_dinov2_dir, count_forward):
+    import os
+    import subprocess
+    import sys
+
+    image_dataset.persistent = True  # so the child process can load it
+    script = (
+        "import os, fiftyone as fo, dinoprop.embeddings as de\n"
+        "written = []\n"
+        "original = de._write_chunk\n"
+        "def kill_after_two_chunks(*args):\n"
+        "    if len(written) == 2:\n"
+        "        os._exit(3)\n"
+        "    written.append(1)\n"
+        "    original(*args)\n"
+        "de._write_chunk = kill_after_two_chunks\n"
+        "de.compute_embeddings(fo.load_dataset(%r), model=%r, batch_size=4,\n"
+        "                      chunk_size=4, num_workers=0, progress=False)\n"
+        % (image_dataset.name, tiny_dinov2_dir)
+    )
+    child = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), timeout=300)
+    assert child.returncode == 3
+    image_dataset.reload()
+    assert image_dataset.count(FIELD) == 8
+
+    results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (results.num_embedded, results.num_skipped, sum(count_forward)) == (16, 8, 16)
