@@ -358,3 +358,24 @@ def test_concurrent_writers_leave_a_valid_index(embedded_dataset, caplog):
     # one writer's complete state, not a mix: its checksum verified
     assert "rebuilding" not in caplog.text
     assert loaded.total_index_size == len(embedded_dataset) - 1
+
+
+def test_app_server_sort_route_uses_the_index(embedded_dataset):
+    """The view the App server builds for its "sort by similarity" button."""
+    import fiftyone.server.view as fosv
+
+    dp.compute_similarity(embedded_dataset, brain_key="app")
+    query = embedded_dataset.skip(3).first()
+    expected, _ = _exact_order(embedded_dataset, query.dinoprop_embedding)
+    view = fosv.get_view(
+        embedded_dataset.name,
+        extended_stages={
+            "fiftyone.core.stages.SortBySimilarity": {
+                "query": [query.id],
+                "k": 5,
+                "brain_key": "app",
+                "reverse": False,
+            }
+        },
+    )
+    assert view.values("id") == expected[:5]
