@@ -247,7 +247,9 @@ def main(argv=None) -> dict:
         pipelines["dinoprop_bf16"] = lambda: _run_dinoprop(
             dataset, bf16, batch_size, num_workers, field="dinoprop_bf16_embedding")
 
-    dataset = fo.Dataset()
+    # Persistent: FiftyOne's DataLoader workers connect to the database, and
+    # a new client that believes it is alone deletes non-persistent datasets.
+    dataset = fo.Dataset(persistent=True)
     try:
         dataset.add_samples([fo.Sample(filepath=p) for p in paths], progress=False)
         _model_only_rate(model, paths, batch_size, repeats=1)  # warm-up, untimed
