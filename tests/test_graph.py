@@ -27,6 +27,20 @@ def test_knn_search_is_exact():
     assert (neighbors == expected).mean() > 0.99  # ties may swap
 
 
+def test_approximate_knn_search_reaches_its_recall():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(20, 32)) * 2
+    x = (centers[rng.integers(0, 20, 3000)] + rng.normal(size=(3000, 32)))
+    neighbors, sims = graph.approximate_knn_search(x.astype(np.float32), 10)
+    exact, exact_sims = _exact_neighbors(x, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(neighbors, exact)])
+    assert recall >= 0.95
+    assert (neighbors != np.arange(3000)[:, None]).all()  # self excluded
+    assert (np.diff(sims, axis=1) <= 1e-6).all()  # best first
+    found = np.take_along_axis(l2_normalize(x) @ l2_normalize(x).T, neighbors, 1)
+    assert np.allclose(sims, found, atol=1e-5)
+
+
 def test_index_graph_equals_exact_knn(embedded_dataset):
     index = dp.compute_similarity(embedded_dataset, brain_key="g")
     vectors, _, _ = index.get_embeddings()

@@ -24,7 +24,7 @@ def test_umap_run_is_a_readable_brain_run(embedded_dataset):
     results = dp.compute_visualization(embedded_dataset)
     summary = results.summary()
     assert summary["num_points"] == 24 and summary["num_dims"] == 2
-    assert summary["knn_source"] == "exact search"
+    assert summary["knn_source"] == "faiss search"
 
     info = embedded_dataset.get_brain_info("dinoprop_umap")
     assert info.config.type == "visualization"

@@ -41,6 +41,135 @@ def knn_search(
     return nbrs.astype(np.int64), sims.astype(np.float32)
 
 
+def approximate_knn_search(
+    embeddings: np.ndarray, k: int, target_recall: float = 0.97
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine kNN of every row, for large inputs.
+
+    Uses a faiss IVF index whose number of probed lists is the smallest
+    reaching ``target_recall`` (recall@k against exact search, measured on
+    :data:`CALIBRATION_QUERIES` rows). Falls back to :func:`knn_search` for
+    small inputs.
+
+    Args:
+        embeddings: a ``num x dim`` array
+        k: the number of neighbours per row, self excluded
+        target_recall: the recall@k to reach
+
+    Returns:
+        the ``(neighbors, similarities)`` of :func:`knn_search`
+    """
+    import faiss
+
+    x = np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+    num = x.shape[0]
+    k = int(min(k, num - 1))
+    if num < 4 * CALIBRATION_QUERIES or k <= 0:
+        return knn_search(embeddings, k)
+    index = ivf_index(x, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+
+    def search(queries, nprobe):
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        return index.search(queries, k + 1, params=params)
+
+    def exact(queries):
+        return knn_search_queries(x, queries, k + 1)
+
+    nprobe, _ = tune_recall(
+        x,
+        lambda q, p: search(q, p)[1],
+        nprobe_options(index.nlist),
+        exact,
+        target_recall,
+    )
+    sims, nbrs = search(x, nprobe)
+    missing = (nbrs < 0).any(axis=1)
+    if missing.any():
+        nbrs[missing] = knn_search_queries(x, x[missing], k + 1)
+        sims[missing] = np.take_along_axis(
+            x[missing] @ x.T, nbrs[missing], axis=1
+        )
+    sims, nbrs = _drop_self(sims, nbrs, k)
+    return nbrs.astype(np.int64), sims.astype(np.float32)
+
+
+#: Rows used to measure the recall of approximate searches.
+CALIBRATION_QUERIES = 256
+
+
+def ivf_index(x: np.ndarray, metric_type: int):
+    """A trained, empty faiss ``IndexIVFFlat`` for vectors like ``x``.
+
+    Args:
+        x: a ``num x dim`` float32 array (a sample of it trains the lists)
+        metric_type: a faiss metric (``faiss.METRIC_INNER_PRODUCT`` or
+            ``faiss.METRIC_L2``)
+
+    Returns:
+        a :class:`faiss.IndexIVFFlat` with about ``sqrt(num)`` lists
+    """
+    import faiss
+
+    num, dim = x.shape
+    nlist = int(np.clip(np.sqrt(num), 16, 65536))
+    quantizer = faiss.IndexFlat(dim, metric_type)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric_type)
+    rng = np.random.default_rng(0)
+    index.train(x[rng.choice(num, min(num, 40 * nlist), replace=False)])
+    return index
+
+
+def nprobe_options(nlist: int) -> list:
+    """Candidate numbers of probed lists, cheapest first."""
+    options = [p for p in (4, 8, 16, 32, 64, 128, 256) if p < nlist]
+    return options + [nlist]
+
+
+def tune_recall(x, search, options, exact, target):
+    """The first search option whose recall@k reaches ``target``.
+
+    Args:
+        x: the indexed ``num x dim`` vectors; some of them are the queries
+        search: ``search(queries, option) -> num_queries x k`` neighbour ids
+        options: search options, cheapest first
+        exact: ``exact(queries) -> num_queries x k`` exact neighbour ids
+        target: the recall to reach
+
+    Returns:
+        a tuple ``(option, recall)``; the last option if none reaches it
+    """
+    rng = np.random.default_rng(1)
+    rows = rng.choice(len(x), min(len(x), CALIBRATION_QUERIES), replace=False)
+    queries = x[rows]
+    truth = exact(queries)
+    for option in options:
+        found = search(queries, option)
+        recall = float(
+            np.mean(
+                [
+                    len(set(a) & set(b)) / float(len(a))
+                    for a, b in zip(truth, found)
+                ]
+            )
+        )
+        if recall >= target:
+            break
+    return option, recall
+
+
+def knn_search_queries(x: np.ndarray, queries: np.ndarray, k: int):
+    """Exact top-``k`` rows of ``x`` by inner product for each query."""
+    import faiss
+
+    return faiss.knn(
+        np.ascontiguousarray(queries),
+        np.ascontiguousarray(x),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )[1]
+
+
 def knn_graph(embeddings: np.ndarray, k: int):
     """The cosine kNN graph of ``embeddings`` as a sparse matrix.
 

@@ -63,7 +63,13 @@ from fiftyone.brain.similarity import (
 import fiftyone.brain.internal.core.utils as fbu
 
 from dinoprop.core import DinopropError, l2_normalize, progress_bar
-from dinoprop.graph import neighbors_to_csr
+from dinoprop.graph import (
+    CALIBRATION_QUERIES,
+    ivf_index,
+    neighbors_to_csr,
+    nprobe_options,
+    tune_recall,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +83,6 @@ INDEX_DIR_ENV = "DINOPROP_INDEX_DIR"
 _METRICS = ("cosine", "euclidean")
 _INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 _FILE_VERSION = 1
-_CALIBRATION_QUERIES = 256
 _COMPACT_FRACTION = 0.3
 _QUERY_CHUNK = 1024
 _ADD_CHUNK = 20000
@@ -453,7 +458,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         kind = self.config.index_type
         if kind == "auto":
             kind = "flat" if num <= self.config.exact_threshold else "ivf"
-        if kind != "flat" and num < 2 * _CALIBRATION_QUERIES:
+        if kind != "flat" and num < 2 * CALIBRATION_QUERIES:
             kind = "flat"
         metric = (
             faiss.METRIC_INNER_PRODUCT
@@ -466,12 +471,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             index = faiss.IndexHNSWFlat(self._dim, 32, metric)
             index.hnsw.efConstruction = 64
         else:
-            nlist = int(np.clip(np.sqrt(num), 16, 65536))
-            quantizer = faiss.IndexFlat(self._dim, metric)
-            index = faiss.IndexIVFFlat(quantizer, self._dim, nlist, metric)
-            rng = np.random.default_rng(0)
-            train = x[rng.choice(num, min(num, 40 * nlist), replace=False)]
-            index.train(train)
+            index = ivf_index(x, metric)
         with progress_bar(num, _PROGRESS.get(), "vectors") as pb:
             for start in range(0, num, _ADD_CHUNK):
                 index.add(x[start : start + _ADD_CHUNK])
@@ -491,27 +491,22 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def _calibrate(self, x):
         """Picks the cheapest search setting reaching TARGET_RECALL@10."""
-        import faiss
-
-        rng = np.random.default_rng(1)
-        num = x.shape[0]
-        queries = x[rng.choice(num, _CALIBRATION_QUERIES, replace=False)]
-        exact = self._exact_topk(queries, 10, np.arange(num))[0]
         if self._resolved_type == "ivf":
-            options = [p for p in (4, 8, 16, 32, 64, 128, 256)]
-            options = [p for p in options if p < self._index.nlist]
-            options.append(self._index.nlist)
+            options = nprobe_options(self._index.nlist)
         else:
             options = [16, 32, 64, 128, 256, 512]
-        for value in options:
+
+        def search(queries, value):
             self._search_param = value
-            found = self._index.search(queries, 10, params=self._params(10))[1]
-            recall = np.mean(
-                [len(set(a) & set(b)) / 10.0 for a, b in zip(exact, found)]
-            )
-            if recall >= TARGET_RECALL + 0.02:
-                break
-        self._recall = float(recall)
+            return self._index.search(queries, 10, params=self._params(10))[1]
+
+        self._search_param, self._recall = tune_recall(
+            x,
+            search,
+            options,
+            lambda q: self._exact_topk(q, 10, np.arange(len(x)))[0],
+            TARGET_RECALL + 0.02,
+        )
 
     def _params(self, k, sel=None, fraction=1.0):
         import faiss

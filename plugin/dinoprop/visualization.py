@@ -5,7 +5,8 @@ visualization run, so the App's Embeddings panel lists it (colour by any
 field, lasso selection) and ``dataset.load_brain_results(brain_key)`` returns
 it. UMAP is fed the kNN graph of a dinoprop similarity run on the same
 embeddings when one covers the samples (no second neighbour search),
-otherwise an exact faiss kNN graph. numba's compiled UMAP kernels are cached
+otherwise a faiss kNN graph (exact up to 1,024 points, then IVF calibrated
+to recall@k >= 0.97). numba's compiled UMAP kernels are cached
 on disk (``NUMBA_CACHE_DIR``, by default a ``numba-cache`` folder beside
 dinoprop's index directory), so only the first run in a fresh environment
 pays for JIT compilation.
@@ -30,7 +31,6 @@ from dinoprop.core import DinopropError, l2_normalize, progress_bar
 logger = logging.getLogger(__name__)
 
 _METHODS = ("umap", "pca")
-_EXACT_KNN_HINT = 50000
 _NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
 _numba_cache_enabled = False
 
@@ -198,7 +198,7 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
     Reuses the graph of a dinoprop similarity run covering exactly these
     points, else computes the exact cosine graph with faiss.
     """
-    from dinoprop.graph import cached_knn, knn_search
+    from dinoprop.graph import approximate_knn_search, cached_knn
 
     cached = cached_knn(
         samples, field, ids, vectors, k - 1, patches_field=patches_field
@@ -207,16 +207,8 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
         neighbors, sims = cached
         source = "similarity index"
     else:
-        if len(vectors) > _EXACT_KNN_HINT:
-            logger.info(
-                "Computing an exact kNN graph of %d points; run "
-                "dinoprop.compute_similarity() on '%s' first to reuse its "
-                "faster index graph",
-                len(vectors),
-                field,
-            )
-        neighbors, sims = knn_search(vectors, k - 1)
-        source = "exact search"
+        neighbors, sims = approximate_knn_search(vectors, k - 1)
+        source = "faiss search"
     num = len(vectors)
     indices = np.hstack([np.arange(num)[:, None], neighbors]).astype(np.int64)
     dists = np.hstack(
