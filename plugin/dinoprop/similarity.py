@@ -376,11 +376,16 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         self._changed()
 
     def _changed(self):
+        """Drops everything derived from the rows after they change."""
         self._alive_rows = np.flatnonzero(self._alive)
         self._id_to_row = None
         self._view_rows = None
-        self._row_to_view = None
         self._graph = None
+        # FiftyOne Brain's view state is re-derived on next use
+        self._curr_sample_ids = None
+        self._curr_label_ids = None
+        self._curr_keep_inds = None
+        self._curr_missing_size = None
 
     @property
     def is_external(self):
@@ -1010,14 +1015,10 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             keep = self._current_inds
             rows = self._alive_rows if keep is None else self._alive_rows[keep]
             self._view_rows = rows
-            row_to_view = np.full(len(self._alive), -1, dtype=np.int64)
-            row_to_view[rows] = np.arange(rows.size)
-            self._row_to_view = row_to_view
         return self._view_rows
 
     def use_view(self, *args, **kwargs):
         self._view_rows = None
-        self._row_to_view = None
         return super().use_view(*args, **kwargs)
 
     def _exact_topk(self, queries, k, rows, reverse=False):
