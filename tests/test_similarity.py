@@ -379,3 +379,14 @@ def test_app_server_sort_route_uses_the_index(embedded_dataset):
         },
     )
     assert view.values("id") == expected[:5]
+
+
+def test_updates_without_reload_still_answer_correctly(embedded_dataset):
+    index = dp.compute_similarity(embedded_dataset, brain_key="noreload")
+    first = embedded_dataset.first()
+    vector = np.array(first.dinoprop_embedding)
+    index.current_sample_ids  # FiftyOne Brain caches the view state here
+    index.remove_from_index(sample_ids=[first.id], reload=False)
+    ids, _ = index._kneighbors(query=vector, k=3)
+    assert first.id not in ids
+    assert set(ids) <= set(index.sample_ids) and len(ids) == 3
