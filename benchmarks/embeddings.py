@@ -228,6 +228,7 @@ def main(argv=None) -> dict:
     from dinoprop.models import load_model, resolve_device
 
     device = resolve_device(args.device)
+    load_before = os.getloadavg()[0]
     limit = args.images or (64 if args.quick else None)
     rounds = args.rounds or 3
     paths = _image_paths(limit)
@@ -286,6 +287,7 @@ def main(argv=None) -> dict:
         result["%s_cpu_ms" % name] = round(statistics.median(cpu_ms[name]), 1)
     result["ratio"] = round(result["dinoprop_img_s"] / result["fiftyone_img_s"], 3)
     result["cpu_ratio"] = round(result["fiftyone_cpu_ms"] / result["dinoprop_cpu_ms"], 3)
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     table = _markdown(result, rates, _machine(device))
     print(table)
     if args.output:
@@ -313,6 +315,11 @@ def _markdown(result: dict, rates: dict, machine: str) -> str:
         "worker(s); %d interleaved rounds (order rotated each round), median."
         % (today, machine, result["model"], result["images"], result["batch_size"],
            result["num_workers"], result["rounds"]),
+        "",
+        "1-minute load average at start / end: %.1f / %.1f (above the core "
+        "count means other processes shared the CPU, and wall-clock numbers "
+        "are noisy; CPU time per image is the steadier comparison)."
+        % tuple(result["load_average"]),
         "",
         "| pipeline | images/s (median) | per round | vs FiftyOne | CPU ms/image | CPU vs FiftyOne |",
         "|---|---|---|---|---|---|",
