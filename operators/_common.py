@@ -270,13 +270,21 @@ def _stream(ctx, operator, label, call, follow_up):
     if follow_up is not None:
         yield from follow_up(ctx, results)
     yield ctx.ops.show_output(
-        operator.resolve_output(ctx).to_json(), results.summary()
+        operator.resolve_output(ctx).to_json(), _rounded(results.summary())
     )
 
 
 def reload(ctx, results):
     """Follow-up of runs that change the dataset: reload it in the App."""
     yield ctx.ops.reload_dataset()
+
+
+def _rounded(summary):
+    """The summary with floats rounded for display."""
+    return {
+        key: round(value, 4) if isinstance(value, float) else value
+        for key, value in summary.items()
+    }
 
 
 def _fraction(pb):
