@@ -158,6 +158,12 @@ def to_markdown(rows, quick):
         "recall@10 vs exact | kNN graph k=%d s |" % (NUM_QUERIES, NUM_QUERIES, GRAPH_K),
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    lines.insert(
+        4,
+        "1-minute load average when the table was written: %.1f (other "
+        "processes shared the 2 cores; absolute times are noisy, ratios "
+        "come from the same run)." % os.getloadavg()[0],
+    )
     for r in rows:
         lines.append(
             "| {num_samples:,} | {index_type} | {load_s:.1f} | "

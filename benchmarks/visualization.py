@@ -179,6 +179,9 @@ def to_markdown(r, quick):
             "",
             "Warm layout identical to the cold one (same seed): %s."
             % ("yes" if r["warm_layout_identical"] else "no"),
+            "1-minute load average when the table was written: %.1f (other "
+            "processes shared the 2 cores; absolute times are noisy)."
+            % os.getloadavg()[0],
         ]
     ) + "\n"
 
