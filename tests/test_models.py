@@ -322,3 +322,13 @@ def test_bf16_precision_on_cpu_stays_close_to_fp32(tiny_dinov2_dir):
         load_model(tiny_dinov2_dir, device="cpu", precision="fp16")
     with pytest.raises(DinopropError, match="precision"):
         load_model(tiny_dinov2_dir, device="cpu", precision="int3")
+
+
+def test_models_that_cannot_embed_images_fail_at_load(session_dir):
+    from transformers import BertConfig, BertModel
+
+    path = session_dir / "tiny-text-model"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(path)
+    with pytest.raises(DinopropError, match="cannot embed images"):
+        load_model(str(path), device="cpu")

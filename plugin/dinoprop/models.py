@@ -325,7 +325,7 @@ def load_model(
     module = module.eval().to(device=device, dtype=weights_dtype)
     if compile and device.type == "cuda":
         module = torch.compile(module)
-    return EmbeddingModel(
+    model = EmbeddingModel(
         name=name,
         module=module,
         kind=kind,
@@ -337,6 +337,29 @@ def load_model(
         preprocessing=preprocessing,
         fingerprint=fingerprint,
     )
+    _check_embeds_images(model)
+    return model
+
+
+def _check_embeds_images(model: EmbeddingModel) -> None:
+    """One forward pass on a blank image, so unusable models fail early."""
+    import torch
+
+    side = model.preprocessing.crop_size
+    blank = torch.zeros(1, 3, side, side, dtype=torch.uint8)
+    try:
+        features = model.forward_features(blank)
+    except Exception as e:  # any architecture-specific failure
+        raise DinopropError(
+            "Model '%s' cannot embed images: %s: %s"
+            % (model.name, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        ) from None
+    width = features.shape[1] if features.dim() == 4 else features.shape[-1]
+    if features.dim() not in (3, 4) or width != model.hidden_dim:
+        raise DinopropError(
+            "Model '%s' is not an image backbone dinoprop can pool: its "
+            "output has shape %s" % (model.name, tuple(features.shape))
+        )
 
 
 def _load_efficientnet_lite0():
