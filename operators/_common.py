@@ -61,15 +61,15 @@ def vector_fields(samples):
     return sorted(schema)
 
 
-def brain_keys(samples, config_cls_prefix):
-    """Brain runs of ``samples`` whose config class starts with the prefix."""
-    keys = []
-    for key in samples.list_brain_runs():
-        info = samples.get_brain_info(key)
-        cls = getattr(info.config, "cls", "") or ""
-        if cls.startswith(config_cls_prefix):
-            keys.append(key)
-    return sorted(keys)
+def brain_keys(samples, run_type):
+    """Keys of the brain runs of ``samples`` of a type (e.g. "similarity")."""
+    dataset = samples._root_dataset
+    return sorted(
+        key
+        for key in dataset.list_brain_runs()
+        if getattr(dataset.get_brain_info(key).config, "type", None)
+        == run_type
+    )
 
 
 def field_dropdown(
@@ -179,24 +179,31 @@ def summary_output(title, rows):
     return types.Property(outputs, view=types.View(label=title))
 
 
-def brain_key_input(ctx, inputs, view, default):
-    """Adds the brain key input; warns when it would replace a run."""
+def brain_key_input(ctx, inputs, view, default, run_type):
+    """Adds the brain key input, suggesting the existing runs of that type.
+
+    Warns when the chosen key would replace a run.
+    """
     key = ctx.params.get("brain_key") or default
     error = None
     if not key.replace("_", "").isalnum():
         error = "Use letters, digits and underscores only"
+    existing = brain_keys(view, run_type)
+    choices = types.AutocompleteView()
+    for name in existing:
+        choices.add_choice(name, label=name)
     inputs.str(
         "brain_key",
         default=default,
         label="Brain key",
-        description="The name of this run",
+        description="The name of this run (existing %s runs are listed)"
+        % run_type,
+        view=choices,
         invalid=error is not None,
         error_message=error or "",
     )
     if error is None and key in view._root_dataset.list_brain_runs():
-        notice(
-            inputs, "brain_key", "The existing run '%s' will be replaced" % key
-        )
+        notice(inputs, "brain_key", "The existing run '%s' will be replaced" % key)
     return key
 
 

@@ -45,7 +45,9 @@ class ComputeSimilarity(foo.Operator):
         if embeddings is None:
             return types.Property(inputs)
 
-        _common.brain_key_input(ctx, inputs, view, DEFAULT_BRAIN_KEY)
+        _common.brain_key_input(
+            ctx, inputs, view, DEFAULT_BRAIN_KEY, "similarity"
+        )
         kinds = types.DropdownView()
         for kind in INDEX_TYPES:
             kinds.add_choice(kind, label=kind)

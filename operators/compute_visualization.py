@@ -43,7 +43,9 @@ class ComputeVisualization(foo.Operator):
         if embeddings is None:
             return types.Property(inputs)
 
-        _common.brain_key_input(ctx, inputs, view, DEFAULT_BRAIN_KEY)
+        _common.brain_key_input(
+            ctx, inputs, view, DEFAULT_BRAIN_KEY, "visualization"
+        )
         methods = types.DropdownView()
         for method in METHODS:
             methods.add_choice(method, label=method.upper())

@@ -328,6 +328,9 @@ def test_compute_similarity_immediate(embedded_dataset):
 
     form = resolve_form("compute_similarity", ds, {"brain_key": "sim"})
     assert "will be replaced" in form["brain_key_notice"].view.label
+    assert [c.value for c in form["brain_key"].view.choices] == ["sim"]
+    form = resolve_form("compute_visualization", ds)
+    assert form["brain_key"].view.choices == []  # no map yet
 
 
 def test_compute_visualization_opens_the_embeddings_panel(embedded_dataset):
@@ -435,3 +438,27 @@ def test_review_queue_accept_and_undo(embedded_dataset):
     assert ds.values("label") == before
     assert ds.match_tags("dinoprop:accepted").count() == 0
     assert queue_size == ds.match_tags("dinoprop:needs_review").count()
+
+
+def test_propagate_form_for_detection_seeds(image_dataset):
+    import fiftyone as fo
+
+    ds = image_dataset
+    labels = ds.values("ground_truth.label")
+    ds.set_values(
+        "boxes",
+        [
+            fo.Detections(
+                detections=[
+                    fo.Detection(
+                        label=lab if i < 6 else None, bounding_box=[0, 0, 1, 1]
+                    )
+                ]
+            )
+            for i, lab in enumerate(labels[::4] * 4)
+        ][: len(ds)],
+    )
+    form = resolve_form("propagate_labels", ds, {"label_field": "boxes"})
+    assert form["label_field"].type.values == ["boxes", "ground_truth", "label"]
+    assert form["embeddings"].default == "embeddings"  # a patch attribute
+    assert "6 seeds in" in form["seeds_notice"].view.label
