@@ -130,3 +130,26 @@ def test_empty_view_and_tiny_view(embedded_dataset):
     with pytest.raises(DinopropError, match="at least 4"):
         dp.compute_visualization(embedded_dataset.limit(3))
     assert embedded_dataset.list_brain_runs() == []
+
+
+def test_app_embeddings_panel_loads_the_map(embedded_dataset):
+    """What the App server's Embeddings panel route returns for the run."""
+    from fiftyone.server.routes.embeddings import OnPlotLoad
+
+    dp.compute_visualization(embedded_dataset, brain_key="panel")
+    response = OnPlotLoad._post_sync(
+        None,
+        {
+            "datasetName": embedded_dataset.name,
+            "brainKey": "panel",
+            "view": [],
+            "filters": None,
+            "labelField": "ground_truth.label",
+            "slices": None,
+        },
+    )
+    assert "error" not in response or not response["error"], response
+    traces = response["traces"]
+    points = [p for trace in traces.values() for p in trace]
+    assert len(points) == len(embedded_dataset)
+    assert {t for t in traces} == {"red", "green", "blue"}
