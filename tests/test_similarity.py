@@ -390,3 +390,14 @@ def test_updates_without_reload_still_answer_correctly(embedded_dataset):
     ids, _ = index._kneighbors(query=vector, k=3)
     assert first.id not in ids
     assert set(ids) <= set(index.sample_ids) and len(ids) == 3
+
+
+def test_empty_view_gives_empty_answers(embedded_dataset):
+    index = dp.compute_similarity(embedded_dataset, brain_key="emptyview")
+    query = embedded_dataset.first().id
+    with index.use_view(embedded_dataset.limit(0)):
+        assert index.index_size == 0
+        ids, _ = index._kneighbors(query=query, k=5)
+        assert ids == []
+    empty = embedded_dataset.limit(0)
+    assert len(empty.sort_by_similarity(query, k=5, brain_key="emptyview")) == 0

@@ -820,12 +820,31 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         self._kill_rows(rows)
 
     def _kill_rows(self, rows):
+        """Removes rows: in place for flat indexes, else masked out.
+
+        Masked rows of IVF/HNSW indexes are dropped by a rebuild once they
+        are more than ``_COMPACT_FRACTION`` of the index.
+        """
+        import faiss
+
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if rows.size == self._alive_rows.size:
+            self._reset_state(self.config)
+            return
+        if self._resolved_type == "flat":
+            selector = faiss.IDSelectorBatch(rows.size, faiss.swig_ptr(rows))
+            self._index.remove_ids(selector)
+            self._row_sample_ids = np.delete(self._row_sample_ids, rows)
+            if self._row_label_ids is not None:
+                self._row_label_ids = np.delete(self._row_label_ids, rows)
+            self._row_norms = np.delete(self._row_norms, rows)
+            self._alive = np.delete(self._alive, rows)
+            self._changed()
+            return
         self._alive[rows] = False
         self._changed()
         dead = self._alive.size - self._alive_rows.size
-        if self._alive_rows.size == 0:
-            self._reset_state(self.config)
-        elif self._resolved_type == "flat" or dead > _COMPACT_FRACTION * self._alive.size:
+        if dead > _COMPACT_FRACTION * self._alive.size:
             vectors = self._original_vectors(self._alive_rows)
             self._build(vectors, self.sample_ids, self.label_ids)
 
