@@ -384,3 +384,21 @@ def test_killed_process_resumes_in_a_fresh_one(image_dataset, tiny_dinov2_dir, c
 
     results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
     assert (results.num_embedded, results.num_skipped, sum(count_forward)) == (16, 8, 16)
+
+
+def test_group_dataset_without_image_slices_is_rejected(tmp_path, tiny_dinov2_dir):
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    dataset.add_group_field("group", default="front")
+    group = fo.Group()
+    dataset.add_samples([
+        fo.Sample(filepath=str(tmp_path / ("%s.mp4" % name)), group=group.element(name))
+        for name in ("front", "back")
+    ])
+    try:
+        with pytest.raises(DinopropError, match="no image slices"):
+            de.compute_embeddings(dataset, model=tiny_dinov2_dir)
+        assert not dataset.list_runs()
+    finally:
+        dataset.delete()

@@ -232,6 +232,11 @@ def get_embeddings_run(samples: Any, embeddings_field: str, patches_field: str |
 def _image_samples(samples: Any) -> Any:
     validate_samples(samples)
     if samples.media_type == "group":
+        if "image" not in samples.group_media_types.values():
+            raise DinopropError(
+                "Grouped dataset '%s' has no image slices (slices: %s)"
+                % (samples._root_dataset.name, samples.group_media_types)
+            )
         samples = samples.select_group_slices(media_type="image")
         validate_samples(samples)
     return samples
