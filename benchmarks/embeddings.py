@@ -204,9 +204,9 @@ def _machine(device) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a 64-image subset and 3 rounds (< 5 min on 2 CPU cores)")
+                        help="a 48-image subset and 3 rounds (< 5 min on 2 CPU cores)")
     parser.add_argument("--images", type=int, default=None,
-                        help="number of images (default: all 3,781; --quick: 64)")
+                        help="number of images (default: all 3,781; --quick: 48)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (default 3)")
     parser.add_argument("--size", choices=sorted(VIT_SIZES), default="small",
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     load_before = os.getloadavg()[0]
-    limit = args.images or (64 if args.quick else None)
+    limit = args.images or (48 if args.quick else None)
     rounds = args.rounds or 3
     paths = _image_paths(limit)
     model_dir = os.path.join(tmp, "dinov2-%s-random" % args.size)
