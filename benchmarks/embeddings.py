@@ -266,6 +266,8 @@ def main(argv=None) -> dict:
                       % (r + 1, name, rate, cpu), flush=True)
         agreement = _agreement(dataset)
         model_only = _model_only_rate(model, paths, batch_size)
+        if "dinoprop_bf16" in pipelines:
+            bf16_model_only = _model_only_rate(bf16, paths, batch_size)
         decode = _decode_rate(model, paths, batch_size, num_workers)
     finally:
         dataset.delete()
@@ -286,6 +288,8 @@ def main(argv=None) -> dict:
         result["%s_img_s" % name] = round(statistics.median(rates[name]), 2)
         result["%s_cpu_ms" % name] = round(statistics.median(cpu_ms[name]), 1)
     result["ratio"] = round(result["dinoprop_img_s"] / result["fiftyone_img_s"], 3)
+    if "dinoprop_bf16" in pipelines:
+        result["model_only_bf16_img_s"] = round(bf16_model_only, 2)
     result["cpu_ratio"] = round(result["fiftyone_cpu_ms"] / result["dinoprop_cpu_ms"], 3)
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     table = _markdown(result, rates, _machine(device))
@@ -331,8 +335,12 @@ def _markdown(result: dict, rates: dict, machine: str) -> str:
             result["%s_img_s" % name] / result["fiftyone_img_s"],
             result["%s_cpu_ms" % name],
             result["fiftyone_cpu_ms"] / result["%s_cpu_ms" % name]))
+    lines.append("| model only (pre-decoded uint8 batch, fp32) | %.1f | | | | |"
+                 % result["model_only_img_s"])
+    if "model_only_bf16_img_s" in result:
+        lines.append("| model only, bf16 autocast | %.1f | | | | |"
+                     % result["model_only_bf16_img_s"])
     lines += [
-        "| model only (pre-decoded uint8 batch, fp32) | %.1f | | | | |" % result["model_only_img_s"],
         "| decode + resize only (DataLoader, no model) | %.1f | | | | |" % result["decode_img_s"],
         "",
         "Ratio dinoprop / FiftyOne (fp32, wall clock): **%.2f**; by CPU time "
