@@ -1,6 +1,10 @@
 """k-nearest-neighbour graphs of embeddings, computed with faiss.
 
-The graph is the one structure shared by UMAP and label propagation.
+The graph is the one structure shared by UMAP and label propagation: a
+dinoprop similarity run caches the graph of its index
+(:meth:`dinoprop.similarity.DinopropSimilarityIndex.knn`), and
+:func:`sample_knn_graph` and :func:`dinoprop.compute_visualization` reuse it
+when it covers their samples instead of searching again.
 """
 
 from __future__ import annotations
