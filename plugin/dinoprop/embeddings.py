@@ -198,7 +198,7 @@ def compute_embeddings(
     num_workers = _default_workers(backbone) if num_workers is None else num_workers
     runner = _Runner(samples, backbone, settings, results, skip_failures, chunk_size, gpu_decode)
     if patches_field is None:
-        runner.embed_images(label_path, overwrite, batch_size, num_workers, progress)
+        runner.embed_images(overwrite, batch_size, num_workers, progress)
     else:
         runner.embed_patches(label_path, overwrite, batch_size, num_workers, progress)
     results.seconds = time.perf_counter() - start
@@ -366,7 +366,7 @@ class _Runner:
         self._buffer: dict = {}
         self._last_flush = time.monotonic()
 
-    def embed_images(self, _, overwrite, batch_size, num_workers, progress) -> None:
+    def embed_images(self, overwrite, batch_size, num_workers, progress) -> None:
         from dinoprop.embeddings_data import EncodedItems, ImageItems
 
         field_name = self.settings["embeddings_field"]
