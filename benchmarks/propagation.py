@@ -29,6 +29,7 @@ The last printed line is JSON with the headline numbers.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import glob
 import json
@@ -52,8 +53,13 @@ MODEL = "efficientnet-lite0"
 
 
 def _private_database():
-    """Points FiftyOne at a throwaway database before it is imported."""
+    """Points FiftyOne at a throwaway database before it is imported.
+
+    The directory is removed at exit; registered before FiftyOne registers
+    its own exit handlers, it runs after they have stopped the database.
+    """
     db_dir = tempfile.mkdtemp(prefix="dinoprop-bench-db-")
+    atexit.register(shutil.rmtree, db_dir, True)
     os.environ["FIFTYONE_DATABASE_DIR"] = db_dir
     os.environ["FIFTYONE_DATABASE_NAME"] = "dinoprop-bench"
     os.environ.pop("FIFTYONE_DATABASE_URI", None)
@@ -489,11 +495,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller run, < 5 min with cached embeddings")
     args = parser.parse_args()
-    db_dir = _private_database()
-    try:
-        run(args.quick)
-    finally:
-        shutil.rmtree(db_dir, ignore_errors=True)
+    _private_database()
+    run(args.quick)
 
 
 def run(quick):
