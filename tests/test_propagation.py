@@ -297,9 +297,13 @@ def test_seed_tag_view_and_store_scores(embedded_dataset):
 # --------------------------------------------------------------- objects
 
 
-@pytest.fixture
-def detection_dataset(image_items):
-    """Images with boxes; some boxes labeled; clustered patch embeddings."""
+@pytest.fixture(params=["declared", "undeclared"])
+def detection_dataset(request, image_items):
+    """Images with boxes; some boxes labeled; clustered patch embeddings.
+
+    Parametrised: the embedding attribute declared in the schema (as
+    compute_embeddings does) or not (FiftyOne then returns raw bytes).
+    """
     import fiftyone as fo
 
     rng = np.random.default_rng(0)
@@ -327,7 +331,8 @@ def detection_dataset(image_items):
                       truth=fo.Detections(detections=truth))
         )
     dataset.add_samples(samples)
-    dataset.add_dynamic_sample_fields()
+    if request.param == "declared":
+        dataset.add_dynamic_sample_fields()
     yield dataset
     dataset.delete()
 
