@@ -111,13 +111,13 @@ def compute_visualization(
         pb.update()
         results = _save_run(
             samples, brain_key, points, sample_ids, label_ids,
-            DinopropVisualizationConfig(
+            _run_config(
+                method,
                 embeddings_field=embeddings,
                 patches_field=patches_field,
                 num_dims=num_dims,
-                reduction=method,
-                num_neighbors=k if method == "umap" else None,
-                min_dist=min_dist if method == "umap" else None,
+                k=k,
+                min_dist=min_dist,
                 seed=seed,
                 knn_source=knn_source,
             ),
@@ -311,47 +311,24 @@ def _save_run(samples, brain_key, points, sample_ids, label_ids, config):
     return results
 
 
-class DinopropVisualizationConfig(fbv.VisualizationConfig):
-    """Configuration of a dinoprop visualization run.
+def _run_config(method, k, min_dist, knn_source, **kwargs):
+    """The FiftyOne Brain config recording how a map was made.
 
-    Args:
-        reduction: ``"umap"`` or ``"pca"``
-        num_neighbors: UMAP's number of neighbours
-        min_dist: UMAP's minimum distance
-        seed: the random seed
-        knn_source: where UMAP's kNN graph came from
-        **kwargs: keyword arguments for
-            :class:`fiftyone.brain.visualization.VisualizationConfig`
+    The run is stored with FiftyOne Brain's own ``UMAPVisualizationConfig``
+    or ``PCAVisualizationConfig`` because the App's Embeddings panel lists
+    only runs whose config class lives in ``fiftyone.brain.visualization``.
+    ``knn_source`` (where UMAP's kNN graph came from) is kept as an extra
+    attribute, which those configs store and reload.
     """
-
-    def __init__(
-        self,
-        reduction="umap",
-        num_neighbors=None,
-        min_dist=None,
-        seed=None,
-        knn_source=None,
+    if method == "pca":
+        return fbv.PCAVisualizationConfig(knn_source=knn_source, **kwargs)
+    return fbv.UMAPVisualizationConfig(
+        num_neighbors=k,
+        metric="cosine",
+        min_dist=min_dist,
+        knn_source=knn_source,
         **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.reduction = reduction
-        self.num_neighbors = num_neighbors
-        self.min_dist = min_dist
-        self.seed = seed
-        self.knn_source = knn_source
-
-    @property
-    def method(self):
-        return "dinoprop_" + self.reduction
-
-
-class DinopropVisualization(fbv.Visualization):
-    """The run class of :class:`DinopropVisualizationConfig`."""
-
-    def fit_reducer(self, embeddings):
-        raise NotImplementedError(
-            "Use dinoprop.compute_visualization() to compute maps"
-        )
+    )
 
 
 class DinopropVisualizationResults(fbv.VisualizationResults):
@@ -363,10 +340,10 @@ class DinopropVisualizationResults(fbv.VisualizationResults):
         """A JSON-serialisable description of the map."""
         return {
             "brain_key": self.key,
-            "method": self.config.reduction,
+            "method": self.config.method,
             "num_points": int(len(self.points)),
             "num_dims": int(self.points.shape[1]),
-            "k": self.config.num_neighbors,
+            "k": getattr(self.config, "num_neighbors", None),
             "knn_source": self.config.knn_source,
             "seconds": (
                 None if self._seconds is None else round(self._seconds, 3)
