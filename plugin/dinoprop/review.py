@@ -20,15 +20,10 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from dinoprop.core import TAG_PREFIX, DinopropError, validate_samples
+from dinoprop.propagation import NEEDS_REVIEW_TAG, REVIEW_QUEUE_VIEW
 
 #: Tag of samples whose label was accepted from a propagated label.
 ACCEPTED_TAG = TAG_PREFIX + "accepted"
-
-#: Tag that propagation puts on samples whose propagated label is uncertain.
-NEEDS_REVIEW_TAG = TAG_PREFIX + "needs_review"
-
-#: Name of the saved view that lists the samples to review.
-REVIEW_QUEUE_VIEW = "dinoprop review queue"
 
 #: Label attribute holding the accept batch that wrote an accepted label.
 BATCH_ATTRIBUTE = "dinoprop_accepted"

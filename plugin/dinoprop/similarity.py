@@ -80,8 +80,10 @@ TARGET_RECALL = 0.95
 #: Environment variable overriding where index files are stored.
 INDEX_DIR_ENV = "DINOPROP_INDEX_DIR"
 
-_METRICS = ("cosine", "euclidean")
-_INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+#: The supported distance metrics (``metric``).
+METRICS = ("cosine", "euclidean")
+#: The supported index types (``index_type``), described above.
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 _FILE_VERSION = 1
 _COMPACT_FRACTION = 0.3
 _QUERY_CHUNK = 1024
@@ -188,14 +190,14 @@ def compute_similarity(
 
 
 def _check_options(metric, index_type):
-    if metric not in _METRICS:
+    if metric not in METRICS:
         raise DinopropError(
-            "Unsupported metric '%s'; use one of %s" % (metric, _METRICS)
+            "Unsupported metric '%s'; use one of %s" % (metric, METRICS)
         )
-    if index_type not in _INDEX_TYPES:
+    if index_type not in INDEX_TYPES:
         raise DinopropError(
             "Unsupported index_type '%s'; use one of %s"
-            % (index_type, _INDEX_TYPES)
+            % (index_type, INDEX_TYPES)
         )
 
 
