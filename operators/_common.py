@@ -1,8 +1,10 @@
 """What every dinoprop operator shares: form pieces, delegation, progress.
 
-An operator's ``execute`` reads its form, calls one SDK function through
-:func:`run`, and returns the SDK summary. :func:`run` makes the progress
-visible in both execution modes:
+Operators subclass :class:`DinopropOperator`, which builds their config,
+form frame, delegation choice and result panel from class attributes; each
+operator writes only its form fields (``form``) and its one SDK call
+(``call``). ``execute`` runs that call through :func:`run`, which makes the
+progress visible in both execution modes:
 
 - immediate: the SDK call runs in a worker thread while the operator (a
   generator) streams ``set_progress`` messages to the App, then the follow-up
@@ -18,6 +20,7 @@ import time
 
 import fiftyone.core.fields as fof
 import fiftyone.core.labels as fol
+import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 #: Name of the form field that chooses delegated execution.
@@ -26,9 +29,116 @@ DELEGATE = "delegate"
 #: Default embeddings field, as in the SDK.
 DEFAULT_EMBEDDINGS = "dinoprop_embedding"
 
+#: Why a form that needs embeddings cannot be submitted yet.
+NO_EMBEDDINGS = "No embeddings yet: run compute_embeddings first"
+
 _DONE = object()
 _PROGRESS_INTERVAL = 0.25  # seconds between two progress messages
 _DELEGATED_PROGRESS_INTERVAL = 1.0
+
+
+# ------------------------------------------------------------- the operator
+
+
+class DinopropOperator(foo.Operator):
+    """A dinoprop operator, configured by its class attributes.
+
+    Subclasses set the attributes below, implement :meth:`form` (the form
+    fields after the target selector) and :meth:`call` (the one SDK call),
+    and may override :meth:`follow_up` (the App actions after an immediate
+    run). An operator that does no SDK work (``DELEGATE_THRESHOLD`` None)
+    overrides ``resolve_input`` and ``execute`` instead.
+    """
+
+    #: The operator's name, label (shown in the operator browser) and
+    #: description.
+    NAME = None
+    LABEL = None
+    DESCRIPTION = None
+
+    #: Work on this many samples or more defaults to a delegated run; None
+    #: for operators that only run immediately.
+    DELEGATE_THRESHOLD = None
+
+    #: Further :class:`fiftyone.operators.OperatorConfig` options.
+    CONFIG_OPTIONS = {}
+
+    #: The target selector's action (e.g. ``"Embed"``) and the form's title.
+    TARGET_ACTION = None
+    FORM_TITLE = None
+
+    #: The progress label, e.g. ``"Embedding images"``.
+    PROGRESS_LABEL = None
+
+    #: The result panel: its title and ``(key, label, kind)`` rows (see
+    #: :func:`summary_output`).
+    RESULT_TITLE = None
+    RESULT_ROWS = ()
+
+    @property
+    def config(self):
+        # SDK work streams its progress (a generator) or runs in the background
+        runs_sdk_work = self.DELEGATE_THRESHOLD is not None
+        return foo.OperatorConfig(
+            name=self.NAME,
+            label=self.LABEL,
+            description=self.DESCRIPTION,
+            dynamic=True,
+            execute_as_generator=runs_sdk_work,
+            allow_immediate_execution=True,
+            allow_delegated_execution=runs_sdk_work,
+            **self.CONFIG_OPTIONS,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        view = target_view(ctx, inputs, self.TARGET_ACTION)
+        if self.form(ctx, inputs, view):
+            delegation(ctx, inputs, view, self.DELEGATE_THRESHOLD)
+        return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
+
+    def form(self, ctx, inputs, view):
+        """Adds the operator's fields to ``inputs`` for the target ``view``.
+
+        Returns:
+            whether the form can be submitted (False after a blocking warning)
+        """
+        raise NotImplementedError
+
+    def resolve_delegation(self, ctx):
+        if self.DELEGATE_THRESHOLD is None:
+            return None
+        return wants_delegation(ctx, self.DELEGATE_THRESHOLD)
+
+    def execute(self, ctx):
+        view = ctx.target_view()
+        params = ctx.params
+        return run(
+            ctx,
+            self,
+            self.progress_label(params),
+            lambda progress: self.call(view, params, progress),
+            self.follow_up,
+        )
+
+    def call(self, view, params, progress):
+        """Runs the SDK function on ``view`` with the form's ``params``.
+
+        Returns:
+            the SDK results (an object with ``summary()``)
+        """
+        raise NotImplementedError
+
+    def progress_label(self, params):
+        """The progress label of a run with these form ``params``."""
+        return self.PROGRESS_LABEL
+
+    def follow_up(self, ctx, results):
+        """The App actions after an immediate run: reload the dataset."""
+        yield ctx.ops.reload_dataset()
+
+    def resolve_output(self, ctx):
+        return summary_output(self.RESULT_TITLE, self.RESULT_ROWS)
 
 
 # ----------------------------------------------------------------- the form
@@ -94,22 +204,57 @@ def field_dropdown(
     if not choices:
         warn(inputs, name, missing or "No suitable field", description)
         return None
-    dropdown = types.DropdownView()
-    for choice in choices:
-        dropdown.add_choice(choice, label=choice)
     if default not in choices:
         default = choices[0]
-    inputs.enum(
+    choice_input(
+        inputs,
         name,
-        dropdown.values(),
+        choices,
+        label,
+        description=description,
         default=default,
         required=required,
-        label=label,
-        description=description,
-        view=dropdown,
     )
     value = ctx.params.get(name, default)
     return value if value in choices else default
+
+
+def embeddings_dropdown(ctx, inputs, view, description):
+    """Adds the embeddings field dropdown; None (form blocked) without any."""
+    return field_dropdown(
+        ctx,
+        inputs,
+        "embeddings",
+        vector_fields(view),
+        "Embeddings field",
+        description,
+        default=DEFAULT_EMBEDDINGS,
+        missing=NO_EMBEDDINGS,
+        required=False,
+    )
+
+
+def choice_input(inputs, name, choices, label, view=None, **kwargs):
+    """Adds an enum input: a dropdown (or another ``view``) of ``choices``.
+
+    Args:
+        inputs: the form's :class:`fiftyone.operators.types.Object`
+        name: the parameter name
+        choices: the values (shown as they are), or a dict of
+            ``{value: label}``
+        label: the input's label
+        view (None): a :class:`fiftyone.operators.types.Choices` view such
+            as ``types.RadioGroup()``; a dropdown by default
+        **kwargs: further options of ``inputs.enum`` (``default``,
+            ``description``, ``required``...)
+    """
+    if not isinstance(choices, dict):
+        choices = {choice: choice for choice in choices}
+    if view is None:
+        view = types.DropdownView()
+    for value, text in choices.items():
+        view.add_choice(value, label=text)
+    return inputs.enum(name, view.values(), label=label, view=view, **kwargs)
 
 
 def warn(inputs, name, label, description=None):
@@ -279,11 +424,6 @@ def _stream(ctx, operator, label, call, follow_up):
     yield ctx.ops.show_output(
         operator.resolve_output(ctx).to_json(), _rounded(results.summary())
     )
-
-
-def reload(ctx, results):
-    """Follow-up of runs that change the dataset: reload it in the App."""
-    yield ctx.ops.reload_dataset()
 
 
 def _rounded(summary):

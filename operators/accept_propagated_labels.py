@@ -1,94 +1,76 @@
 """Operator ``accept_propagated_labels``: keep confident labels, or undo."""
 
-import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import _common
 
-#: Accepting over 200k+ samples defaults to a delegated run.
-DELEGATE_THRESHOLD = 200_000
 DEFAULT_MIN_CONFIDENCE = 0.9
 _ALL_BATCHES = "all"
 
 
-class AcceptPropagatedLabels(foo.Operator):
+class AcceptPropagatedLabels(_common.DinopropOperator):
     """Accepts or reverts propagated labels (``dinoprop.review``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="accept_propagated_labels",
-            label="dinoprop: accept propagated labels",
-            description="Copies confident propagated labels into the label "
-            "field of unlabeled samples (undoable)",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+    NAME = "accept_propagated_labels"
+    LABEL = "dinoprop: accept propagated labels"
+    DESCRIPTION = (
+        "Copies confident propagated labels into the label field of "
+        "unlabeled samples (undoable)"
+    )
+    #: Accepting over 200k+ samples defaults to a delegated run.
+    DELEGATE_THRESHOLD = 200_000
+    TARGET_ACTION = "Accept labels in"
+    FORM_TITLE = "Accept propagated labels"
+    RESULT_TITLE = "Propagated labels accepted"
+    RESULT_ROWS = [
+        ("num_accepted", "Labels accepted", "int"),
+        ("num_human_labeled", "Kept (human label)", "int"),
+        ("num_below_threshold", "Below the threshold", "int"),
+        ("min_confidence", "Minimum confidence", "float"),
+        ("label_field", "Label field", "str"),
+        ("batch", "Batch (to undo)", "str"),
+    ]
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        view = _common.target_view(ctx, inputs, "Accept labels in")
-        actions = types.RadioGroup(orientation="horizontal")
-        actions.add_choice("accept", label="Accept")
-        actions.add_choice("undo", label="Undo an accept")
-        inputs.enum(
+    def form(self, ctx, inputs, view):
+        _common.choice_input(
+            inputs,
             "action",
-            actions.values(),
+            {"accept": "Accept", "undo": "Undo an accept"},
+            "Action",
+            view=types.RadioGroup(orientation="horizontal"),
             default="accept",
-            label="Action",
-            view=actions,
         )
         fields = _common.label_fields(view)
-        if ctx.params.get("action", "accept") == "undo":
-            ready = _undo_form(ctx, inputs, view, fields)
-        else:
-            ready = _accept_form(ctx, inputs, view, fields)
-        if ready:
-            _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
-        return types.Property(
-            inputs, view=types.View(label="Accept propagated labels")
-        )
+        if _is_undo(ctx.params):
+            return _undo_form(ctx, inputs, view, fields)
+        return _accept_form(ctx, inputs, view, fields)
 
-    def resolve_delegation(self, ctx):
-        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
-
-    def execute(self, ctx):
+    def call(self, view, params, progress):
         from dinoprop import review
 
-        params = ctx.params
-        view = ctx.target_view()
-        if params.get("action", "accept") == "undo":
+        if _is_undo(params):
             batch = params.get("batch") or _ALL_BATCHES
-
-            def call(progress):
-                return _Undo(
-                    review.undo_accept(
-                        view,
-                        params["label_field"],
-                        batch=None if batch == _ALL_BATCHES else batch,
-                    )
-                )
-
-            label = "Reverting accepted labels"
-        else:
-
-            def call(progress):
-                return review.accept_propagated_labels(
+            return _Undo(
+                review.undo_accept(
                     view,
-                    params["output_field"],
                     params["label_field"],
-                    min_confidence=params.get(
-                        "min_confidence", DEFAULT_MIN_CONFIDENCE
-                    ),
+                    batch=None if batch == _ALL_BATCHES else batch,
                 )
+            )
+        return review.accept_propagated_labels(
+            view,
+            params["output_field"],
+            params["label_field"],
+            min_confidence=params.get("min_confidence", DEFAULT_MIN_CONFIDENCE),
+        )
 
-            label = "Accepting labels"
-        return _common.run(ctx, self, label, call, _common.reload)
+    def progress_label(self, params):
+        if _is_undo(params):
+            return "Reverting accepted labels"
+        return "Accepting labels"
 
     def resolve_output(self, ctx):
-        if ctx.params.get("action") == "undo":
+        if _is_undo(ctx.params):
             return _common.summary_output(
                 "Accepted labels reverted",
                 [
@@ -96,17 +78,11 @@ class AcceptPropagatedLabels(foo.Operator):
                     ("label_field", "Label field", "str"),
                 ],
             )
-        return _common.summary_output(
-            "Propagated labels accepted",
-            [
-                ("num_accepted", "Labels accepted", "int"),
-                ("num_human_labeled", "Kept (human label)", "int"),
-                ("num_below_threshold", "Below the threshold", "int"),
-                ("min_confidence", "Minimum confidence", "float"),
-                ("label_field", "Label field", "str"),
-                ("batch", "Batch (to undo)", "str"),
-            ],
-        )
+        return super().resolve_output(ctx)
+
+
+def _is_undo(params):
+    return params.get("action", "accept") == "undo"
 
 
 class _Undo:
@@ -204,18 +180,17 @@ def _undo_form(ctx, inputs, view, fields):
         "Label field",
         "The field labels were accepted into",
     )
-    choices = types.DropdownView()
-    choices.add_choice(_ALL_BATCHES, label="All accepted labels")
+    choices = {_ALL_BATCHES: "All accepted labels"}
     for (name, batch), count in sorted(batches.items(), reverse=True):
         if name == label_field:
-            choices.add_choice(batch, label="%s (%d labels)" % (batch, count))
-    inputs.enum(
+            choices[batch] = "%s (%d labels)" % (batch, count)
+    _common.choice_input(
+        inputs,
         "batch",
-        choices.values(),
+        choices,
+        "Accept batch",
         default=_ALL_BATCHES,
-        label="Accept batch",
         description="Newest first; only labels that batch wrote are removed",
-        view=choices,
     )
     return True
 

@@ -2,37 +2,39 @@
 
 import os
 
-import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import _common
 
-#: Embedding 1000+ images defaults to a delegated run.
-DELEGATE_THRESHOLD = 1000
 DEFAULT_MODEL = "dinov2-small"
 
 
-class ComputeEmbeddings(foo.Operator):
+class ComputeEmbeddings(_common.DinopropOperator):
     """Computes DINOv2 embeddings (``dinoprop.compute_embeddings``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="compute_embeddings",
-            label="dinoprop: compute DINOv2 embeddings",
-            description="Embeds images with DINOv2 on the best device",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+    NAME = "compute_embeddings"
+    LABEL = "dinoprop: compute DINOv2 embeddings"
+    DESCRIPTION = "Embeds images with DINOv2 on the best device"
+    #: Embedding 1000+ images defaults to a delegated run.
+    DELEGATE_THRESHOLD = 1000
+    CONFIG_OPTIONS = {"default_choice_to_delegated": True}
+    TARGET_ACTION = "Embed"
+    FORM_TITLE = "Compute DINOv2 embeddings"
+    PROGRESS_LABEL = "Embedding images"
+    RESULT_TITLE = "Embeddings computed"
+    RESULT_ROWS = [
+        ("num_embedded", "Samples embedded", "int"),
+        ("num_skipped", "Skipped (already embedded)", "int"),
+        ("num_failed", "Failed", "int"),
+        ("model", "Model", "str"),
+        ("device", "Device", "str"),
+        ("dim", "Dimension", "int"),
+        ("images_per_second", "Images per second", "float"),
+        ("seconds", "Seconds", "float"),
+    ]
 
-    def resolve_input(self, ctx):
+    def form(self, ctx, inputs, view):
         from dinoprop.models import MODEL_CHOICES, POOLINGS
-
-        inputs = types.Object()
-        view = _common.target_view(ctx, inputs, "Embed")
 
         models = types.AutocompleteView()
         for name in MODEL_CHOICES:
@@ -79,16 +81,13 @@ class ComputeEmbeddings(foo.Operator):
                     "will be skipped" % (done, view.count(), field),
                 )
 
-        pooling = types.DropdownView()
-        for name in POOLINGS:
-            pooling.add_choice(name, label=name)
-        inputs.enum(
+        _common.choice_input(
+            inputs,
             "pooling",
-            pooling.values(),
+            POOLINGS,
+            "Pooling",
             default="cls",
-            label="Pooling",
             description="How a ViT's tokens become one vector",
-            view=pooling,
         )
         inputs.int(
             "batch_size",
@@ -102,48 +101,21 @@ class ComputeEmbeddings(foo.Operator):
             description="e.g. cuda:0, mps, cpu; empty picks GPU, else MPS, "
             "else CPU",
         )
-        _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
-        return types.Property(
-            inputs, view=types.View(label="Compute DINOv2 embeddings")
-        )
+        return True
 
-    def resolve_delegation(self, ctx):
-        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
-
-    def execute(self, ctx):
+    def call(self, view, params, progress):
         import dinoprop
 
-        params = ctx.params
-        view = ctx.target_view()
-
-        def call(progress):
-            return dinoprop.compute_embeddings(
-                view,
-                model=params.get("model") or DEFAULT_MODEL,
-                embeddings_field=params.get("embeddings_field")
-                or _common.DEFAULT_EMBEDDINGS,
-                batch_size=params.get("batch_size") or None,
-                device=params.get("device") or None,
-                overwrite=bool(params.get("overwrite", False)),
-                pooling=params.get("pooling") or "cls",
-                progress=progress,
-            )
-
-        return _common.run(ctx, self, "Embedding images", call, _common.reload)
-
-    def resolve_output(self, ctx):
-        return _common.summary_output(
-            "Embeddings computed",
-            [
-                ("num_embedded", "Samples embedded", "int"),
-                ("num_skipped", "Skipped (already embedded)", "int"),
-                ("num_failed", "Failed", "int"),
-                ("model", "Model", "str"),
-                ("device", "Device", "str"),
-                ("dim", "Dimension", "int"),
-                ("images_per_second", "Images per second", "float"),
-                ("seconds", "Seconds", "float"),
-            ],
+        return dinoprop.compute_embeddings(
+            view,
+            model=params.get("model") or DEFAULT_MODEL,
+            embeddings_field=params.get("embeddings_field")
+            or _common.DEFAULT_EMBEDDINGS,
+            batch_size=params.get("batch_size") or None,
+            device=params.get("device") or None,
+            overwrite=bool(params.get("overwrite", False)),
+            pooling=params.get("pooling") or "cls",
+            progress=progress,
         )
 
 

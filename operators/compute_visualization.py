@@ -1,66 +1,56 @@
 """Operator ``compute_visualization``: a UMAP map for the Embeddings panel."""
 
-import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import _common
 
-#: Mapping 20k+ vectors defaults to a delegated run.
-DELEGATE_THRESHOLD = 20_000
 DEFAULT_BRAIN_KEY = "dinoprop_umap"
 METHODS = ("umap", "pca")
 
 
-class ComputeVisualization(foo.Operator):
+class ComputeVisualization(_common.DinopropOperator):
     """Computes a 2D/3D map (``dinoprop.compute_visualization``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="compute_visualization",
-            label="dinoprop: compute UMAP visualization",
-            description="Maps embeddings to 2D for the Embeddings panel",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+    NAME = "compute_visualization"
+    LABEL = "dinoprop: compute UMAP visualization"
+    DESCRIPTION = "Maps embeddings to 2D for the Embeddings panel"
+    #: Mapping 20k+ vectors defaults to a delegated run.
+    DELEGATE_THRESHOLD = 20_000
+    TARGET_ACTION = "Map"
+    FORM_TITLE = "Compute a UMAP visualization"
+    PROGRESS_LABEL = "Computing the map"
+    RESULT_TITLE = "Visualization computed"
+    RESULT_ROWS = [
+        ("brain_key", "Brain key", "str"),
+        ("method", "Method", "str"),
+        ("num_points", "Points", "int"),
+        ("num_dims", "Dimensions", "int"),
+        ("seconds", "Seconds", "float"),
+    ]
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        view = _common.target_view(ctx, inputs, "Map")
-        embeddings = _common.field_dropdown(
-            ctx,
-            inputs,
-            "embeddings",
-            _common.vector_fields(view),
-            "Embeddings field",
-            "The vectors to map",
-            default=_common.DEFAULT_EMBEDDINGS,
-            missing="No embeddings yet: run compute_embeddings first",
-            required=False,
+    def form(self, ctx, inputs, view):
+        embeddings = _common.embeddings_dropdown(
+            ctx, inputs, view, "The vectors to map"
         )
         if embeddings is None:
-            return types.Property(inputs)
-
+            return False
         _common.brain_key_input(
             ctx, inputs, view, DEFAULT_BRAIN_KEY, "visualization"
         )
-        methods = types.DropdownView()
-        for method in METHODS:
-            methods.add_choice(method, label=method.upper())
-        inputs.enum(
+        _common.choice_input(
+            inputs,
             "method",
-            methods.values(),
+            {method: method.upper() for method in METHODS},
+            "Method",
             default="umap",
-            label="Method",
-            view=methods,
         )
-        dims = types.RadioGroup(orientation="horizontal")
-        dims.add_choice(2, label="2D")
-        dims.add_choice(3, label="3D")
-        inputs.enum(
-            "num_dims", dims.values(), default=2, label="Dimensions", view=dims
+        _common.choice_input(
+            inputs,
+            "num_dims",
+            {2: "2D", 3: "3D"},
+            "Dimensions",
+            view=types.RadioGroup(orientation="horizontal"),
+            default=2,
         )
         inputs.int(
             "seed",
@@ -68,52 +58,26 @@ class ComputeVisualization(foo.Operator):
             label="Random seed",
             description="The same seed gives the same map",
         )
-        _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
-        return types.Property(
-            inputs, view=types.View(label="Compute a UMAP visualization")
-        )
+        return True
 
-    def resolve_delegation(self, ctx):
-        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
-
-    def execute(self, ctx):
+    def call(self, view, params, progress):
         import dinoprop
 
-        params = ctx.params
-        view = ctx.target_view()
-
-        def call(progress):
-            return dinoprop.compute_visualization(
-                view,
-                embeddings=params.get("embeddings")
-                or _common.DEFAULT_EMBEDDINGS,
-                brain_key=params.get("brain_key") or DEFAULT_BRAIN_KEY,
-                method=params.get("method") or "umap",
-                num_dims=int(params.get("num_dims") or 2),
-                seed=params.get("seed", 51),
-                progress=progress,
-            )
-
-        return _common.run(ctx, self, "Computing the map", call, _show_map)
-
-    def resolve_output(self, ctx):
-        return _common.summary_output(
-            "Visualization computed",
-            [
-                ("brain_key", "Brain key", "str"),
-                ("method", "Method", "str"),
-                ("num_points", "Points", "int"),
-                ("num_dims", "Dimensions", "int"),
-                ("seconds", "Seconds", "float"),
-            ],
+        return dinoprop.compute_visualization(
+            view,
+            embeddings=params.get("embeddings") or _common.DEFAULT_EMBEDDINGS,
+            brain_key=params.get("brain_key") or DEFAULT_BRAIN_KEY,
+            method=params.get("method") or "umap",
+            num_dims=int(params.get("num_dims") or 2),
+            seed=params.get("seed", 51),
+            progress=progress,
         )
 
-
-def _show_map(ctx, results):
-    yield ctx.ops.reload_dataset()
-    yield ctx.ops.open_panel(
-        "Embeddings",
-        layout="horizontal",
-        is_active=True,
-        state={"openKey": results.key},
-    )
+    def follow_up(self, ctx, results):
+        yield ctx.ops.reload_dataset()
+        yield ctx.ops.open_panel(
+            "Embeddings",
+            layout="horizontal",
+            is_active=True,
+            state={"openKey": results.key},
+        )

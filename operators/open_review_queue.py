@@ -1,23 +1,20 @@
 """Operator ``open_review_queue``: show the samples that need a human look."""
 
-import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import _common
 
 
-class OpenReviewQueue(foo.Operator):
+class OpenReviewQueue(_common.DinopropOperator):
     """Opens the review queue (``dinoprop.review.review_queue_view``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="open_review_queue",
-            label="dinoprop: open the review queue",
-            description="Shows the least confident propagated labels first",
-            dynamic=True,
-            view_target=False,
-        )
+    NAME = "open_review_queue"
+    LABEL = "dinoprop: open the review queue"
+    DESCRIPTION = "Shows the least confident propagated labels first"
+    CONFIG_OPTIONS = {"view_target": False}
+    FORM_TITLE = "Open the review queue"
+    RESULT_TITLE = "Review queue"
+    RESULT_ROWS = [("num_samples", "Samples to review", "int")]
 
     def resolve_input(self, ctx):
         from dinoprop.core import DinopropError
@@ -34,9 +31,7 @@ class OpenReviewQueue(foo.Operator):
             "queue",
             "%d samples need review, least confident first" % queue.count(),
         )
-        return types.Property(
-            inputs, view=types.View(label="Open the review queue")
-        )
+        return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
 
     def execute(self, ctx):
         from dinoprop.review import review_queue_view
@@ -44,8 +39,3 @@ class OpenReviewQueue(foo.Operator):
         queue = review_queue_view(ctx.dataset)
         ctx.ops.set_view(view=queue)
         return {"num_samples": queue.count()}
-
-    def resolve_output(self, ctx):
-        return _common.summary_output(
-            "Review queue", [("num_samples", "Samples to review", "int")]
-        )

@@ -1,40 +1,48 @@
 """Operator ``propagate_labels``: few seed labels to every sample."""
 
 import fiftyone.core.labels as fol
-import fiftyone.operators as foo
-import fiftyone.operators.types as types
 
 from . import _common
 
 #: The seed label types propagate_labels accepts.
 LABEL_TYPES = (fol.Classification, fol.Detections)
 
-#: Propagating over 200k+ samples defaults to a delegated run.
-DELEGATE_THRESHOLD = 200_000
 DEFAULT_K = 10
 
 
-class PropagateLabels(foo.Operator):
+class PropagateLabels(_common.DinopropOperator):
     """Propagates seed labels (``dinoprop.propagate_labels``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="propagate_labels",
-            label="dinoprop: propagate labels from seeds",
-            description="Labels every sample from a few annotated seeds, "
-            "with a confidence per label",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+    NAME = "propagate_labels"
+    LABEL = "dinoprop: propagate labels from seeds"
+    DESCRIPTION = (
+        "Labels every sample from a few annotated seeds, with a confidence "
+        "per label"
+    )
+    #: Propagating over 200k+ samples defaults to a delegated run.
+    DELEGATE_THRESHOLD = 200_000
+    TARGET_ACTION = "Propagate labels in"
+    FORM_TITLE = "Propagate labels from seeds"
+    PROGRESS_LABEL = "Propagating labels"
+    RESULT_TITLE = "Labels propagated"
+    RESULT_ROWS = [
+        ("output_field", "Output field", "str"),
+        ("method", "Method", "str"),
+        ("num_seeds", "Seeds", "int"),
+        ("num_classes", "Classes", "int"),
+        ("num_propagated", "Samples labeled", "int"),
+        ("estimated_accuracy", "Estimated accuracy", "float"),
+        ("recommended_threshold", "Recommended threshold", "float"),
+        ("coverage_at_threshold", "Coverage at threshold", "float"),
+        ("num_needs_review", "Need review", "int"),
+        ("ece", "Calibration error (ECE)", "float"),
+        ("seconds", "Seconds", "float"),
+    ]
 
-    def resolve_input(self, ctx):
+    def form(self, ctx, inputs, view):
+        from dinoprop.propagation import NEEDS_REVIEW_TAG
         from dinoprop.propagation_methods import METHODS
 
-        inputs = types.Object()
-        view = _common.target_view(ctx, inputs, "Propagate labels in")
         fields = _common.label_fields(view, LABEL_TYPES)
         label_field = _common.field_dropdown(
             ctx,
@@ -49,10 +57,10 @@ class PropagateLabels(foo.Operator):
             "to propagate",
         )
         if label_field is None:
-            return types.Property(inputs)
+            return False
         objects = _is_detections(view, label_field)
         if not _seeds_ok(inputs, view, label_field, objects):
-            return types.Property(inputs)
+            return False
 
         if objects:
             inputs.str(
@@ -63,19 +71,14 @@ class PropagateLabels(foo.Operator):
                 "embeddings (compute_embeddings with a patches field)",
             )
         else:
-            embeddings = _common.field_dropdown(
+            embeddings = _common.embeddings_dropdown(
                 ctx,
                 inputs,
-                "embeddings",
-                _common.vector_fields(view),
-                "Embeddings field",
+                view,
                 "The vectors that define which samples are neighbours",
-                default=_common.DEFAULT_EMBEDDINGS,
-                missing="No embeddings yet: run compute_embeddings first",
-                required=False,
             )
             if embeddings is None:
-                return types.Property(inputs)
+                return False
 
         default_output = label_field + "_propagated"
         output = ctx.params.get("output_field") or default_output
@@ -90,17 +93,14 @@ class PropagateLabels(foo.Operator):
             error_message=error or "",
         )
 
-        methods = types.DropdownView()
-        for method in METHODS:
-            methods.add_choice(method, label=method)
-        inputs.enum(
+        _common.choice_input(
+            inputs,
             "method",
-            methods.values(),
+            METHODS,
+            "Method",
             default="auto",
-            label="Method",
             description="auto picks the method that scores best on the "
             "seeds (leave-one-out)",
-            view=methods,
         )
         inputs.int(
             "k",
@@ -114,75 +114,54 @@ class PropagateLabels(foo.Operator):
             min=0.0,
             max=1.0,
             label="Review threshold",
-            description="Samples below this confidence are tagged "
-            "dinoprop:needs_review; empty uses the recommended threshold",
+            description="Samples below this confidence are tagged %s; "
+            "empty uses the recommended threshold" % NEEDS_REVIEW_TAG,
         )
         tags = sorted(t for t in view.distinct("tags") if t)
         if tags:
-            choices = types.DropdownView()
-            for tag in tags:
-                choices.add_choice(tag, label=tag)
-            inputs.enum(
+            _common.choice_input(
+                inputs,
                 "seed_tag",
-                choices.values(),
-                label="Only seeds tagged",
+                tags,
+                "Only seeds tagged",
                 description="Optional: use only the seeds with this tag",
-                view=choices,
             )
-        _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
-        return types.Property(
-            inputs, view=types.View(label="Propagate labels from seeds")
-        )
+        return True
 
-    def resolve_delegation(self, ctx):
-        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
-
-    def execute(self, ctx):
+    def call(self, view, params, progress):
         import dinoprop
 
-        params = ctx.params
-        view = ctx.target_view()
         label_field = params["label_field"]
         default_embeddings = (
             "embeddings"
             if _is_detections(view, label_field)
             else _common.DEFAULT_EMBEDDINGS
         )
-
-        def call(progress):
-            return dinoprop.propagate_labels(
-                view,
-                label_field,
-                embeddings=params.get("embeddings") or default_embeddings,
-                output_field=params.get("output_field") or None,
-                method=params.get("method") or "auto",
-                k=int(params.get("k") or DEFAULT_K),
-                seed_tag=params.get("seed_tag") or None,
-                confidence_threshold=params.get("confidence_threshold"),
-                progress=progress,
-            )
-
-        return _common.run(
-            ctx, self, "Propagating labels", call, _show_review_queue
+        return dinoprop.propagate_labels(
+            view,
+            label_field,
+            embeddings=params.get("embeddings") or default_embeddings,
+            output_field=params.get("output_field") or None,
+            method=params.get("method") or "auto",
+            k=int(params.get("k") or DEFAULT_K),
+            seed_tag=params.get("seed_tag") or None,
+            confidence_threshold=params.get("confidence_threshold"),
+            progress=progress,
         )
 
-    def resolve_output(self, ctx):
-        return _common.summary_output(
-            "Labels propagated",
-            [
-                ("output_field", "Output field", "str"),
-                ("method", "Method", "str"),
-                ("num_seeds", "Seeds", "int"),
-                ("num_classes", "Classes", "int"),
-                ("num_propagated", "Samples labeled", "int"),
-                ("estimated_accuracy", "Estimated accuracy", "float"),
-                ("recommended_threshold", "Recommended threshold", "float"),
-                ("coverage_at_threshold", "Coverage at threshold", "float"),
-                ("num_needs_review", "Need review", "int"),
-                ("ece", "Calibration error (ECE)", "float"),
-                ("seconds", "Seconds", "float"),
-            ],
-        )
+    def follow_up(self, ctx, results):
+        from dinoprop.core import DinopropError
+        from dinoprop.review import review_queue_view
+
+        yield ctx.ops.reload_dataset()
+        if results.summary().get("num_needs_review"):
+            try:
+                queue = review_queue_view(ctx.dataset)
+            except DinopropError:
+                return
+            # the view itself, not its name: the App may not have refetched
+            # the dataset's saved views yet
+            yield ctx.ops.set_view(view=queue)
 
 
 def _default_label_field(fields):
@@ -247,18 +226,3 @@ def _output_error(view, output, label_field):
     ):
         return None
     return "Field '%s' exists and does not hold labels" % output
-
-
-def _show_review_queue(ctx, results):
-    from dinoprop.core import DinopropError
-    from dinoprop.review import review_queue_view
-
-    yield ctx.ops.reload_dataset()
-    if results.summary().get("num_needs_review"):
-        try:
-            queue = review_queue_view(ctx.dataset)
-        except DinopropError:
-            return
-        # the view itself, not its name: the App may not have refetched the
-        # dataset's saved views yet
-        yield ctx.ops.set_view(view=queue)

@@ -1,52 +1,38 @@
 """Operator ``suggest_seeds``: which samples to annotate next."""
 
-import fiftyone.operators as foo
-import fiftyone.operators.types as types
-
 from . import _common
 
-#: Choosing among 200k+ samples defaults to a delegated run.
-DELEGATE_THRESHOLD = 200_000
-ANNOTATE_NEXT_TAG = "dinoprop:annotate_next"
+DEFAULT_COUNT = 10
 
 
-class SuggestSeeds(foo.Operator):
+class SuggestSeeds(_common.DinopropOperator):
     """Suggests samples to annotate (``dinoprop.suggest_seeds``)."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="suggest_seeds",
-            label="dinoprop: suggest samples to annotate next",
-            description="Picks the samples whose labels would help most",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+    NAME = "suggest_seeds"
+    LABEL = "dinoprop: suggest samples to annotate next"
+    DESCRIPTION = "Picks the samples whose labels would help most"
+    #: Choosing among 200k+ samples defaults to a delegated run.
+    DELEGATE_THRESHOLD = 200_000
+    TARGET_ACTION = "Suggest samples from"
+    FORM_TITLE = "Suggest samples to annotate"
+    PROGRESS_LABEL = "Choosing samples"
+    RESULT_TITLE = "Samples to annotate next"
+    RESULT_ROWS = [
+        ("num_suggested", "Samples suggested", "int"),
+        ("tag", "Tagged", "str"),
+    ]
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        view = _common.target_view(ctx, inputs, "Suggest samples from")
-        embeddings = _common.field_dropdown(
-            ctx,
-            inputs,
-            "embeddings",
-            _common.vector_fields(view),
-            "Embeddings field",
-            "The vectors used to find representative samples",
-            default=_common.DEFAULT_EMBEDDINGS,
-            missing="No embeddings yet: run compute_embeddings first",
-            required=False,
+    def form(self, ctx, inputs, view):
+        embeddings = _common.embeddings_dropdown(
+            ctx, inputs, view, "The vectors used to find representative samples"
         )
         if embeddings is None:
-            return types.Property(inputs)
-
+            return False
         total = view.count()
-        count = ctx.params.get("count", 10)
+        count = ctx.params.get("count", DEFAULT_COUNT)
         inputs.int(
             "count",
-            default=10,
+            default=DEFAULT_COUNT,
             min=1,
             label="How many",
             description="Number of samples to suggest",
@@ -55,51 +41,34 @@ class SuggestSeeds(foo.Operator):
         )
         fields = _common.label_fields(view)
         if fields:
-            choices = types.DropdownView()
-            for name in fields:
-                choices.add_choice(name, label=name)
-            inputs.enum(
+            _common.choice_input(
+                inputs,
                 "label_field",
-                choices.values(),
-                label="Existing labels",
+                fields,
+                "Existing labels",
                 description="Optional: the label field to complete; its "
                 "labeled samples are not suggested again",
-                view=choices,
             )
-        _common.delegation(ctx, inputs, view, DELEGATE_THRESHOLD)
-        return types.Property(
-            inputs, view=types.View(label="Suggest samples to annotate")
-        )
+        return True
 
-    def resolve_delegation(self, ctx):
-        return _common.wants_delegation(ctx, DELEGATE_THRESHOLD)
-
-    def execute(self, ctx):
+    def call(self, view, params, progress):
         import dinoprop
 
-        params = ctx.params
-        view = ctx.target_view()
-
-        def call(progress):
-            ids = dinoprop.suggest_seeds(
-                view,
-                int(params.get("count", 10)),
-                label_field=params.get("label_field") or None,
-                embeddings=params.get("embeddings")
-                or _common.DEFAULT_EMBEDDINGS,
-            )
-            return _Suggestions(ids)
-
-        return _common.run(ctx, self, "Choosing samples", call, _show)
-
-    def resolve_output(self, ctx):
-        return _common.summary_output(
-            "Samples to annotate next",
-            [
-                ("num_suggested", "Samples suggested", "int"),
-                ("tag", "Tagged", "str"),
-            ],
+        ids = dinoprop.suggest_seeds(
+            view,
+            int(params.get("count", DEFAULT_COUNT)),
+            label_field=params.get("label_field") or None,
+            embeddings=params.get("embeddings") or _common.DEFAULT_EMBEDDINGS,
+            progress=progress,
         )
+        return _Suggestions(ids)
+
+    def follow_up(self, ctx, results):
+        yield ctx.ops.reload_dataset()
+        if results.ids:
+            yield ctx.ops.set_view(
+                view=ctx.dataset.select(results.ids, ordered=True)
+            )
 
 
 class _Suggestions:
@@ -107,10 +76,6 @@ class _Suggestions:
         self.ids = list(ids)
 
     def summary(self):
+        from dinoprop.seeds import ANNOTATE_NEXT_TAG
+
         return {"num_suggested": len(self.ids), "tag": ANNOTATE_NEXT_TAG}
-
-
-def _show(ctx, results):
-    yield ctx.ops.reload_dataset()
-    if results.ids:
-        yield ctx.ops.set_view(view=ctx.dataset.select(results.ids, ordered=True))

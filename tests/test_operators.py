@@ -220,10 +220,8 @@ def test_delegation_defaults_to_background_for_big_views(
     from fiftyone.operators.registry import OperatorRegistry
 
     registry = OperatorRegistry()
-    module = type(registry.get_operator(uri("compute_similarity"))).__module__
-    import sys
-
-    monkeypatch.setattr(sys.modules[module], "DELEGATE_THRESHOLD", 10)
+    operator_cls = type(registry.get_operator(uri("compute_similarity")))
+    monkeypatch.setattr(operator_cls, "DELEGATE_THRESHOLD", 10)
     form = resolve_form("compute_similarity", embedded_dataset)
     assert form["delegate"].default is True
     assert "delegate_notice" in form
