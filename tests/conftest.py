@@ -32,15 +32,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
-    """Deletes every dataset this session created, then its database."""
+    """Deletes this session's datasets, stops its private mongod, and removes
+    its database and plugins directories (before pytest's summary)."""
     import sys
 
-    if "fiftyone" in sys.modules:
+    database = sys.modules.get("fiftyone.core.odm.database")
+    if database is not None and database._client is not None:
         import fiftyone as fo
 
         fo.delete_datasets("*")
-    shutil.rmtree(_SESSION_DIR / "plugins", ignore_errors=True)
+        database._disconnect()
+    if database is not None and database._db_service is not None:
+        database._db_service.stop()
+        database._db_service = None
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
