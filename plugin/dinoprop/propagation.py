@@ -20,6 +20,7 @@ import fiftyone.core.runs as fors
 
 from dinoprop import propagation_methods as pm
 from dinoprop.core import (
+    TAG_PREFIX,
     DinopropError,
     check_vector_field,
     require_field,
@@ -30,7 +31,7 @@ from dinoprop.core import (
 )
 
 #: Tag of samples whose propagated label is below the review threshold.
-NEEDS_REVIEW_TAG = "dinoprop:needs_review"
+NEEDS_REVIEW_TAG = TAG_PREFIX + "needs_review"
 
 #: Name of the saved view listing samples to review, least confident first.
 REVIEW_QUEUE_VIEW = "dinoprop review queue"

@@ -17,7 +17,12 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError, progress_bar, validate_samples
+from dinoprop.core import (
+    TAG_PREFIX,
+    DinopropError,
+    progress_bar,
+    validate_samples,
+)
 
 #: Candidates considered per suggestion: the most informative
 #: ``POOL_FACTOR * count`` samples form the pool that k-center selection
@@ -30,7 +35,7 @@ POOL_FACTOR = 5
 COVERAGE_POOL_FACTOR = 20
 
 #: The tag put on the suggested samples.
-ANNOTATE_NEXT_TAG = "dinoprop:annotate_next"
+ANNOTATE_NEXT_TAG = TAG_PREFIX + "annotate_next"
 
 
 def suggest_seeds(
