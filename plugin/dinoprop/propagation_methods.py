@@ -330,6 +330,16 @@ def smooth_scores(
 
 # ------------------------------------------------ candidates and auto
 
+#: The inverse regularisation of the classifier inside ``graph_linear``.
+#: Its probabilities are smoothed over the graph with the seeds clamped to
+#: one-hot rows; a strongly regularised classifier (C=1 on unit-norm
+#: features) gives near-uniform rows that the clamped seeds then dominate,
+#: so the confidence mostly measures graph distance to a seed. Weaker
+#: regularisation lets the classifier's own evidence rank the samples:
+#: measured on clothing-small and cifar10-test it raises accuracy, the
+#: coverage reachable at 95% precision, and lowers calibration error.
+GRAPH_LINEAR_C = 10.0
+
 
 class Problem:
     """A propagation problem: features, graph, and cached derived data.
@@ -357,9 +367,9 @@ class Problem:
         seeds (one cross-validation fold) share it."""
         key = (graph_augmented, np.asarray(seed_idx).tobytes(), np.asarray(seed_labels).tobytes())
         if key not in self._linear_cache:
-            x = self.xg if graph_augmented else self.x
+            x, c = (self.xg, GRAPH_LINEAR_C) if graph_augmented else (self.x, 1.0)
             self._linear_cache = {
-                key: softmax(linear_logits(x, seed_idx, seed_labels, self.num_classes))
+                key: softmax(linear_logits(x, seed_idx, seed_labels, self.num_classes, c=c))
             }
         return self._linear_cache[key]
 
