@@ -5,7 +5,7 @@ Everything here imports FiftyOne lazily so that ``import dinoprop`` stays fast.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -110,6 +110,51 @@ def check_vector_field(samples: Any, field: str) -> None:
             "embeddings; choose another field name"
             % (field, _describe_field(schema_field))
         )
+
+
+def require_embeddings_field(
+    samples: Any, field: str, patches_field: Optional[str] = None
+) -> int:
+    """Checks that ``field`` can hold the embeddings of samples or patches.
+
+    For patches, ``field`` is the attribute of each label of
+    ``patches_field`` holding its embedding; it is declared on the dataset
+    as a vector field when labels carry it undeclared, so that FiftyOne
+    Brain can read it.
+
+    Args:
+        samples: a sample collection
+        field: the embeddings field (or label attribute)
+        patches_field: an optional label list field such as ``Detections``
+
+    Returns:
+        the number of embeddings in ``samples``
+
+    Raises:
+        DinopropError: if a field is missing or has the wrong type
+    """
+    import fiftyone.core.fields as fof
+    import fiftyone.core.labels as fol
+
+    if patches_field is None:
+        require_field(
+            samples,
+            field,
+            "an embeddings field (run dinoprop.compute_embeddings first)",
+        )
+        check_vector_field(samples, field)
+        return samples.exists(field).count()
+    require_field(samples, patches_field, "a patches (label) field")
+    label_type, path = samples._get_label_field_path(patches_field, field)
+    if not issubclass(label_type, fol._LABEL_LIST_FIELDS):
+        raise DinopropError(
+            "patches_field '%s' must be a label list field such as "
+            "Detections" % patches_field
+        )
+    count = samples.count(path)
+    if count and not samples.has_field(path):
+        samples._dataset.add_sample_field(path, fof.VectorField)
+    return count
 
 
 def load_embeddings(

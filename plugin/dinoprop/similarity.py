@@ -203,32 +203,9 @@ def _check_options(metric, index_type):
 
 def _check_embeddings(samples, field, patches_field):
     """Raises DinopropError unless ``samples`` has some usable embeddings."""
-    import fiftyone.core.labels as fol
-    from dinoprop.core import check_vector_field, require_field
+    from dinoprop.core import require_embeddings_field
 
-    if patches_field is None:
-        require_field(
-            samples,
-            field,
-            "an embeddings field (run dinoprop.compute_embeddings first)",
-        )
-        check_vector_field(samples, field)
-        count = samples.exists(field).count()
-    else:
-        require_field(samples, patches_field, "a patches (label) field")
-        label_type, path = samples._get_label_field_path(patches_field, field)
-        if not issubclass(label_type, fol._LABEL_LIST_FIELDS):
-            raise DinopropError(
-                "patches_field '%s' must be a label list field such as "
-                "Detections" % patches_field
-            )
-        count = samples.count(path)
-        if count and not samples.has_field(path):
-            # Declare the per-label embeddings so FiftyOne Brain finds them
-            import fiftyone.core.fields as fof
-
-            samples._dataset.add_sample_field(path, fof.VectorField)
-    if count == 0:
+    if require_embeddings_field(samples, field, patches_field) == 0:
         raise DinopropError(
             "No sample in the view has an embedding in '%s'; run "
             "dinoprop.compute_embeddings first" % field

@@ -151,27 +151,9 @@ def _check_options(samples, brain_key, method, num_dims, k, overwrite):
 def _load(samples, field, patches_field):
     """Loads ``(vectors, sample_ids, label_ids)`` with clear errors."""
     import fiftyone.brain.internal.core.utils as fbu
-    import fiftyone.core.fields as fof
-    import fiftyone.core.labels as fol
-    from dinoprop.core import check_vector_field, require_field
+    from dinoprop.core import require_embeddings_field
 
-    if patches_field is None:
-        require_field(
-            samples,
-            field,
-            "an embeddings field (run dinoprop.compute_embeddings first)",
-        )
-        check_vector_field(samples, field)
-    else:
-        require_field(samples, patches_field, "a patches (label) field")
-        label_type, path = samples._get_label_field_path(patches_field, field)
-        if not issubclass(label_type, fol._LABEL_LIST_FIELDS):
-            raise DinopropError(
-                "patches_field '%s' must be a label list field such as "
-                "Detections" % patches_field
-            )
-        if samples.count(path) and not samples.has_field(path):
-            samples._dataset.add_sample_field(path, fof.VectorField)
+    require_embeddings_field(samples, field, patches_field)
     try:
         vectors, sample_ids, label_ids = fbu.get_embeddings(
             samples, patches_field=patches_field, embeddings_field=field
