@@ -147,11 +147,7 @@ def k_center_greedy(x: np.ndarray, centers: np.ndarray, count: int) -> np.ndarra
     Returns:
         ``count`` node indices, in pick order
     """
-    num = x.shape[0]
-    nearest = np.full(num, np.inf, np.float32)
-    for start in range(0, len(centers), 1024):
-        block = 1.0 - x @ x[centers[start : start + 1024]].T
-        nearest = np.minimum(nearest, block.min(axis=1))
+    nearest = _distance_to_nearest(x, x[centers])
     picks = []
     if len(centers) == 0:
         first = int(np.argmax(x @ x.mean(axis=0)))
@@ -200,14 +196,27 @@ def uncertain_dense(
     order = np.argsort(-score, kind="stable")
     pool = order[~np.isin(order, seed_idx)][:pool_size]
     # k-center greedy within the pool, the seeds counting as covered
-    nearest = np.full(len(pool), np.inf, np.float32)
-    for start in range(0, len(seed_idx), 1024):
-        block = 1.0 - x[pool] @ x[seed_idx[start : start + 1024]].T
-        nearest = np.minimum(nearest, block.min(axis=1))
+    pool_x, pool_score = x[pool], score[pool]
+    nearest = _distance_to_nearest(pool_x, x[seed_idx])
     picks = []
     for _ in range(min(count, len(pool))):
-        best = int(np.argmax(nearest * score[pool]))
+        best = int(np.argmax(nearest * pool_score))
         picks.append(int(pool[best]))
-        nearest = np.minimum(nearest, 1.0 - x[pool] @ x[pool[best]])
+        nearest = np.minimum(nearest, 1.0 - pool_x @ pool_x[best])
         nearest[best] = -1.0
     return np.array(picks, np.int64)
+
+
+def _distance_to_nearest(
+    points: np.ndarray, centers: np.ndarray, block: int = 1024
+) -> np.ndarray:
+    """Cosine distance of each unit-norm point to its nearest center.
+
+    Centers are compared in blocks so memory stays ``num_points x block``;
+    with no center every distance is infinite.
+    """
+    nearest = np.full(points.shape[0], np.inf, np.float32)
+    for start in range(0, centers.shape[0], block):
+        distances = 1.0 - points @ centers[start : start + block].T
+        nearest = np.minimum(nearest, distances.min(axis=1))
+    return nearest
