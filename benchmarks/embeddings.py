@@ -216,13 +216,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding workers for both (default: dinoprop's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--bf16-cpu", action="store_true",
-                        help="also time dinoprop with precision='bf16' on the CPU")
     parser.add_argument("--output", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
 
     tmp = _private_database()
     import fiftyone as fo
+    import torch
 
     from dinoprop.embeddings_data import default_batch_size, default_num_workers
     from dinoprop.models import load_model, resolve_device
@@ -243,10 +242,12 @@ def main(argv=None) -> dict:
         "dinoprop": lambda: _run_dinoprop(dataset, model, batch_size, num_workers),
         "fiftyone": lambda: _run_fiftyone(dataset, fo_model, batch_size, num_workers),
     }
-    if args.bf16_cpu and device.type == "cpu":
-        bf16 = load_model(model_dir, device="cpu", precision="bf16")
-        pipelines["dinoprop_bf16"] = lambda: _run_dinoprop(
-            dataset, bf16, batch_size, num_workers, field="dinoprop_bf16_embedding")
+    models = {"dinoprop": model}
+    if model.dtype != torch.float32:  # default is reduced precision: show fp32 too
+        models["dinoprop_fp32"] = load_model(model_dir, device=str(device), precision="fp32")
+        pipelines["dinoprop_fp32"] = lambda: _run_dinoprop(
+            dataset, models["dinoprop_fp32"], batch_size, num_workers,
+            field="dinoprop_fp32_embedding")
 
     # Persistent: FiftyOne's DataLoader workers connect to the database, and
     # a new client that believes it is alone deletes non-persistent datasets.
@@ -265,9 +266,7 @@ def main(argv=None) -> dict:
                 print("round %d %-14s %7.1f img/s %8.1f CPU ms/img"
                       % (r + 1, name, rate, cpu), flush=True)
         agreement = _agreement(dataset)
-        model_only = _model_only_rate(model, paths, batch_size)
-        if "dinoprop_bf16" in pipelines:
-            bf16_model_only = _model_only_rate(bf16, paths, batch_size)
+        model_only = {name: _model_only_rate(m, paths, batch_size) for name, m in models.items()}
         decode = _decode_rate(model, paths, batch_size, num_workers)
     finally:
         dataset.delete()
@@ -280,7 +279,8 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "model_only_img_s": round(model_only, 2),
+        "precision": str(model.dtype).replace("torch.", ""),
+        "model_only_img_s": round(model_only["dinoprop"], 2),
         "decode_img_s": round(decode, 2),
         "cosine_agreement": round(agreement, 4),
     }
@@ -288,8 +288,9 @@ def main(argv=None) -> dict:
         result["%s_img_s" % name] = round(statistics.median(rates[name]), 2)
         result["%s_cpu_ms" % name] = round(statistics.median(cpu_ms[name]), 1)
     result["ratio"] = round(result["dinoprop_img_s"] / result["fiftyone_img_s"], 3)
-    if "dinoprop_bf16" in pipelines:
-        result["model_only_bf16_img_s"] = round(bf16_model_only, 2)
+    if "dinoprop_fp32" in pipelines:
+        result["model_only_fp32_img_s"] = round(model_only["dinoprop_fp32"], 2)
+        result["fp32_ratio"] = round(result["dinoprop_fp32_img_s"] / result["fiftyone_img_s"], 3)
     result["cpu_ratio"] = round(result["fiftyone_cpu_ms"] / result["dinoprop_cpu_ms"], 3)
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     table = _markdown(result, rates, _machine(device))
@@ -297,16 +298,17 @@ def main(argv=None) -> dict:
     if args.output:
         Path(args.output).write_text(table)
     print(json.dumps({k: result[k] for k in (
-        "device", "model", "dinoprop_img_s", "fiftyone_img_s", "ratio",
-        "model_only_img_s", "decode_img_s", "cpu_ratio", "dinoprop_bf16_img_s")
+        "device", "model", "precision", "dinoprop_img_s", "fiftyone_img_s", "ratio",
+        "model_only_img_s", "decode_img_s", "cpu_ratio", "dinoprop_fp32_img_s",
+        "fp32_ratio")
         if k in result}))
     return result
 
 
 _LABELS = {
-    "dinoprop": "dinoprop `compute_embeddings` (default: fp32 on CPU)",
-    "fiftyone": "FiftyOne `compute_embeddings` (transformers integration)",
-    "dinoprop_bf16": "dinoprop, `precision='bf16'` (opt-in on CPU)",
+    "dinoprop": "dinoprop `compute_embeddings` (default `precision='auto'`: %s)",
+    "fiftyone": "FiftyOne `compute_embeddings` (transformers integration, float32)",
+    "dinoprop_fp32": "dinoprop, `precision='fp32'`",
 }
 
 
@@ -330,24 +332,25 @@ def _markdown(result: dict, rates: dict, machine: str) -> str:
     ]
     for name in rates:
         lines.append("| %s | %.1f | %s | %.2fx | %.0f | %.2fx |" % (
-            _LABELS[name], result["%s_img_s" % name],
+            _LABELS[name].replace("%s", result["precision"]), result["%s_img_s" % name],
             ", ".join("%.1f" % r for r in rates[name]),
             result["%s_img_s" % name] / result["fiftyone_img_s"],
             result["%s_cpu_ms" % name],
             result["fiftyone_cpu_ms"] / result["%s_cpu_ms" % name]))
-    lines.append("| model only (pre-decoded uint8 batch, fp32) | %.1f | | | | |"
-                 % result["model_only_img_s"])
-    if "model_only_bf16_img_s" in result:
-        lines.append("| model only, bf16 autocast | %.1f | | | | |"
-                     % result["model_only_bf16_img_s"])
+    lines.append("| model only (pre-decoded uint8 batch, %s) | %.1f | | | | |"
+                 % (result["precision"], result["model_only_img_s"]))
+    if "model_only_fp32_img_s" in result:
+        lines.append("| model only, float32 | %.1f | | | | |"
+                     % result["model_only_fp32_img_s"])
     lines += [
         "| decode + resize only (DataLoader, no model) | %.1f | | | | |" % result["decode_img_s"],
         "",
-        "Ratio dinoprop / FiftyOne (fp32, wall clock): **%.2f**; by CPU time "
-        "per image (less sensitive to other processes on a shared machine): "
-        "**%.2f**. Mean cosine between the two pipelines' centred vectors for "
-        "the same image: %.4f (same model; they differ only in resampling "
-        "arithmetic)." % (result["ratio"], result["cpu_ratio"], result["cosine_agreement"]),
+        "Ratio dinoprop (default) / FiftyOne, wall clock: **%.2f**; by CPU "
+        "time per image (less sensitive to other processes on a shared "
+        "machine): **%.2f**. Mean cosine between the two pipelines' centred "
+        "vectors for the same image: %.4f (same model; they differ in "
+        "resampling arithmetic and, at reduced precision, rounding)."
+        % (result["ratio"], result["cpu_ratio"], result["cosine_agreement"]),
         "",
     ]
     return "\n".join(lines)

@@ -102,7 +102,10 @@ def features(name: str) -> tuple[np.ndarray, np.ndarray]:
             [fo.Sample(filepath=f, ground_truth=fo.Classification(label=c))
              for f, c in zip(files, labels)]
         )
-        dinoprop.compute_embeddings(dataset, model=MODEL, normalize=False, progress=False)
+        # fp32: the quality numbers must not depend on whether this CPU
+        # runs bf16 natively (precision="auto" would pick it there)
+        dinoprop.compute_embeddings(dataset, model=MODEL, normalize=False,
+                                    precision="fp32", progress=False)
         by_path = dict(zip(*dataset.values(["filepath", "dinoprop_embedding"])))
         matrix = np.stack([np.asarray(by_path[f], np.float32) for f in files])
     finally:

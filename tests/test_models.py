@@ -59,7 +59,7 @@ def test_builtin_names_cover_every_dinov2_variant():
 def test_local_dir_pooling_matches_transformers(tiny_dinov2_dir):
     from transformers import Dinov2Model
 
-    model = load_model(tiny_dinov2_dir, device="cpu")
+    model = load_model(tiny_dinov2_dir, device="cpu", precision="fp32")
     assert (model.kind, model.hidden_dim, model.patch_size) == ("vit", 32, 14)
     assert model.num_prefix_tokens == 1
     images = _batch(_random_images(3), model.preprocessing)
@@ -88,7 +88,7 @@ def test_registers_are_left_out_of_mean_pooling(session_dir):
     path = session_dir / "tiny-dinov2-reg"
     reference = Dinov2WithRegistersModel(config).eval()
     reference.save_pretrained(path)
-    model = load_model(str(path), device="cpu")
+    model = load_model(str(path), device="cpu", precision="fp32")
     assert model.num_prefix_tokens == 5
     images = _batch(_random_images(2), model.preprocessing)
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_meta_checkpoint_maps_into_transformers(session_dir, variant):
     path = session_dir / ("dinov2_vits14_%s_pretrain.pth" % variant)
     torch.save(_to_meta_state_dict(reference.state_dict(), variant == "swiglu"), path)
 
-    model = load_model(str(path), device="cpu")
+    model = load_model(str(path), device="cpu", precision="fp32")
     assert model.hidden_dim == 64 and model.patch_size == 14
     assert model.num_prefix_tokens == (5 if variant == "registers" else 1)
     images = _batch(_random_images(2, seed=3), model.preprocessing)
@@ -312,7 +312,7 @@ def test_device_resolution():
 
 
 def test_bf16_precision_on_cpu_stays_close_to_fp32(tiny_dinov2_dir):
-    fp32 = load_model(tiny_dinov2_dir, device="cpu")
+    fp32 = load_model(tiny_dinov2_dir, device="cpu", precision="fp32")
     bf16 = load_model(tiny_dinov2_dir, device="cpu", precision="bf16")
     assert bf16.fingerprint == fp32.fingerprint and str(bf16.dtype) == "torch.bfloat16"
     images = _batch(_random_images(4), fp32.preprocessing)
@@ -322,6 +322,20 @@ def test_bf16_precision_on_cpu_stays_close_to_fp32(tiny_dinov2_dir):
         load_model(tiny_dinov2_dir, device="cpu", precision="fp16")
     with pytest.raises(DinopropError, match="precision"):
         load_model(tiny_dinov2_dir, device="cpu", precision="int3")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_uses_bf16_only_where_native(monkeypatch, native):
+    import torch
+
+    from dinoprop import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert models.compute_dtype(torch.device("cpu")) == expected
+    assert models.compute_dtype(torch.device("cpu"), "auto") == expected
+    assert models.compute_dtype(torch.device("cpu"), "fp32") == torch.float32
+    assert models.compute_dtype(torch.device("mps"), "auto") == torch.float32
 
 
 def test_models_that_cannot_embed_images_fail_at_load(session_dir):

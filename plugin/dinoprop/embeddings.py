@@ -139,8 +139,9 @@ def compute_embeddings(
         image_size: the model's input crop size (default 224)
         trust_remote_code: allow Hugging Face models to run their own code
         compile: ``torch.compile`` the model (CUDA only)
-        precision: ``"auto"`` (bf16/fp16 on GPUs, fp32 on CPU), ``"fp32"``,
-            ``"bf16"`` (also fast on CPUs with AVX512-BF16/AMX) or ``"fp16"``
+        precision: ``"auto"`` (bf16/fp16 on GPUs, bf16 on CPUs with native
+            bf16 such as AVX512-BF16/AMX, else fp32), ``"fp32"`` (exact
+            float32 everywhere), ``"bf16"`` or ``"fp16"``
         gpu_decode: decode JPEGs on the GPU with nvJPEG (CUDA only; workers
             then only read files, which helps when CPU decoding is the
             bottleneck)
