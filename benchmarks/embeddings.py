@@ -21,16 +21,16 @@ The last line printed is JSON with the headline numbers.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from private_db import use_private_database
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLOTHING = REPO_ROOT.parent / "shared" / "datasets" / "clothing-small"
@@ -42,22 +42,6 @@ VIT_SIZES = {
     "large": (1024, 24, 16),
     "giant": (1536, 40, 24),
 }
-
-
-def _private_database():
-    """Points FiftyOne at a fresh private database before it is imported.
-
-    The directory is removed at exit, after FiftyOne has stopped its mongod
-    (exit handlers run last-registered first, and FiftyOne registers its
-    own when it is imported, after this one).
-    """
-    tmp = tempfile.mkdtemp(prefix="embbench-")
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(tmp, "db")
-    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return tmp
 
 
 def _save_model(directory: str, size: str) -> None:
@@ -219,7 +203,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
 
-    tmp = _private_database()
+    tmp = use_private_database("embbench-")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import fiftyone as fo
     import torch
 

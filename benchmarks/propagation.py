@@ -29,19 +29,18 @@ The last printed line is JSON with the headline numbers.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import glob
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from private_db import use_private_database
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -50,22 +49,6 @@ RESULTS = REPO / "benchmarks" / "results" / "propagation.md"
 SEEDS_PER_CLASS = (1, 5, 10, 25)
 NUM_DRAWS = 5
 MODEL = "efficientnet-lite0"
-
-
-def _private_database():
-    """Points FiftyOne at a throwaway database before it is imported.
-
-    The directory is removed at exit; registered before FiftyOne registers
-    its own exit handlers, it runs after they have stopped the database.
-    """
-    db_dir = tempfile.mkdtemp(prefix="dinoprop-bench-db-")
-    atexit.register(shutil.rmtree, db_dir, True)
-    os.environ["FIFTYONE_DATABASE_DIR"] = db_dir
-    os.environ["FIFTYONE_DATABASE_NAME"] = "dinoprop-bench"
-    os.environ.pop("FIFTYONE_DATABASE_URI", None)
-    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
-    return db_dir
 
 
 # --------------------------------------------------------------- features
@@ -130,8 +113,6 @@ def seed_draws(y: np.ndarray, per_class: int, num_draws: int = NUM_DRAWS):
 
 def baseline_scores(name, x, y, seeds, graph_problem):
     """Class scores of the baseline ``name`` for every node."""
-    from dinoprop import propagation_methods as pm
-
     num_classes = int(y.max()) + 1
     if name == "prototypes":
         protos = np.stack([x[seeds[y[seeds] == c]].mean(0) for c in range(num_classes)])
@@ -498,7 +479,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller run, < 5 min with cached embeddings")
     args = parser.parse_args()
-    _private_database()
+    use_private_database()
     run(args.quick)
 
 

@@ -23,12 +23,12 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+from private_db import use_private_database
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIM = 384
@@ -60,15 +60,6 @@ def make_dataset(vectors, field="embedding"):
     )
     dataset.set_values(field, list(vectors), progress=False)
     return dataset
-
-
-def private_database():
-    """Points FiftyOne at a fresh private database; returns its directory."""
-    root = tempfile.mkdtemp(prefix="dinoprop-bench-")
-    os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(root, "db")
-    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
-    return root
 
 
 def _timed_queries(results, query_ids):
@@ -183,14 +174,13 @@ def main():
     args = parser.parse_args()
     sizes = args.sizes or ([20000] if args.quick else [20000, 100000])
 
-    root = private_database()
+    use_private_database()
     try:
         rows = [run_size(num) for num in sizes]
     finally:
         import fiftyone as fo
 
         fo.delete_non_persistent_datasets()
-        shutil.rmtree(root, ignore_errors=True)
     table = to_markdown(rows, args.quick)
     print(table)
     if not args.quick:  # --quick checks the script; keep the full table

@@ -30,12 +30,13 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from private_db import use_private_database
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIELD = "embedding"
@@ -102,7 +103,7 @@ def main():
     import similarity as bench  # the shared synthetic data helpers
 
     num = args.num or (10000 if args.quick else 20000)
-    root = bench.private_database()
+    root = use_private_database()
     import fiftyone as fo
 
     vectors = bench.make_vectors(num, seed=3)
@@ -122,7 +123,6 @@ def main():
     finally:
         dataset.delete()
         fo.delete_non_persistent_datasets()
-        shutil.rmtree(root, ignore_errors=True)
 
     rows = np.random.default_rng(0).choice(num, min(num, TRUST_POINTS), False)
     trust = {m: _trustworthiness(vectors, points[m], rows) for m in points}

@@ -1,0 +1,42 @@
+"""A throwaway FiftyOne database for one benchmark process.
+
+Each benchmark calls :func:`use_private_database` before importing
+FiftyOne, so it runs its own mongod on a temporary directory and never
+touches the user's datasets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+
+def use_private_database(prefix: str = "dinoprop-bench-") -> str:
+    """Points FiftyOne at a fresh database directory; returns its parent.
+
+    The parent directory doubles as scratch space for the benchmark. At exit
+    the database is stopped first and the directory removed after, so mongod
+    never finds its files gone while it is still running.
+    """
+    root = tempfile.mkdtemp(prefix=prefix)
+    os.environ.pop("FIFTYONE_DATABASE_URI", None)
+    os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(root, "db")
+    os.environ["FIFTYONE_DATABASE_NAME"] = "dinoprop-bench"
+    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+    os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
+    atexit.register(_stop_and_remove, root)
+    return root
+
+
+def _stop_and_remove(root: str) -> None:
+    database = sys.modules.get("fiftyone.core.odm.database")
+    if database is not None:
+        if database._client is not None:
+            database._disconnect()
+        if database._db_service is not None:
+            database._db_service.stop()
+            database._db_service = None
+    shutil.rmtree(root, ignore_errors=True)
