@@ -260,8 +260,10 @@ def test_results_reload_in_a_fresh_process(embedded_dataset):
         dataset.persistent = False
 
 
-def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset):
+def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monkeypatch):
     import fiftyone as fo
+
+    from dinoprop import graph
 
     dataset = embedded_dataset
     dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
@@ -270,6 +272,11 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset):
     target = dataset.match(fo.ViewField("label") == None).first()  # noqa: E711
     target["label"] = fo.Classification(label=target.ground_truth.label)
     target.save()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the graph was searched again")
+
+    monkeypatch.setattr(graph, "knn_search", no_search)  # the graph is reused
     results = dinoprop.propagate_labels(dataset, "label", confidence_threshold=0.0)
     assert results.summary()["num_seeds"] == 7
     assert dataset[target.id]["label_propagated"] is None

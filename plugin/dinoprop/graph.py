@@ -217,7 +217,9 @@ def _drop_self(sims, nbrs, k):
     )
 
 
-def sample_knn_graph(samples, embeddings_field: str, k: int):
+def sample_knn_graph(
+    samples, embeddings_field: str, k: int, loaded: tuple | None = None
+):
     """The kNN graph of the samples of a view that have an embedding.
 
     When a dinoprop similarity run (:func:`dinoprop.compute_similarity`,
@@ -231,6 +233,9 @@ def sample_knn_graph(samples, embeddings_field: str, k: int):
         samples: a FiftyOne sample collection
         embeddings_field: the vector field holding the embeddings
         k: neighbours per sample
+        loaded: the ``(sample_ids, embeddings)`` of
+            :func:`dinoprop.core.load_embeddings` for this view and field,
+            when the caller already has them
 
     Returns:
         a tuple ``(sample_ids, embeddings, neighbors, similarities)``: a
@@ -240,7 +245,9 @@ def sample_knn_graph(samples, embeddings_field: str, k: int):
     """
     from dinoprop.core import load_embeddings
 
-    sample_ids, embeddings = load_embeddings(samples, embeddings_field)
+    if loaded is None:
+        loaded = load_embeddings(samples, embeddings_field)
+    sample_ids, embeddings = loaded
     cached = cached_knn(samples, embeddings_field, sample_ids, embeddings, k)
     if cached is not None:
         neighbors, sims = cached

@@ -426,7 +426,7 @@ def _graph(samples, embeddings, k):
 
     key = (
         samples._root_dataset._doc.id,
-        str(samples._serialize()),
+        str(samples.view()._serialize(include_uuids=False)),  # the stages only
         embeddings,
         int(k),
     )
@@ -438,7 +438,9 @@ def _graph(samples, embeddings, k):
         and np.array_equal(cached[1], vectors)
     ):
         return cached
-    ids, vectors, neighbors, sims = sample_knn_graph(samples, embeddings, k)
+    ids, vectors, neighbors, sims = sample_knn_graph(
+        samples, embeddings, k, loaded=(ids, vectors)
+    )
     entry = (ids, vectors, pm.Graph(neighbors, sims))
     if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
         _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))

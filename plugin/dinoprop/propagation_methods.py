@@ -258,11 +258,18 @@ def linear_logits(
     if len(present) == 1:
         logits[:, present[0]] = 0.0
         return logits
+    train = x[seed_idx].astype(np.float64)
+    # With fewer seeds than dimensions, the L2-regularised solution lies in
+    # the span of the seeds (representer theorem): fit in the coordinates
+    # of an orthonormal basis of that span, an exact and much smaller
+    # problem, then map the weights back.
+    basis = np.linalg.qr(train.T)[0] if len(train) < train.shape[1] else None
     model = LogisticRegression(C=c, max_iter=300, class_weight="balanced")
-    model.fit(x[seed_idx], seed_labels, sample_weight=sample_weight)
-    scores = model.decision_function(x).astype(np.float32)
-    if scores.ndim == 1:  # binary problem: sklearn returns one column
-        scores = np.stack([-scores / 2, scores / 2], axis=1)
+    model.fit(train if basis is None else train @ basis, seed_labels, sample_weight=sample_weight)
+    weights = model.coef_ if basis is None else model.coef_ @ basis.T
+    scores = (x @ weights.T.astype(np.float32)) + model.intercept_.astype(np.float32)
+    if scores.shape[1] == 1:  # binary problem: sklearn fits one column
+        scores = np.hstack([-scores / 2, scores / 2])
     logits[:, model.classes_] = scores
     return logits
 
