@@ -347,13 +347,14 @@ def report(quality_tables, e2e, al, speeds, quick) -> str:
     lines = [
         "# Label propagation benchmark",
         "",
-        "Measured %s UTC on %s (2-core CPU, no GPU), `benchmarks/propagation.py%s`."
-        % (datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"), platform.node() or "this machine",
-           " --quick" if quick else ""),
-        "Features: efficientnet-lite0 via `dinoprop.compute_embeddings` (1280-d pooled, "
-        "mean-centred, L2-normalised). Accuracy on the non-seed images, mean of %d seed "
-        "draws; every column on the same draws. Machine shared with other jobs while "
-        "measuring, so seconds are pessimistic." % (3 if quick else NUM_DRAWS),
+        "Measured %s UTC on %s (%d-core CPU, no GPU), `benchmarks/propagation.py%s`."
+        % (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+           platform.node() or "this machine", os.cpu_count(), " --quick" if quick else ""),
+        "Features: efficientnet-lite0 via `dinoprop.compute_embeddings(precision=\"fp32\")` "
+        "(1280-d pooled, mean-centred, L2-normalised). Accuracy on the non-seed images, mean "
+        "of %d seed draws; every column on the same draws. 1-minute load average when the "
+        "table was written: %.1f (above the core count, other processes shared the CPU and "
+        "seconds are pessimistic)." % (3 if quick else NUM_DRAWS, os.getloadavg()[0]),
         "",
     ]
     for name, table in quality_tables.items():
