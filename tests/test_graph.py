@@ -105,3 +105,29 @@ def test_sample_knn_graph_ignores_a_stale_run(embedded_dataset):
     )
     expected, expected_sims = _exact_neighbors(x, 3)
     assert np.allclose(sims, expected_sims, atol=1e-5)
+
+
+def test_load_embeddings_matches_fiftyone_and_skips_missing(embedded_dataset):
+    from dinoprop.core import DinopropError, load_embeddings
+
+    dataset = embedded_dataset
+    missing = dataset.first()
+    missing["dinoprop_embedding"] = None
+    missing.save()
+    ids, vectors = load_embeddings(dataset, "dinoprop_embedding")
+    expected = [(i, v) for i, v in zip(*dataset.values(["id", "dinoprop_embedding"])) if v is not None]
+    assert list(ids) == [i for i, _ in expected] and missing.id not in ids
+    np.testing.assert_array_equal(vectors, np.stack([v for _, v in expected]))
+    assert vectors.dtype == np.float32 and vectors.flags.writeable
+
+    # vectors of mixed lengths take FiftyOne's reader and fail clearly
+    other = dataset.last()
+    other["dinoprop_embedding"] = np.ones(3, np.float32)
+    other.save()
+    with pytest.raises(DinopropError, match="mixed dimensions"):
+        load_embeddings(dataset, "dinoprop_embedding")
+    only_missing = dataset.select(missing.id)
+    ids, vectors = load_embeddings(only_missing, "dinoprop_embedding", allow_empty=True)
+    assert len(ids) == 0 and vectors.shape[0] == 0
+    with pytest.raises(DinopropError, match="No sample in the view has an embedding"):
+        load_embeddings(only_missing, "dinoprop_embedding")

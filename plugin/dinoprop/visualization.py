@@ -150,10 +150,24 @@ def _check_options(samples, brain_key, method, num_dims, k, overwrite):
 
 def _load(samples, field, patches_field):
     """Loads ``(vectors, sample_ids, label_ids)`` with clear errors."""
-    import fiftyone.brain.internal.core.utils as fbu
-    from dinoprop.core import require_embeddings_field
+    from dinoprop.core import load_embeddings, require_embeddings_field
 
     require_embeddings_field(samples, field, patches_field)
+    if patches_field is None:  # dinoprop's faster reader
+        sample_ids, vectors = load_embeddings(samples, field)
+        label_ids = None
+    else:
+        vectors, sample_ids, label_ids = _load_patch_embeddings(samples, field, patches_field)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise DinopropError("Embeddings in '%s' contain NaN or inf" % field)
+    return vectors, np.asarray(sample_ids), label_ids
+
+
+def _load_patch_embeddings(samples, field, patches_field):
+    """Patch embeddings through FiftyOne Brain's reader, with clear errors."""
+    import fiftyone.brain.internal.core.utils as fbu
+
     try:
         vectors, sample_ids, label_ids = fbu.get_embeddings(
             samples, patches_field=patches_field, embeddings_field=field
@@ -168,10 +182,7 @@ def _load(samples, field, patches_field):
             "No sample in the view has an embedding in '%s'; run "
             "dinoprop.compute_embeddings first" % field
         )
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if not np.isfinite(vectors).all():
-        raise DinopropError("Embeddings in '%s' contain NaN or inf" % field)
-    return vectors, np.asarray(sample_ids), label_ids
+    return vectors, sample_ids, label_ids
 
 
 def _knn_with_self(samples, field, patches_field, vectors, ids, k):
