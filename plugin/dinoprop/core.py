@@ -215,7 +215,7 @@ def decode_vectors(stored: list) -> np.ndarray | None:
     decodes them one ``np.load`` at a time; when every blob holds a 1-D
     array of the same dtype and length they share one header, so the
     payloads are decompressed and joined into a single array instead
-    (about 2x faster for large views, with no per-vector arrays).
+    (about 1.5x faster for large views, with no per-vector arrays).
 
     Args:
         stored: the raw values of a vector field (``values(..., _raw=True)``)
