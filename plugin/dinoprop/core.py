@@ -190,14 +190,12 @@ def load_embeddings(
     if not keep and allow_empty:
         return np.array([], dtype=str), np.zeros((0, 0), np.float32)
     if not keep:
-        raise DinopropError(
-            "No sample in the view has an embedding in '%s'; run "
-            "dinoprop.compute_embeddings first" % field
-        )
+        raise no_embeddings_error(field)
     sample_ids = np.array([str(ids[i]) for i in keep])
-    embeddings = decode_vectors([raw[i] for i in keep])
-    if embeddings is None:  # not uniform stored arrays: FiftyOne's own path
-        vectors = [np.asarray(v) for v in samples.values(field) if v is not None]
+    stored = [raw[i] for i in keep]
+    embeddings = decode_vectors(stored)
+    if embeddings is None:  # not uniform stored arrays: one at a time
+        vectors = [_decode_one(v) for v in stored]
         dims = {len(v) for v in vectors}
         if len(dims) > 1:
             raise DinopropError(
@@ -206,6 +204,66 @@ def load_embeddings(
             )
         embeddings = np.stack(vectors)
     return sample_ids, embeddings.astype(np.float32, copy=False)
+
+
+def read_embeddings(
+    samples: Any, field: str, patches_field: str | None = None, allow_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Reads the sample or object-patch embeddings of a view.
+
+    Sample embeddings are read by :func:`load_embeddings`; patch embeddings
+    (``field`` on each label of ``patches_field``) by FiftyOne Brain's
+    reader.
+
+    Args:
+        samples: a sample collection
+        field: the embeddings field (for patches, the label attribute)
+        patches_field: the Detections/Polylines field holding the patches
+        allow_empty: return empty results, instead of raising, when nothing
+            in the view has an embedding
+
+    Returns:
+        a tuple ``(vectors, sample_ids, label_ids)``: ``num x dim`` float32
+        vectors, their sample IDs, and their label IDs (None for samples)
+
+    Raises:
+        DinopropError: if the embeddings cannot be read, have mixed
+            dimensions, or (unless ``allow_empty``) there are none
+    """
+    if patches_field is None:
+        sample_ids, vectors = load_embeddings(samples, field, allow_empty=allow_empty)
+        return vectors, sample_ids, None
+    import fiftyone.brain.internal.core.utils as fbu
+
+    try:
+        vectors, sample_ids, label_ids = fbu.get_embeddings(
+            samples, patches_field=patches_field, embeddings_field=field
+        )
+    except ValueError as e:
+        raise DinopropError(
+            "Cannot read embeddings '%s' (%s); do they all have the same "
+            "dimension? Recompute them with overwrite=True" % (field, e)
+        ) from e
+    if len(vectors) == 0 and not allow_empty:
+        raise no_embeddings_error(field)
+    return np.asarray(vectors, dtype=np.float32), np.asarray(sample_ids), label_ids
+
+
+def no_embeddings_error(field: str) -> DinopropError:
+    """The error for a view where no sample has an embedding in ``field``."""
+    return DinopropError(
+        "No sample in the view has an embedding in '%s'; run "
+        "dinoprop.compute_embeddings first" % field
+    )
+
+
+def _decode_one(value: Any) -> np.ndarray:
+    """One stored vector: FiftyOne's serialized array, or a plain list."""
+    if isinstance(value, bytes):
+        import fiftyone.core.utils as fou
+
+        return fou.deserialize_numpy_array(value)
+    return np.asarray(value)
 
 
 def decode_vectors(stored: list) -> np.ndarray | None:

@@ -62,7 +62,7 @@ from fiftyone.brain.similarity import (
 )
 import fiftyone.brain.internal.core.utils as fbu
 
-from dinoprop.core import DinopropError, l2_normalize, load_embeddings, progress_bar
+from dinoprop.core import DinopropError, l2_normalize, progress_bar, read_embeddings
 from dinoprop.graph import (
     CALIBRATION_QUERIES,
     ivf_index,
@@ -203,13 +203,10 @@ def _check_options(metric, index_type):
 
 def _check_embeddings(samples, field, patches_field):
     """Raises DinopropError unless ``samples`` has some usable embeddings."""
-    from dinoprop.core import require_embeddings_field
+    from dinoprop.core import no_embeddings_error, require_embeddings_field
 
     if require_embeddings_field(samples, field, patches_field) == 0:
-        raise DinopropError(
-            "No sample in the view has an embedding in '%s'; run "
-            "dinoprop.compute_embeddings first" % field
-        )
+        raise no_embeddings_error(field)
 
 
 class DinopropSimilarityConfig(SimilarityConfig):
@@ -511,24 +508,12 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def _field_embeddings(self, samples=None):
         samples = self._dataset if samples is None else samples
-        if self.config.patches_field is None:  # dinoprop's faster reader
-            sample_ids, vectors = load_embeddings(
-                samples, self.config.embeddings_field, allow_empty=True
-            )
-            return vectors, sample_ids, None
-        try:
-            vectors, sample_ids, label_ids = fbu.get_embeddings(
-                samples,
-                patches_field=self.config.patches_field,
-                embeddings_field=self.config.embeddings_field,
-            )
-        except ValueError as e:
-            raise DinopropError(
-                "Cannot read embeddings '%s' (%s); do they all have the same "
-                "dimension? Recompute them with overwrite=True"
-                % (self.config.embeddings_field, e)
-            ) from e
-        return np.asarray(vectors, dtype=np.float32), sample_ids, label_ids
+        return read_embeddings(
+            samples,
+            self.config.embeddings_field,
+            self.config.patches_field,
+            allow_empty=True,
+        )
 
     def _rebuild_from(self, embeddings, sample_ids, label_ids):
         if self.config.embeddings_field is not None:

@@ -150,39 +150,13 @@ def _check_options(samples, brain_key, method, num_dims, k, overwrite):
 
 def _load(samples, field, patches_field):
     """Loads ``(vectors, sample_ids, label_ids)`` with clear errors."""
-    from dinoprop.core import load_embeddings, require_embeddings_field
+    from dinoprop.core import read_embeddings, require_embeddings_field
 
     require_embeddings_field(samples, field, patches_field)
-    if patches_field is None:  # dinoprop's faster reader
-        sample_ids, vectors = load_embeddings(samples, field)
-        label_ids = None
-    else:
-        vectors, sample_ids, label_ids = _load_patch_embeddings(samples, field, patches_field)
-    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors, sample_ids, label_ids = read_embeddings(samples, field, patches_field)
     if not np.isfinite(vectors).all():
         raise DinopropError("Embeddings in '%s' contain NaN or inf" % field)
     return vectors, np.asarray(sample_ids), label_ids
-
-
-def _load_patch_embeddings(samples, field, patches_field):
-    """Patch embeddings through FiftyOne Brain's reader, with clear errors."""
-    import fiftyone.brain.internal.core.utils as fbu
-
-    try:
-        vectors, sample_ids, label_ids = fbu.get_embeddings(
-            samples, patches_field=patches_field, embeddings_field=field
-        )
-    except ValueError as e:
-        raise DinopropError(
-            "Cannot read embeddings '%s' (%s); do they all have the same "
-            "dimension? Recompute them with overwrite=True" % (field, e)
-        ) from e
-    if len(vectors) == 0:
-        raise DinopropError(
-            "No sample in the view has an embedding in '%s'; run "
-            "dinoprop.compute_embeddings first" % field
-        )
-    return vectors, sample_ids, label_ids
 
 
 def _knn_with_self(samples, field, patches_field, vectors, ids, k):
