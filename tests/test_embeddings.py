@@ -96,7 +96,7 @@ def test_rerun_after_crash_embeds_only_missing_samples(
     image_dataset.reload()
     stored = dict(zip(*image_dataset.exists(FIELD).values(["id", FIELD])))
     assert sorted(stored) == sorted(stored_ids)
-    assert de.get_embeddings_run(image_dataset, FIELD)["status"] == "running"
+    assert de.get_embeddings_run(image_dataset, FIELD)["status"] == "failed"  # the exception was seen
 
     monkeypatch.setattr(de, "_write_chunk", original_write)
     count_forward.clear()
@@ -155,6 +155,11 @@ def test_unreadable_images_are_skipped_and_reported(image_dataset, tiny_dinov2_d
         de.compute_embeddings(
             image_dataset, model=tiny_dinov2_dir, skip_failures=False, num_workers=0
         )
+    # the failed rerun is recorded as failed, with what it did, not "running"
+    assert de.get_embeddings_run(image_dataset, FIELD)["status"] == "failed"
+    recorded = image_dataset.load_run_results(de.run_key_for(FIELD))
+    assert recorded.num_failed == 1 and bad_ids[0] in str(recorded.failures)
+    assert image_dataset.count(FIELD) == 24
 
 
 def test_progress_callable_is_called(image_dataset, tiny_dinov2_dir):

@@ -13,6 +13,7 @@ cropped and embedded, and its vector is stored on the label itself.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,8 @@ from dinoprop.core import (
     require_label_field,
     validate_samples,
 )
+
+logger = logging.getLogger(__name__)
 
 #: The run key prefix under which embeddings runs are recorded.
 RUN_KEY_PREFIX = "dinoprop_embeddings_"
@@ -153,7 +156,8 @@ def compute_embeddings(
     Raises:
         DinopropError: for invalid input (nothing is written), or with
             ``skip_failures=False`` on the first unreadable image (chunks
-            already embedded stay committed)
+            already embedded stay committed, and the run is recorded with
+            status ``"failed"`` and what it committed; a rerun resumes)
     """
     from dinoprop import models as dm
 
@@ -198,14 +202,36 @@ def compute_embeddings(
     batch_size = batch_size or _default_batch_size(backbone)
     num_workers = _default_workers(backbone) if num_workers is None else num_workers
     runner = _Runner(samples, backbone, settings, results, skip_failures, chunk_size, gpu_decode)
-    if patches_field is None:
-        runner.embed_images(overwrite, batch_size, num_workers, progress)
-    else:
-        runner.embed_patches(label_path, overwrite, batch_size, num_workers, progress)
-    results.seconds = time.perf_counter() - start
-    results.images_per_second = results.num_embedded / max(results.seconds, 1e-9)
+    try:
+        if patches_field is None:
+            runner.embed_images(overwrite, batch_size, num_workers, progress)
+        else:
+            runner.embed_patches(label_path, overwrite, batch_size, num_workers, progress)
+    except BaseException:
+        _record_failed_run(samples, run_key, settings, backbone, results, start)
+        raise
+    _finish(results, start)
     _record_run(samples, run_key, settings, backbone, status="completed", results=results)
     return results
+
+
+def _finish(results: EmbeddingsResults, start: float) -> None:
+    results.seconds = time.perf_counter() - start
+    results.images_per_second = results.num_embedded / max(results.seconds, 1e-9)
+
+
+def _record_failed_run(samples, run_key, settings, backbone, results, start) -> None:
+    """Records an interrupted run as ``failed`` with what it committed.
+
+    The vectors already written stay (a rerun resumes from them); the run
+    record says the field is incomplete instead of staying ``running``.
+    Errors while recording are logged, so the original error is raised.
+    """
+    try:
+        _finish(results, start)
+        _record_run(samples, run_key, settings, backbone, status="failed", results=results)
+    except Exception:  # the database may be what failed
+        logger.warning("Could not record the failed embeddings run '%s'", run_key, exc_info=True)
 
 
 def run_key_for(embeddings_field: str, patches_field: str | None = None) -> str:
@@ -435,14 +461,14 @@ class _Runner:
     def _record_failures(self, failures, sample_ids, path, labels) -> None:
         for index, reason in failures:
             failure = (sample_ids[index], reason)
+            self.results.failures.append(failure)
+            self.results.num_failed += 1
             if not self.skip_failures:
                 self._flush(path, labels)
                 raise DinopropError(
                     "Cannot embed sample %s: %s (pass skip_failures=True to "
                     "skip such samples)" % failure
                 )
-            self.results.failures.append(failure)
-            self.results.num_failed += 1
 
     def _maybe_flush(self, path, labels) -> None:
         due = time.monotonic() - self._last_flush > FLUSH_SECONDS
