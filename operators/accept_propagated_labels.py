@@ -75,6 +75,7 @@ class AcceptPropagatedLabels(_common.DinopropOperator):
                 "Accepted labels reverted",
                 [
                     ("num_reverted", "Labels removed", "int"),
+                    ("num_kept_corrected", "Kept (corrected by a human)", "int"),
                     ("label_field", "Label field", "str"),
                 ],
             )
@@ -197,13 +198,12 @@ def _undo_form(ctx, inputs, view, fields):
 
 def _recommended_threshold(view, output):
     """The recommended threshold of the propagation run that wrote it."""
-    dataset = view._root_dataset
-    for key in dataset.list_runs():
-        config = dataset.get_run_info(key).config
-        if getattr(config, "output_field", None) == output:
-            summary = dataset.load_run_results(key).summary()
-            return summary.get("recommended_threshold")
-    return None
+    from dinoprop.propagation import propagation_run_key
+
+    key = propagation_run_key(view, output)
+    if key is None:
+        return None
+    return view._root_dataset.load_run_results(key).summary().get("recommended_threshold")
 
 
 def _propagated_fields(view, fields):

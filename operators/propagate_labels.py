@@ -37,6 +37,7 @@ class PropagateLabels(_common.DinopropOperator):
         ("num_needs_review", "Need review", "int"),
         ("ece", "Calibration error (ECE)", "float"),
         ("seconds", "Seconds", "float"),
+        ("note", "Note", "str"),
     ]
 
     def form(self, ctx, inputs, view):
@@ -214,15 +215,12 @@ def _seeds_ok(inputs, view, label_field, objects):
 
 
 def _output_error(view, output, label_field):
-    import fiftyone.core.fields as fof
+    """Why propagated labels may not go to ``output``, or None."""
+    from dinoprop.core import DinopropError
+    from dinoprop.propagation import check_output_field
 
-    if output == label_field:
-        return "The output field must differ from the seed field"
-    existing = view.get_field(output)
-    if existing is None:
-        return None
-    if isinstance(existing, fof.EmbeddedDocumentField) and issubclass(
-        existing.document_type, LABEL_TYPES
-    ):
-        return None
-    return "Field '%s' exists and does not hold labels" % output
+    try:
+        check_output_field(view, label_field, output)
+    except DinopropError as error:
+        return str(error)
+    return None

@@ -373,6 +373,8 @@ def test_objects_with_unembedded_seed_are_rejected(detection_dataset):
     sample.save()
     with pytest.raises(DinopropError, match="no embedding"):
         dinoprop.propagate_labels(dataset, "boxes")
+    with pytest.raises(DinopropError, match="No object in 'boxes' has an embedding"):
+        dinoprop.propagate_labels(dataset, "boxes", embeddings="embedings")
     assert "boxes_propagated" not in dataset.get_field_schema()
 
 
@@ -381,7 +383,8 @@ def test_objects_with_unembedded_seed_are_rejected(detection_dataset):
 
 def _assert_untouched(dataset):
     assert "label_propagated" not in dataset.get_field_schema()
-    assert dataset.list_runs() == []
+    assert dataset.list_runs() in ([], ["mine"])
+    assert dataset.count("ground_truth") == len(dataset)
     assert len(dataset.match_tags("dinoprop:needs_review")) == 0
     assert not dataset.has_saved_view("dinoprop review queue")
 
@@ -407,6 +410,13 @@ def _assert_untouched(dataset):
         ),
         (lambda d: None, {"label_field": "filepath"}, "expected a"),
         (lambda d: None, {"output_field": "label"}, "must differ"),
+        (lambda d: None, {"output_field": "label.nested"}, "top-level"),
+        (lambda d: None, {"output_field": "ground_truth"}, "no propagation run wrote"),
+        (
+            lambda d: d.register_run("mine", d.init_run(method="other")),
+            {"run_key": "mine"},
+            "another kind of run",
+        ),
         (lambda d: None, {"method": "magic"}, "Unknown method"),
         (lambda d: None, {"embeddings": "missing"}, "does not exist"),
         (lambda d: None, {"seed_tag": "nobody"}, "No seeds"),
@@ -427,3 +437,72 @@ def test_existing_output_of_another_type_is_rejected(embedded_dataset):
     with pytest.raises(DinopropError, match="label_propagated"):
         dinoprop.propagate_labels(dataset, "label")
     assert dataset.list_runs() == []
+
+
+def test_overwrite_replaces_a_field_no_propagation_wrote(embedded_dataset):
+    dataset = embedded_dataset
+    dataset.clone_sample_field("ground_truth", "old_predictions")
+    dinoprop.propagate_labels(
+        dataset, "label", output_field="old_predictions", overwrite=True
+    )
+    assert dataset.count("old_predictions") == 18  # seeds cleared, targets written
+    # once a propagation wrote it, re-running needs no overwrite
+    dinoprop.propagate_labels(dataset, "label", output_field="old_predictions")
+
+
+def test_unreachable_precision_is_explained_and_thresholds_agree(embedded_dataset):
+    dataset = embedded_dataset  # 2 seeds per class: 6 cross-validated seeds
+    results = dinoprop.propagate_labels(dataset, "label")
+    summary = results.summary()
+    # 6 checked seeds cannot vouch for 95% precision: nothing is accepted,
+    # every target is queued for review, and the summary says why
+    assert summary["recommended_threshold"] == 1.0
+    assert summary["coverage_at_threshold"] == 0.0
+    assert summary["num_needs_review"] == 18
+    assert "6 cross-validated seeds" in summary["note"]
+    assert "Add seeds" in summary["note"]
+    estimate = results.evaluate()
+    assert estimate["threshold"] == summary["recommended_threshold"]
+    assert estimate["coverage_at_threshold"] == summary["coverage_at_threshold"]
+
+    # a reachable target: the same threshold from summary and evaluate
+    results = dinoprop.propagate_labels(dataset, "label", target_precision=0.8)
+    summary = results.summary()
+    assert summary["note"] is None and 0 < summary["coverage_at_threshold"] <= 1
+    estimate = results.evaluate(target_precision=0.8)
+    assert estimate["threshold"] == pytest.approx(summary["recommended_threshold"])
+    assert estimate["coverage_at_threshold"] == pytest.approx(
+        summary["coverage_at_threshold"]
+    )
+    assert estimate["num_evaluated"] == 6  # accuracy still from the seeds
+
+
+def test_accepted_labels_are_not_seeds_until_a_human_corrects_them(embedded_dataset):
+    from dinoprop.review import accept_propagated_labels, undo_accept
+
+    dataset = embedded_dataset
+    dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
+    queue = dataset.load_saved_view("dinoprop review queue")
+    queued = set(queue.values("id"))
+    accepted = accept_propagated_labels(dataset, "label_propagated", "label", 0.0)
+    assert accepted.num_accepted == 18
+    # accepted samples leave the review queue
+    assert queued and dataset.load_saved_view("dinoprop review queue").count() == 0
+
+    rerun = dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
+    assert rerun.summary()["num_seeds"] == 6  # accepted labels are no seeds
+    assert rerun.summary()["num_propagated"] == 18
+
+    # a human corrects one accepted label: it becomes a seed, and undo keeps it
+    corrected = dataset.select(accepted.sample_ids[0]).first()
+    corrected.label.label = "corrected"
+    corrected.save()
+    rerun = dinoprop.propagate_labels(dataset, "label", confidence_threshold=1.0)
+    assert rerun.summary()["num_seeds"] == 7
+    undone = undo_accept(dataset, "label", accepted.batch)
+    assert (undone["num_reverted"], undone["num_kept_corrected"]) == (17, 1)
+    assert dataset[corrected.id].label.label == "corrected"
+    assert dataset.count("label") == 7
+    # the reverted samples are back in the queue
+    queue = dataset.load_saved_view("dinoprop review queue")
+    assert set(queue.values("id")) == queued - {corrected.id}

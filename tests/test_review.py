@@ -118,6 +118,8 @@ def test_accept_on_a_view_touches_only_the_view(propagated_dataset):
         ("label_propagated", "label_propagated", 0.5, "must differ"),
         ("label_propagated", "ground_truth_str", 0.5, "expected a Classific"),
         ("label_propagated", "label", 1.5, "between 0 and 1"),
+        ("label_propagated", "label", "high", "between 0 and 1"),
+        ("label_propagated", "label", None, "between 0 and 1"),
     ],
 )
 def test_bad_input_raises_and_writes_nothing(

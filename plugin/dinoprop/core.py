@@ -12,6 +12,28 @@ import numpy as np
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
 
+#: Label attribute naming the accept batch that copied a propagated label
+#: into a label field (:func:`dinoprop.accept_propagated_labels`).
+ACCEPTED_BATCH_ATTRIBUTE = "dinoprop_accepted"
+
+#: Label attribute holding the class an accept batch wrote, so a label a
+#: human has since corrected can be told from the one that was accepted.
+ACCEPTED_LABEL_ATTRIBUTE = "dinoprop_accepted_label"
+
+
+def is_unedited_accepted(
+    label: Optional[str], batch: Optional[str], accepted_label: Optional[str]
+) -> bool:
+    """Whether a label is one an accept batch wrote and no human changed.
+
+    Args:
+        label: the label's current class
+        batch: its :data:`ACCEPTED_BATCH_ATTRIBUTE` (None if never accepted)
+        accepted_label: its :data:`ACCEPTED_LABEL_ATTRIBUTE` (None for labels
+            accepted before that attribute existed, which count as unedited)
+    """
+    return batch is not None and accepted_label in (None, label)
+
 
 class DinopropError(ValueError):
     """Raised for invalid user input; the message says what to change."""

@@ -11,6 +11,7 @@ its :class:`PropagationResults` estimate the accuracy of the labels it wrote.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -20,15 +21,20 @@ import fiftyone.core.runs as fors
 
 from dinoprop import propagation_methods as pm
 from dinoprop.core import (
+    ACCEPTED_BATCH_ATTRIBUTE,
+    ACCEPTED_LABEL_ATTRIBUTE,
     TAG_PREFIX,
     DinopropError,
     check_vector_field,
+    is_unedited_accepted,
     require_field,
     load_embeddings,
     progress_bar,
     require_label_field,
     validate_samples,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Tag of samples whose propagated label is below the review threshold.
 NEEDS_REVIEW_TAG = TAG_PREFIX + "needs_review"
@@ -66,12 +72,18 @@ class PropagationResults(fors.RunResults):
     def summary(self) -> dict:
         """Returns the JSON-serialisable numbers an App result panel shows.
 
-        Keys: ``method``, ``num_seeds``, ``num_classes``, ``num_propagated``,
-        ``num_needs_review``, ``estimated_accuracy``,
-        ``recommended_threshold``, ``coverage_at_threshold``, ``ece``,
-        ``review_threshold``, ``temperature``, ``seconds``, ``run_key``,
-        ``output_field``, ``label_field``. Estimates are None when the seeds
-        are too few to cross-validate (fewer than 2 per class).
+        Keys: ``method``, ``num_seeds``, ``num_classes``, ``num_propagated``
+        (targets: samples, or boxes for object runs), ``num_needs_review``
+        (samples with the review tag; for object runs, samples with at
+        least one box below the threshold), ``estimated_accuracy``,
+        ``recommended_threshold`` (the lowest confidence whose accepted
+        targets reach the target precision by their calibrated
+        confidences), ``coverage_at_threshold`` (the fraction of targets
+        it accepts), ``ece``, ``review_threshold``, ``temperature``,
+        ``seconds``, ``run_key``, ``output_field``, ``label_field`` and
+        ``note`` (why nothing can be accepted, or None). Estimates are None
+        when the seeds are too few to cross-validate (fewer than 2 per
+        class).
         """
         return dict(self.info)
 
@@ -85,9 +97,16 @@ class PropagationResults(fors.RunResults):
         Without ``gt_field``, the estimate comes from k-fold
         cross-validation over the seeds (run by :func:`propagate_labels`):
         each seed is predicted by the method fitted on the other folds, and
-        the calibrated out-of-fold confidences give accuracy against
-        coverage and the threshold reaching ``target_precision``. With
-        ``gt_field``, the propagated labels are scored against that field.
+        the calibrated out-of-fold confidences give the accuracy, the
+        calibration error and accuracy against coverage. The threshold is
+        then the lowest confidence whose accepted targets reach
+        ``target_precision`` by their calibrated confidences (the
+        calibration is the one fitted by the cross-validation), with the
+        fraction of targets it accepts: the same figures as
+        :meth:`summary`'s ``recommended_threshold`` and
+        ``coverage_at_threshold``. With ``gt_field``, the propagated labels
+        are scored against that field and the threshold is the lowest that
+        reaches ``target_precision`` on the truth.
 
         Args:
             gt_field: an optional field with true labels of the targets: a
@@ -117,13 +136,33 @@ class PropagationResults(fors.RunResults):
                     "per class): add seeds, or pass gt_field"
                 )
             probs = np.asarray(self.oof_probs, dtype=np.float64)
-            confidence = probs.max(axis=1)
             correct = probs.argmax(axis=1) == np.asarray(self.oof_labels)
-            source = "cross_validation"
-        else:
-            confidence, correct = self._against_truth(gt_field)
-            source = gt_field
-        return _quality_report(confidence, correct, target_precision, source)
+            report = _quality_report(
+                probs.max(axis=1), correct, target_precision, "cross_validation"
+            )
+            threshold, coverage, precision = pm.threshold_for_precision(
+                self._target_confidences(), target_precision
+            )
+            report.update(
+                threshold=threshold,
+                coverage_at_threshold=coverage,
+                precision_at_threshold=precision,
+            )
+            return report
+        confidence, correct = self._against_truth(gt_field)
+        return _quality_report(confidence, correct, target_precision, gt_field)
+
+    def _target_confidences(self) -> np.ndarray:
+        """The calibrated confidences this run wrote on its targets."""
+        path = self.config.output_field + (
+            ".detections.confidence"
+            if self.config.label_type == "detections"
+            else ".confidence"
+        )
+        values = self.samples.values(path)
+        if self.config.label_type == "detections":
+            values = _flatten(values)
+        return np.array([v for v in values if v is not None], np.float64)
 
     def _against_truth(self, gt_field):
         samples = self.samples
@@ -173,14 +212,17 @@ def propagate_labels(
     store_scores: bool = False,
     run_key: Optional[str] = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
+    overwrite: bool = False,
     progress: Union[None, bool, Callable] = None,
 ) -> PropagationResults:
     """Propagates a few seed labels to every other sample (or object).
 
     Seeds are the samples of ``samples`` whose ``label_field`` holds a
     :class:`fiftyone.core.labels.Classification` (with ``seed_tag``, only
-    those whose sample carries that tag); targets are all other samples
-    with an embedding. Each target gets a
+    those whose sample carries that tag), except labels that
+    :func:`dinoprop.accept_propagated_labels` wrote and no human has
+    corrected since: those are the method's own output, not evidence.
+    Targets are all other samples with an embedding. Each target gets a
     ``Classification(label, confidence)`` in ``output_field``; seeds get
     None there, and ``label_field`` is never modified.
 
@@ -195,15 +237,21 @@ def propagate_labels(
     cross-validated seed predictions (at least 2 seeds per class are
     needed for that). Targets below the review threshold are tagged
     ``dinoprop:needs_review`` and listed, least confident first, by the
-    saved view ``"dinoprop review queue"``.
+    saved view ``"dinoprop review queue"`` (samples leave it once their
+    ``label_field`` holds a label). When no threshold reaches
+    ``target_precision`` (too few seeds to vouch for it, or too hard a
+    problem), every target is marked for review and the summary's ``note``
+    (also logged as a warning) says why.
 
     Args:
         samples: a FiftyOne dataset or view
         label_field: the Classification (or Detections) field of the seeds
         embeddings: the field (or, for objects, the label attribute)
             holding the embeddings
-        output_field: where the propagated labels go; defaults to
-            ``"<label_field>_propagated"``
+        output_field: where the propagated labels go, a top-level field;
+            defaults to ``"<label_field>_propagated"``. An existing field is
+            only replaced if an earlier propagation wrote it, or with
+            ``overwrite=True``
         method: ``"auto"`` (chosen by cross-validation on the seeds; the
             default is graph-smoothed logistic regression on graph-augmented
             features), ``"knn"``, ``"diffusion"``, ``"linear"`` or
@@ -218,6 +266,8 @@ def propagate_labels(
             the ``logits`` of each propagated label
         run_key: the run key; defaults to ``"dinoprop_<output_field>"``
         target_precision: the precision the recommended threshold aims for
+        overwrite: whether ``output_field`` may replace an existing label
+            field that no propagation run wrote
         progress: None (FiftyOne's default), a bool, or a progress callback
 
     Returns:
@@ -225,8 +275,9 @@ def propagate_labels(
 
     Raises:
         DinopropError: for invalid input (no seeds, a single class, seeds
-            without embeddings, a wrong field type, ``output_field`` equal
-            to ``label_field``); nothing is written then
+            without embeddings, a wrong field type, an ``output_field``
+            equal to ``label_field``, nested, or holding other labels, a
+            ``run_key`` of another kind of run); nothing is written then
     """
     start = time.time()
     fol = _fol()
@@ -237,7 +288,7 @@ def propagate_labels(
     )
     label_type = _check_arguments(
         samples, label_field, embeddings, output_field, method, k,
-        confidence_threshold, target_precision, run_key,
+        confidence_threshold, target_precision, run_key, overwrite,
     )
     objects = label_type is fol.Detections
     with progress_bar(4, progress, iters_str="steps") as bar:
@@ -263,8 +314,15 @@ def propagate_labels(
             confidence, target_precision
         )
         review_threshold = (
-            recommended if confidence_threshold is None else confidence_threshold
+            confidence_threshold
+            if confidence_threshold is not None
+            else recommended if calibrated else 1.0
         )
+        note = _threshold_note(
+            outcome, confidence, coverage, target_precision, confidence_threshold
+        )
+        if note:
+            logger.warning(note)
         needs_review = confidence < review_threshold
         writer = _write_objects if objects else _write_samples
         num_review_samples = writer(
@@ -289,6 +347,7 @@ def propagate_labels(
             "run_key": run_key,
             "label_field": label_field,
             "output_field": output_field,
+            "note": note,
         }
         results = _save_run(
             samples, run_key, info, classes, data, seed_labels, outcome,
@@ -316,23 +375,100 @@ def _fol():
     return fol
 
 
+def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
+    """Why no target can be accepted at the target precision, or None."""
+    if outcome.oof_probs is None:
+        return (
+            "Too few seeds to calibrate the confidences (cross-validation "
+            "needs 2 seeds in each of at least 2 classes): no threshold is "
+            "recommended%s" % ("" if chosen is not None else
+                               " and every target is marked for review")
+        )
+    if coverage > 0:
+        return None
+    return (
+        "No threshold reaches the target precision of %.0f%%: the most "
+        "confident labels are estimated at %.1f%%, the most %d cross-validated "
+        "seeds can vouch for. %sAdd seeds (dinoprop.suggest_seeds picks "
+        "them) or lower target_precision"
+        % (
+            100 * target_precision,
+            100 * float(confidence.max(initial=0.0)),
+            len(outcome.oof_labels),
+            "" if chosen is not None else "Every target is marked for review. ",
+        )
+    )
+
+
+def propagation_run_key(samples: Any, output_field: str) -> Optional[str]:
+    """The key of the propagation run that wrote ``output_field``, or None.
+
+    Args:
+        samples: a FiftyOne dataset or view (its dataset's runs are searched)
+        output_field: a field name
+    """
+    dataset = samples._root_dataset
+    for key in dataset.list_runs():
+        config = dataset.get_run_info(key).config
+        if (
+            getattr(config, "run_type", None) == RUN_TYPE
+            and getattr(config, "output_field", None) == output_field
+        ):
+            return key
+    return None
+
+
+def check_output_field(
+    samples: Any, label_field: str, output_field: str, overwrite: bool = False
+) -> None:
+    """Checks that propagated labels may be written to ``output_field``.
+
+    It must be a top-level field other than ``label_field``; if it exists it
+    must hold the label type of ``label_field`` and have been written by an
+    earlier propagation (or ``overwrite`` must be True), so that no human
+    labels and no other predictions are replaced.
+
+    Raises:
+        DinopropError: if the field may not be written, saying why
+    """
+    if not isinstance(output_field, str) or not output_field or "." in output_field:
+        raise DinopropError(
+            "output_field must be a top-level field name (no '.'); got %r"
+            % (output_field,)
+        )
+    if output_field == label_field:
+        raise DinopropError(
+            "output_field must differ from label_field ('%s'): human labels "
+            "are never overwritten" % label_field
+        )
+    if samples.get_field(output_field) is None:
+        return
+    label_type = require_label_field(samples, label_field, _label_types())
+    require_label_field(samples, output_field, (label_type,))
+    if not overwrite and propagation_run_key(samples, output_field) is None:
+        raise DinopropError(
+            "Field '%s' already holds labels that no propagation run wrote; "
+            "choose another output_field, or pass overwrite=True to replace "
+            "them" % output_field
+        )
+
+
+def _label_types():
+    fol = _fol()
+    return fol.Classification, fol.Detections
+
+
 def _check_arguments(
     samples, label_field, embeddings, output_field, method, k,
-    confidence_threshold, target_precision, run_key,
+    confidence_threshold, target_precision, run_key, overwrite,
 ):
     """Validates everything that needs no embeddings; returns the label type."""
-    fol = _fol()
     if method not in pm.METHODS:
         raise DinopropError(
             "Unknown method %r; choose one of %s" % (method, ", ".join(pm.METHODS))
         )
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise DinopropError("k must be a positive integer; got %r" % (k,))
-    if output_field == label_field:
-        raise DinopropError(
-            "output_field must differ from label_field ('%s'): human labels "
-            "are never overwritten" % label_field
-        )
     if output_field == embeddings:
         raise DinopropError(
             "output_field must differ from the embeddings field '%s'" % embeddings
@@ -349,11 +485,16 @@ def _check_arguments(
         raise DinopropError(
             "run_key must be a valid Python identifier; got %r" % run_key
         )
-    label_type = require_label_field(
-        samples, label_field, (fol.Classification, fol.Detections)
-    )
-    if samples.get_field(output_field) is not None:
-        require_label_field(samples, output_field, (label_type,))
+    dataset = samples._root_dataset
+    if run_key in dataset.list_runs():
+        run_type = getattr(dataset.get_run_info(run_key).config, "run_type", None)
+        if run_type != RUN_TYPE:
+            raise DinopropError(
+                "run_key '%s' names another kind of run on this dataset; "
+                "choose another run_key" % run_key
+            )
+    label_type = require_label_field(samples, label_field, _label_types())
+    check_output_field(samples, label_field, output_field, overwrite)
     return label_type
 
 
@@ -387,11 +528,19 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, embeddings)
-    ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
+    ids, labels, tags, batches, accepted = samples.values(
+        [
+            "id", label_field + ".label", "tags",
+            label_field + "." + ACCEPTED_BATCH_ATTRIBUTE,
+            label_field + "." + ACCEPTED_LABEL_ATTRIBUTE,
+        ]
+    )
     embedded = set(samples.exists(embeddings).values("id"))
     is_seed = [
-        lab is not None and (seed_tag is None or seed_tag in (t or []))
-        for lab, t in zip(labels, tags)
+        lab is not None
+        and not is_unedited_accepted(lab, batch, was)
+        and (seed_tag is None or seed_tag in (t or []))
+        for lab, t, batch, was in zip(labels, tags, batches, accepted)
     ]
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
@@ -417,6 +566,7 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         "graph": graph,
         "seed_idx": np.array([position[s] for s in seed_ids], np.int64),
         "seed_labels": np.array(seed_labels),
+        "label_field": label_field,
     }
 
 
@@ -467,22 +617,29 @@ def _write_samples(
         values[ids[node]] = label
     samples.set_values(output_field, values, key_field="id")
     review_ids = list(ids[targets[needs_review]])
-    _mark_for_review(samples, review_ids, output_field + ".confidence")
+    _mark_for_review(
+        samples, review_ids, output_field + ".confidence", data["label_field"]
+    )
     return len(review_ids)
 
 
-def _mark_for_review(samples, review_ids, sort_key):
+def _mark_for_review(samples, review_ids, sort_key, unlabeled_in=None):
     """Tags the samples to review and saves the review queue view.
 
     Args:
         samples: the collection
         review_ids: the IDs of the samples to review
         sort_key: the field path or expression ranking them, ascending
+        unlabeled_in: an optional label field: samples that have a label
+            there (a human's, or an accepted one) leave the queue
     """
     samples.untag_samples(NEEDS_REVIEW_TAG)
     if review_ids:
         samples.select(review_ids).tag_samples(NEEDS_REVIEW_TAG)
-    queue = samples.match_tags(NEEDS_REVIEW_TAG).sort_by(sort_key)
+    queue = samples.match_tags(NEEDS_REVIEW_TAG)
+    if unlabeled_in is not None:
+        queue = queue.exists(unlabeled_in, False)
+    queue = queue.sort_by(sort_key)
     samples._root_dataset.save_view(
         REVIEW_QUEUE_VIEW,
         queue,
@@ -526,6 +683,13 @@ def _object_data(samples, label_field, embeddings, seed_tag, k):
     )
     vectors = [_as_vector(v) for v in vectors]
     has_embedding = np.array([v is not None for v in vectors], bool)
+    if not has_embedding.any():
+        raise DinopropError(
+            "No object in '%s' has an embedding in its attribute '%s'; run "
+            "dinoprop.compute_embeddings(..., patches_field='%s') first, or "
+            "pass the attribute holding the patch embeddings as embeddings="
+            % (label_field, embeddings, label_field)
+        )
     is_seed = np.array(
         [
             lab is not None and (seed_tag is None or seed_tag in (t or []))

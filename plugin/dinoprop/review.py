@@ -8,9 +8,12 @@ labels into real labels (:func:`accept_propagated_labels`) and take that back
 (:func:`undo_accept`).
 
 Accepting never overwrites a human label: only samples whose label field is
-empty receive one. Every accepted label carries the attribute
-``dinoprop_accepted`` (the ID of the accept batch that wrote it), so an undo
-removes exactly the labels a batch wrote and nothing a human made.
+empty receive one. Every accepted label carries the attributes
+``dinoprop_accepted`` (the ID of the accept batch that wrote it) and
+``dinoprop_accepted_label`` (the class it wrote), so an undo removes exactly
+the labels a batch wrote and nothing a human made or corrected since, and
+:func:`dinoprop.propagate_labels` does not take accepted labels for human
+seeds.
 """
 
 from __future__ import annotations
@@ -19,14 +22,21 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from dinoprop.core import TAG_PREFIX, DinopropError, validate_samples
+from dinoprop.core import (
+    ACCEPTED_BATCH_ATTRIBUTE,
+    ACCEPTED_LABEL_ATTRIBUTE,
+    TAG_PREFIX,
+    DinopropError,
+    is_unedited_accepted,
+    validate_samples,
+)
 from dinoprop.propagation import NEEDS_REVIEW_TAG, REVIEW_QUEUE_VIEW
 
 #: Tag of samples whose label was accepted from a propagated label.
 ACCEPTED_TAG = TAG_PREFIX + "accepted"
 
 #: Label attribute holding the accept batch that wrote an accepted label.
-BATCH_ATTRIBUTE = "dinoprop_accepted"
+BATCH_ATTRIBUTE = ACCEPTED_BATCH_ATTRIBUTE
 
 
 class AcceptResults:
@@ -94,7 +104,10 @@ def accept_propagated_labels(
     Only samples whose ``label_field`` is empty receive a label: human labels
     are never overwritten. Each accepted sample is tagged
     ``dinoprop:accepted`` and its new label records the batch that wrote it
-    (attribute ``dinoprop_accepted``), so :func:`undo_accept` can revert it.
+    and the class it wrote (attributes ``dinoprop_accepted`` and
+    ``dinoprop_accepted_label``), so :func:`undo_accept` can revert it.
+    Accepted samples leave the review queue, which lists only samples
+    without a label.
 
     Args:
         samples: a FiftyOne dataset or view
@@ -117,19 +130,14 @@ def accept_propagated_labels(
     from fiftyone import ViewField as F
 
     _check_fields(samples, output_field, label_field)
-    if not 0.0 <= float(min_confidence) <= 1.0:
-        raise DinopropError(
-            "min_confidence must be between 0 and 1; found %s" % min_confidence
-        )
+    min_confidence = _check_confidence(min_confidence)
 
     if samples.get_field(label_field) is None:
         unlabeled, num_human = samples.exists(output_field), 0
     else:
         unlabeled = samples.exists(label_field, False).exists(output_field)
         num_human = samples.exists(label_field).count()
-    confident = unlabeled.match(
-        F(output_field + ".confidence") >= float(min_confidence)
-    )
+    confident = unlabeled.match(F(output_field + ".confidence") >= min_confidence)
     ids = confident.values("id")
     num_unlabeled = unlabeled.count()
     batch = _new_batch_id()
@@ -142,7 +150,7 @@ def accept_propagated_labels(
                 fo.Classification(
                     label=p.label,
                     confidence=p.confidence,
-                    **{BATCH_ATTRIBUTE: batch},
+                    **{BATCH_ATTRIBUTE: batch, ACCEPTED_LABEL_ATTRIBUTE: p.label},
                 )
                 for p in propagated
             ],
@@ -152,7 +160,7 @@ def accept_propagated_labels(
         batch=batch,
         label_field=label_field,
         output_field=output_field,
-        min_confidence=float(min_confidence),
+        min_confidence=min_confidence,
         num_human_labeled=num_human,
         num_below_threshold=num_unlabeled - len(ids),
         sample_ids=ids,
@@ -164,9 +172,11 @@ def undo_accept(
 ) -> dict:
     """Reverts labels written by :func:`accept_propagated_labels`.
 
-    Only labels that carry the accept marker are removed; labels a human
-    wrote are left alone. The ``dinoprop:accepted`` tag is removed from the
-    reverted samples.
+    Only labels that carry the accept marker and still hold the class that
+    was accepted are removed. Labels a human wrote are left alone, and so
+    are accepted labels a human has since corrected: those lose the accept
+    marker and become human labels. The ``dinoprop:accepted`` tag is removed
+    from both.
 
     Args:
         samples: a FiftyOne dataset or view
@@ -175,7 +185,9 @@ def undo_accept(
             reverts every accepted label in ``samples``
 
     Returns:
-        a dict with ``num_reverted``, ``label_field`` and ``batch``
+        a dict with ``num_reverted``, ``num_kept_corrected`` (accepted
+        labels kept because a human changed their class), ``label_field``
+        and ``batch``
 
     Raises:
         DinopropError: if the view is empty or ``label_field`` is missing
@@ -190,13 +202,46 @@ def undo_accept(
         )
     marker = F("%s.%s" % (label_field, BATCH_ATTRIBUTE))
     condition = marker.exists() if batch is None else marker == batch
-    accepted = samples.match(condition)
-    ids = accepted.values("id")
+    ids, labels = samples.match(condition).values(["id", label_field])
+    reverted, corrected = [], {}
+    for sample_id, label in zip(ids, labels):
+        if _is_unedited(label):
+            reverted.append(sample_id)
+        else:
+            corrected[sample_id] = _without_accept_marker(label)
+    if reverted:
+        samples.select(reverted).set_values(label_field, [None] * len(reverted))
+    if corrected:
+        samples.set_values(label_field, corrected, key_field="id")
     if ids:
-        selected = samples.select(ids)
-        selected.set_values(label_field, [None] * len(ids))
-        selected.untag_samples(ACCEPTED_TAG)
-    return {"num_reverted": len(ids), "label_field": label_field, "batch": batch}
+        samples.select(ids).untag_samples(ACCEPTED_TAG)
+    return {
+        "num_reverted": len(reverted),
+        "num_kept_corrected": len(corrected),
+        "label_field": label_field,
+        "batch": batch,
+    }
+
+
+def _is_unedited(label: Any) -> bool:
+    """Whether an accepted label still holds the class that was accepted."""
+    return is_unedited_accepted(
+        label.label,
+        _attribute(label, BATCH_ATTRIBUTE),
+        _attribute(label, ACCEPTED_LABEL_ATTRIBUTE),
+    )
+
+
+def _attribute(label: Any, name: str) -> Any:
+    return label.get_field(name) if label.has_field(name) else None
+
+
+def _without_accept_marker(label: Any) -> Any:
+    """The label without the attributes that mark it as accepted."""
+    for name in (BATCH_ATTRIBUTE, ACCEPTED_LABEL_ATTRIBUTE):
+        if label.has_field(name):
+            label.clear_field(name)
+    return label
 
 
 def accepted_batches(samples: Any, label_field: str) -> dict:
@@ -255,6 +300,19 @@ def _check_fields(samples: Any, output_field: str, label_field: str) -> None:
     require_label_field(samples, output_field, (fol.Classification,))
     if samples.get_field(label_field) is not None:
         require_label_field(samples, label_field, (fol.Classification,))
+
+
+def _check_confidence(value: Any) -> float:
+    """``value`` as a float in [0, 1], else a DinopropError."""
+    try:
+        confidence = float(value)
+    except (TypeError, ValueError):
+        confidence = float("nan")
+    if not 0.0 <= confidence <= 1.0:
+        raise DinopropError(
+            "min_confidence must be a number between 0 and 1; found %r" % (value,)
+        )
+    return confidence
 
 
 def _new_batch_id() -> str:
