@@ -232,8 +232,15 @@ def test_propagate_labels_end_to_end(embedded_dataset):
     assert 0 <= truth_eval["coverage_at_threshold"] <= 1
     assert len(truth_eval["accuracy_vs_coverage"]) == 10
 
-    dataset.delete_run(run_key)
-    assert run_key not in dataset.list_runs()
+    # renaming is reflected in the summary; deleting removes what it wrote
+    dataset.rename_run(run_key, "renamed")
+    assert dataset.load_run_results("renamed").summary()["run_key"] == "renamed"
+    dataset.delete_run("renamed")
+    assert dataset.list_runs() == []
+    assert "label_propagated" not in dataset.get_field_schema()
+    assert not dataset.has_saved_view("dinoprop review queue")
+    assert len(dataset.match_tags(dinoprop.propagation.NEEDS_REVIEW_TAG)) == 0
+    assert dataset.count("label") == 6  # human labels stay
 
 
 def test_results_reload_in_a_fresh_process(embedded_dataset):
@@ -506,3 +513,15 @@ def test_accepted_labels_are_not_seeds_until_a_human_corrects_them(embedded_data
     # the reverted samples are back in the queue
     queue = dataset.load_saved_view("dinoprop review queue")
     assert set(queue.values("id")) == queued - {corrected.id}
+
+
+def test_runs_recorded_by_an_older_config_class_are_replaced(embedded_dataset):
+    from dinoprop.propagation import RUN_TYPE, PropagationRunConfig
+
+    dataset = embedded_dataset
+    old = dataset.init_run(method="knn", run_type=RUN_TYPE, output_field="label_propagated")
+    dataset.register_run("dinoprop_label_propagated", old)
+    dinoprop.propagate_labels(dataset, "label")
+    config = dataset.get_run_info("dinoprop_label_propagated").config
+    assert isinstance(config, PropagationRunConfig)
+    assert dataset.count("label_propagated") == 18

@@ -5,8 +5,9 @@ of its samples (or of their object patches), propagates the seeds over the
 kNN graph of the embeddings with a method of
 :mod:`dinoprop.propagation_methods`, and writes one label with a calibrated
 confidence per target. The run is recorded on the dataset like any FiftyOne
-run (``dataset.list_runs()``, ``load_run_results()``, ``delete_run()``) and
-its :class:`PropagationResults` estimate the accuracy of the labels it wrote.
+run (``dataset.list_runs()``, ``load_run_results()``, ``rename_run()``, and
+``delete_run()``, which removes what the run wrote) and its
+:class:`PropagationResults` estimate the accuracy of the labels it wrote.
 """
 
 from __future__ import annotations
@@ -55,6 +56,39 @@ _GRAPH_CACHE: dict = {}
 _GRAPH_CACHE_SIZE = 4
 
 
+class PropagationRunConfig(fors.RunConfig):
+    """The recorded parameters of a :func:`propagate_labels` run.
+
+    ``dataset.get_run_info(run_key).config`` holds ``label_field``,
+    ``output_field``, ``embeddings``, ``requested_method``, ``k``,
+    ``seed_tag``, ``confidence_threshold``, ``target_precision``,
+    ``label_type`` and ``method`` (the method used).
+    """
+
+
+class PropagationRun(fors.Run):
+    """A :func:`propagate_labels` run as FiftyOne manages it.
+
+    ``dataset.delete_run(run_key)`` removes what the run wrote, as deleting
+    a FiftyOne Brain run does: its output field (unless another run writes
+    the same field), and, when the review queue is this run's, the saved
+    view and the ``dinoprop:needs_review`` tags.
+    """
+
+    def get_fields(self, samples, key):
+        return [self.config.output_field]
+
+    def cleanup(self, samples, key):
+        dataset = samples._root_dataset
+        output = self.config.output_field
+        if _review_queue_source(dataset) == output:
+            dataset.delete_saved_view(REVIEW_QUEUE_VIEW)
+            dataset.untag_samples(NEEDS_REVIEW_TAG)
+        others = [k for k in _propagation_runs(dataset, output) if k != key]
+        if not others and dataset.get_field(output) is not None:
+            dataset.delete_sample_field(output)
+
+
 class PropagationResults(fors.RunResults):
     """The results of :func:`propagate_labels`, saved with the run.
 
@@ -85,7 +119,7 @@ class PropagationResults(fors.RunResults):
         when the seeds are too few to cross-validate (fewer than 2 per
         class).
         """
-        return dict(self.info)
+        return dict(self.info, run_key=self.key or self.info.get("run_key"))
 
     def evaluate(
         self,
@@ -407,15 +441,21 @@ def propagation_run_key(samples: Any, output_field: str) -> Optional[str]:
         samples: a FiftyOne dataset or view (its dataset's runs are searched)
         output_field: a field name
     """
-    dataset = samples._root_dataset
+    keys = _propagation_runs(samples._root_dataset, output_field)
+    return keys[0] if keys else None
+
+
+def _propagation_runs(dataset, output_field):
+    """The keys of the propagation runs that wrote ``output_field``."""
+    keys = []
     for key in dataset.list_runs():
         config = dataset.get_run_info(key).config
         if (
             getattr(config, "run_type", None) == RUN_TYPE
             and getattr(config, "output_field", None) == output_field
         ):
-            return key
-    return None
+            keys.append(key)
+    return keys
 
 
 def check_output_field(
@@ -618,17 +658,19 @@ def _write_samples(
     samples.set_values(output_field, values, key_field="id")
     review_ids = list(ids[targets[needs_review]])
     _mark_for_review(
-        samples, review_ids, output_field + ".confidence", data["label_field"]
+        samples, review_ids, output_field, output_field + ".confidence",
+        data["label_field"],
     )
     return len(review_ids)
 
 
-def _mark_for_review(samples, review_ids, sort_key, unlabeled_in=None):
+def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):
     """Tags the samples to review and saves the review queue view.
 
     Args:
         samples: the collection
         review_ids: the IDs of the samples to review
+        output_field: the field of the propagated labels
         sort_key: the field path or expression ranking them, ascending
         unlabeled_in: an optional label field: samples that have a label
             there (a human's, or an accepted one) leave the queue
@@ -644,9 +686,19 @@ def _mark_for_review(samples, review_ids, sort_key, unlabeled_in=None):
         REVIEW_QUEUE_VIEW,
         queue,
         description="Samples whose propagated label needs review, least "
-        "confident first (written by dinoprop.propagate_labels)",
+        "confident first (written by dinoprop.propagate_labels into '%s')"
+        % output_field,
         overwrite=True,
     )
+
+
+def _review_queue_source(dataset):
+    """The output field the saved review queue belongs to, or None."""
+    if not dataset.has_saved_view(REVIEW_QUEUE_VIEW):
+        return None
+    description = dataset.get_saved_view_info(REVIEW_QUEUE_VIEW).get("description") or ""
+    marker = description.rpartition(" into ")[2]
+    return marker[1:-2] if marker.startswith("'") and marker.endswith("')") else None
 
 
 # ------------------------------------------------------------- objects
@@ -759,7 +811,7 @@ def _write_objects(
     samples.set_values(output_field, values, key_field="id")
     review_ids = sorted(set(data["owners"][targets[needs_review]]))
     confidences = F(output_field + ".detections.confidence")
-    _mark_for_review(samples, review_ids, confidences.min())
+    _mark_for_review(samples, review_ids, output_field, confidences.min())
     return len(review_ids)
 
 
@@ -784,10 +836,14 @@ def _save_run(
     samples, run_key, info, classes, data, seed_labels, outcome, start, **params
 ):
     """Records the run and its results on the dataset."""
-    config = samples.init_run(
-        method=outcome.method, run_type=RUN_TYPE, **params
-    )
-    samples.register_run(run_key, config, overwrite=True)
+    config = PropagationRunConfig(method=outcome.method, run_type=RUN_TYPE, **params)
+    dataset = samples._root_dataset
+    if run_key in dataset.list_runs() and not isinstance(
+        dataset.get_run_info(run_key).config, PropagationRunConfig
+    ):  # recorded by an older dinoprop: same run, older config class
+        fors.Run.delete_run(dataset, run_key, cleanup=False)
+    # the outputs were just written: replacing the record must not clean up
+    samples.register_run(run_key, config, overwrite=True, cleanup=False)
     oof = outcome.oof_probs
     info["seconds"] = round(time.time() - start, 3)
     results = PropagationResults(
