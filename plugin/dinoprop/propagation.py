@@ -568,19 +568,14 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, embeddings)
-    ids, labels, tags, batches, accepted = samples.values(
-        [
-            "id", label_field + ".label", "tags",
-            label_field + "." + ACCEPTED_BATCH_ATTRIBUTE,
-            label_field + "." + ACCEPTED_LABEL_ATTRIBUTE,
-        ]
-    )
+    ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
+    machine = _accepted_unedited_ids(samples, label_field)
     embedded = set(samples.exists(embeddings).values("id"))
     is_seed = [
         lab is not None
-        and not is_unedited_accepted(lab, batch, was)
+        and sid not in machine
         and (seed_tag is None or seed_tag in (t or []))
-        for lab, t, batch, was in zip(labels, tags, batches, accepted)
+        for sid, lab, t in zip(ids, labels, tags)
     ]
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
@@ -608,6 +603,19 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         "seed_labels": np.array(seed_labels),
         "label_field": label_field,
     }
+
+
+def _accepted_unedited_ids(samples, label_field):
+    """IDs of samples whose label an accept batch wrote and no human changed."""
+    from fiftyone import ViewField as F
+
+    marker = label_field + "." + ACCEPTED_BATCH_ATTRIBUTE
+    accepted = samples.match(F(marker).exists())  # few samples, if any
+    rows = zip(*accepted.values(
+        ["id", label_field + ".label", marker,
+         label_field + "." + ACCEPTED_LABEL_ATTRIBUTE]
+    ))
+    return {sid for sid, *label in rows if is_unedited_accepted(*label)}
 
 
 def _graph(samples, embeddings, k):
