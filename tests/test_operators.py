@@ -182,6 +182,19 @@ def test_propagate_form_without_seeds_or_classes(embedded_dataset):
     ]
 
 
+def test_propagate_form_refuses_an_output_field_it_would_clobber(embedded_dataset):
+    ds = embedded_dataset
+    for output, message in (
+        ("ground_truth", "no propagation run wrote"),
+        ("label.nested", "top-level"),
+        ("label", "must differ"),
+    ):
+        form = resolve_form(
+            "propagate_labels", ds, {"label_field": "label", "output_field": output}
+        )
+        assert any(message in e for e in blocking_errors(form)), output
+
+
 def test_propagate_form_counts_seeds_in_the_target_view(embedded_dataset):
     ds = embedded_dataset
     unlabeled = ds.exists("label", False)
