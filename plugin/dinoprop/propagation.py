@@ -440,6 +440,9 @@ def propagation_run_key(samples: Any, output_field: str) -> Optional[str]:
     Args:
         samples: a FiftyOne dataset or view (its dataset's runs are searched)
         output_field: a field name
+
+    Returns:
+        a run key of ``samples``' dataset, or None
     """
     keys = _propagation_runs(samples._root_dataset, output_field)
     return keys[0] if keys else None
@@ -467,6 +470,13 @@ def check_output_field(
     must hold the label type of ``label_field`` and have been written by an
     earlier propagation (or ``overwrite`` must be True), so that no human
     labels and no other predictions are replaced.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed label field
+        output_field: the field the propagated labels would go to
+        overwrite: whether an existing field no propagation wrote may be
+            replaced
 
     Raises:
         DinopropError: if the field may not be written, saying why
