@@ -525,3 +525,18 @@ def test_runs_recorded_by_an_older_config_class_are_replaced(embedded_dataset):
     config = dataset.get_run_info("dinoprop_label_propagated").config
     assert isinstance(config, PropagationRunConfig)
     assert dataset.count("label_propagated") == 18
+
+
+def test_the_note_names_what_limits_the_confidence():
+    from dinoprop.propagation import _threshold_note
+
+    outcome = pm.Propagation(
+        probs=np.full((4, 2), 0.5), method="knn",
+        oof_probs=np.full((40, 2), 0.5), oof_labels=np.zeros(40, int),
+    )
+    capped = np.array([1 - 0.5 / 42, 0.6])  # at the cap of 40 checked seeds
+    assert "40 cross-validated seeds" in _threshold_note(outcome, capped, 0.0, 0.999, None)
+    unsure = np.array([0.7, 0.6])
+    note = _threshold_note(outcome, unsure, 0.0, 0.95, None)
+    assert "do not separate the classes" in note and "70.0%" in note
+    assert _threshold_note(outcome, unsure, 0.5, 0.95, None) is None

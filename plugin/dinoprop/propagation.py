@@ -420,15 +420,20 @@ def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
         )
     if coverage > 0:
         return None
+    checked = len(outcome.oof_labels)
+    top = float(confidence.max(initial=0.0))
+    cap = 1.0 - (1.0 - 1.0 / outcome.probs.shape[1]) * pm.laplace_shrink(checked)
+    limit = (
+        "the most %d cross-validated seeds can vouch for" % checked
+        if top >= cap - 1e-4
+        else "the seeds do not separate the classes more surely"
+    )
     return (
         "No threshold reaches the target precision of %.0f%%: the most "
-        "confident labels are estimated at %.1f%%, the most %d cross-validated "
-        "seeds can vouch for. %sAdd seeds (dinoprop.suggest_seeds picks "
-        "them) or lower target_precision"
+        "confident labels are estimated at %.1f%%, %s. %sAdd seeds "
+        "(dinoprop.suggest_seeds picks them) or lower target_precision"
         % (
-            100 * target_precision,
-            100 * float(confidence.max(initial=0.0)),
-            len(outcome.oof_labels),
+            100 * target_precision, 100 * top, limit,
             "" if chosen is not None else "Every target is marked for review. ",
         )
     )

@@ -496,14 +496,22 @@ def propagate(
             for name, p in oof.items()
         }
         result.temperature = fit_temperature(oof[chosen], held_out)
-        # Laplace's rule of succession: S checked predictions cannot vouch
-        # for more than 1 - 1/(S + 2) certainty, so probabilities are
-        # shrunk toward uniform by that much
-        shrink = 1.0 / (len(held_out) + 2)
+        shrink = laplace_shrink(len(held_out))
         result.oof_probs = calibrate(oof[chosen], result.temperature, shrink)
         result.oof_labels = np.asarray(held_out)
         result.probs = calibrate(probs, result.temperature, shrink)
     return result
+
+
+def laplace_shrink(num_checked: int) -> float:
+    """How far calibrated probabilities are shrunk toward uniform.
+
+    Laplace's rule of succession: ``S`` checked predictions cannot vouch
+    for more than ``1 - 1/(S + 2)`` certainty, so probabilities are mixed
+    with ``1/(S + 2)`` of the uniform distribution; with ``C`` classes no
+    confidence then exceeds ``1 - (1 - 1/C)/(S + 2)``.
+    """
+    return 1.0 / (num_checked + 2)
 
 
 def calibrate(
