@@ -280,6 +280,9 @@ def test_bad_input_raises_one_clear_error(embedded_dataset):
         dp.compute_similarity(embedded_dataset, metric="manhattan")
     with pytest.raises(DinopropError, match="index_type"):
         dp.compute_similarity(embedded_dataset, index_type="lsh")
+    for threshold in ("abc", -1):
+        with pytest.raises(DinopropError, match="exact_threshold"):
+            dp.compute_similarity(embedded_dataset, exact_threshold=threshold)
     with pytest.raises(DinopropError, match="empty"):
         dp.compute_similarity(embedded_dataset.limit(0))
     with pytest.raises(DinopropError):
@@ -301,8 +304,40 @@ def test_bad_queries_raise(embedded_dataset):
         index.sort_by_similarity(np.ones(7))
     with pytest.raises(DinopropError, match="not in similarity index"):
         index.sort_by_similarity("0123456789abcdef01234567")
+    for k in (0, -3, 2.5):
+        with pytest.raises(DinopropError, match="k must be a positive integer"):
+            index.sort_by_similarity(embedded_dataset.first().id, k=k)
+    first = embedded_dataset.first()
+    before = first.dinoprop_embedding.copy()
     with pytest.raises(DinopropError, match="dimension"):
-        index.add_to_index(np.ones((1, 3)), [embedded_dataset.first().id])
+        index.add_to_index(np.ones((1, 3)), [first.id])
+    with pytest.raises(DinopropError, match="NaN"):
+        index.add_to_index(np.full((1, len(before)), np.nan), [first.id])
+    with pytest.raises(DinopropError, match="not in dataset"):
+        index.add_to_index(np.ones((1, len(before))), ["0123456789abcdef01234567"])
+    # nothing was written: the field and the index still hold the old vector
+    first.reload()
+    assert np.array_equal(first.dinoprop_embedding, before)
+    assert index.total_index_size == len(embedded_dataset)
+
+
+def test_failed_rebuild_keeps_the_working_index(embedded_dataset):
+    index = dp.compute_similarity(embedded_dataset, brain_key="good")
+    path = index.index_path
+    sample = embedded_dataset.first()
+    sample.dinoprop_embedding = np.full(len(sample.dinoprop_embedding), np.nan)
+    sample.save()
+    with pytest.raises(DinopropError, match="NaN"):
+        dp.compute_similarity(embedded_dataset, brain_key="good")
+    assert embedded_dataset.list_brain_runs() == ["good"] and os.path.exists(path)
+
+    # a successful rebuild replaces it under the same key, old file removed
+    sample.dinoprop_embedding = np.ones(len(sample.dinoprop_embedding))
+    sample.save()
+    rebuilt = dp.compute_similarity(embedded_dataset, brain_key="good")
+    assert rebuilt.key == "good" and embedded_dataset.list_brain_runs() == ["good"]
+    assert rebuilt.index_path != path and not os.path.exists(path)
+    assert embedded_dataset.load_brain_results("good").total_index_size == len(embedded_dataset)
 
 
 def test_delete_run_removes_the_file(embedded_dataset):

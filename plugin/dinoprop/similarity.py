@@ -149,7 +149,7 @@ def compute_similarity(
     from dinoprop.core import validate_samples
 
     validate_samples(samples, require_images=False)
-    _check_options(metric, index_type)
+    _check_options(metric, index_type, exact_threshold)
     if not etau.is_str(brain_key) or not brain_key.isidentifier():
         raise DinopropError(
             "Invalid brain_key %r; keys must be valid Python identifiers"
@@ -157,13 +157,14 @@ def compute_similarity(
         )
     _check_embeddings(samples, embeddings, patches_field)
     dataset = samples._root_dataset
-    if brain_key in dataset.list_brain_runs():
-        if not overwrite:
-            raise DinopropError(
-                "Brain key '%s' already exists; pass overwrite=True or "
-                "choose another key" % brain_key
-            )
-        dataset.delete_brain_run(brain_key)
+    replacing = brain_key in dataset.list_brain_runs()
+    if replacing and not overwrite:
+        raise DinopropError(
+            "Brain key '%s' already exists; pass overwrite=True or "
+            "choose another key" % brain_key
+        )
+    # an existing run is only replaced once its successor is built
+    build_key = _unused_brain_key(dataset, brain_key + "_rebuild") if replacing else brain_key
 
     start = time.perf_counter()
     token = _PROGRESS.set(progress)
@@ -171,7 +172,7 @@ def compute_similarity(
         results = fob.compute_similarity(
             samples,
             embeddings=embeddings,
-            brain_key=brain_key,
+            brain_key=build_key,
             patches_field=patches_field,
             backend=DinopropSimilarityConfig,
             metric=metric,
@@ -180,16 +181,34 @@ def compute_similarity(
             progress=progress,
         )
     except DinopropError:
-        if brain_key in dataset.list_brain_runs():
-            dataset.delete_brain_run(brain_key)
+        if build_key in dataset.list_brain_runs():
+            dataset.delete_brain_run(build_key)
         raise
     finally:
         _PROGRESS.reset(token)
+    if replacing:
+        dataset.delete_brain_run(brain_key)
+        dataset.rename_brain_run(build_key, brain_key)
+        results = dataset.load_brain_results(brain_key)
     results._seconds = time.perf_counter() - start
     return results
 
 
-def _check_options(metric, index_type):
+def _unused_brain_key(dataset, base):
+    existing = set(dataset.list_brain_runs())
+    key, number = base, 1
+    while key in existing:
+        number += 1
+        key = "%s%d" % (base, number)
+    return key
+
+
+def _check_options(metric, index_type, exact_threshold):
+    if not isinstance(exact_threshold, (int, np.integer)) or exact_threshold < 0:
+        raise DinopropError(
+            "exact_threshold must be a non-negative integer; got %r"
+            % (exact_threshold,)
+        )
     if metric not in METRICS:
         raise DinopropError(
             "Unsupported metric '%s'; use one of %s" % (metric, METRICS)
@@ -229,7 +248,7 @@ class DinopropSimilarityConfig(SimilarityConfig):
         index_id: str | None = None,
         **kwargs,
     ):
-        _check_options(metric, index_type)
+        _check_options(metric, index_type, exact_threshold)
         super().__init__(**kwargs)
         self.metric = metric
         self.index_type = index_type
@@ -678,6 +697,8 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             )
         if len(embeddings) == 0:
             return
+        self._prepare(embeddings)  # bad vectors fail before anything is written
+        self._check_known_samples(sample_ids)
         ids = label_ids if self.config.patches_field is not None else sample_ids
         id_to_row = self._get_id_to_row()
         existing = np.array([i in id_to_row for i in ids], dtype=bool)
@@ -713,6 +734,15 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         self._write_file()
         if reload:
             SimilarityIndex.reload(self)
+
+    def _check_known_samples(self, sample_ids):
+        unique = set(sample_ids.tolist())
+        known = set(self._dataset.select(list(unique)).values("id"))
+        if len(known) < len(unique):
+            raise DinopropError(
+                "%d of the sample IDs (eg '%s') are not in dataset '%s'"
+                % (len(unique - known), next(iter(unique - known)), self._dataset.name)
+            )
 
     def _add_rows(self, embeddings, sample_ids, label_ids):
         if self._index is None:
@@ -1130,6 +1160,8 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 "Unsupported aggregation '%s'; this index supports 'mean'"
                 % aggregation
             )
+        if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+            raise DinopropError("k must be a positive integer; got %r" % (k,))
         rows = self._current_rows()
         vectors, single = self._parse_neighbors_query(query)
         full_index = vectors is None
