@@ -33,6 +33,17 @@ def test_k_center_continues_from_existing_centers():
     assert sorted(labels[picks]) == [3, 4]
 
 
+@pytest.mark.parametrize("num_seeds", [0, 1, 6])
+def test_duplicate_images_never_give_duplicate_suggestions(num_seeds):
+    x, labels = _clusters(num_classes=3, per_class=10)
+    x, labels = np.vstack([x, x]), np.concatenate([labels, labels])  # every image twice
+    neighbors, sims = knn_search(x, 10)
+    seed_idx = np.arange(0, 60, 10)[:num_seeds]
+    picks = suggest(x, pm.Graph(neighbors, sims), seed_idx, list(labels[seed_idx]), 59)
+    assert len(picks) == len(set(picks.tolist())) == 60 - num_seeds - (num_seeds == 0)
+    assert not set(picks.tolist()) & set(seed_idx.tolist())
+
+
 def test_with_seeds_suggestions_are_uncertain_and_spread():
     """With seeds, picks are less certain than typical samples, and apart."""
     x, labels = _clusters(num_classes=4, per_class=100, spread=3.0, seed=1)

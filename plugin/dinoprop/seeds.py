@@ -148,15 +148,16 @@ def k_center_greedy(x: np.ndarray, centers: np.ndarray, count: int) -> np.ndarra
         ``count`` node indices, in pick order
     """
     nearest = _distance_to_nearest(x, x[centers])
+    nearest[centers] = -np.inf  # never picked (duplicates of them may be)
     picks = []
-    if len(centers) == 0:
-        first = int(np.argmax(x @ x.mean(axis=0)))
-        picks.append(first)
-        nearest = np.minimum(nearest, 1.0 - x @ x[first])
     while len(picks) < count:
-        pick = int(np.argmax(nearest))
+        if picks or len(centers):
+            pick = int(np.argmax(nearest))
+        else:  # the most typical node, not an outlier
+            pick = int(np.argmax(x @ x.mean(axis=0)))
         picks.append(pick)
         nearest = np.minimum(nearest, 1.0 - x @ x[pick])
+        nearest[pick] = -np.inf
     return np.array(picks, np.int64)
 
 
@@ -199,11 +200,13 @@ def uncertain_dense(
     pool_x, pool_score = x[pool], score[pool]
     nearest = _distance_to_nearest(pool_x, x[seed_idx])
     picks = []
+    taken = np.zeros(len(pool), bool)
     for _ in range(min(count, len(pool))):
-        best = int(np.argmax(nearest * pool_score))
+        gain = np.where(taken, -np.inf, nearest * pool_score)
+        best = int(np.argmax(gain))
         picks.append(int(pool[best]))
+        taken[best] = True
         nearest = np.minimum(nearest, 1.0 - pool_x @ pool_x[best])
-        nearest[best] = -1.0
     return np.array(picks, np.int64)
 
 
