@@ -129,6 +129,13 @@ def test_other_model_settings_never_mix_in_one_field(image_dataset, tiny_dinov2_
     de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
     with pytest.raises(DinopropError, match="pooling.*overwrite=True"):
         de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, pooling="mean")
+    # overwriting only part of the field with other settings would mix them
+    with pytest.raises(DinopropError, match="19 vectors outside this view"):
+        de.compute_embeddings(
+            image_dataset.limit(5), model=tiny_dinov2_dir, pooling="mean",
+            overwrite=True, num_workers=0,
+        )
+    assert de.get_embeddings_run(image_dataset, FIELD)["pooling"] == "cls"
     results = de.compute_embeddings(
         image_dataset, model=tiny_dinov2_dir, pooling="mean", overwrite=True, num_workers=0
     )

@@ -309,14 +309,22 @@ def _check_target(samples: Any, embeddings_field: str, patches_field: str | None
 
 def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     """Refuses to mix vectors from different models/settings in one field."""
-    if overwrite:
-        return
     previous = None
     if samples.has_run(run_key):
         previous = samples.get_run_info(run_key).config.serialize()
     if previous is not None and all(previous.get(k) == settings[k] for k in _FINGERPRINT_KEYS):
         return
     if not _has_any_value(samples._dataset, target):
+        return
+    if overwrite:
+        outside = samples._dataset.count(target) - samples.count(target)
+        if outside > 0:
+            raise DinopropError(
+                "overwrite=True with other settings would leave %d vectors "
+                "outside this view from the old ones in '%s', and the field "
+                "would mix two embedding spaces; run it on the whole "
+                "dataset, or choose another embeddings_field" % (outside, target)
+            )
         return
     if previous is None:
         origin = "vectors from an unknown source (not recorded by dinoprop)"
