@@ -113,6 +113,8 @@ def test_patch_points(image_dataset):
         (dict(method="tsne"), "method"),
         (dict(num_dims=4), "num_dims"),
         (dict(k=1), "k must be"),
+        (dict(min_dist=-1), "min_dist"),
+        (dict(min_dist="far"), "min_dist"),
         (dict(embeddings="nope"), "does not exist"),
         (dict(embeddings="ground_truth"), "cannot hold embeddings"),
         (dict(brain_key="not a key"), "brain_key"),

@@ -91,7 +91,7 @@ def compute_visualization(
 
     start = time.perf_counter()
     validate_samples(samples, require_images=False)
-    _check_options(samples, brain_key, method, num_dims, k, overwrite)
+    _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite)
     vectors, sample_ids, label_ids = _load(samples, embeddings, patches_field)
     if method == "umap" and len(vectors) < 4:
         raise DinopropError(
@@ -127,7 +127,7 @@ def compute_visualization(
     return results
 
 
-def _check_options(samples, brain_key, method, num_dims, k, overwrite):
+def _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite):
     if method not in _METHODS:
         raise DinopropError(
             "Unsupported method '%s'; use one of %s" % (method, _METHODS)
@@ -136,6 +136,8 @@ def _check_options(samples, brain_key, method, num_dims, k, overwrite):
         raise DinopropError("num_dims must be 2 or 3; got %r" % (num_dims,))
     if not isinstance(k, (int, np.integer)) or k < 2:
         raise DinopropError("k must be an integer >= 2; got %r" % (k,))
+    if not isinstance(min_dist, (int, float, np.number)) or not 0 <= min_dist <= 1:
+        raise DinopropError("min_dist must be a number in [0, 1]; got %r" % (min_dist,))
     if not etau.is_str(brain_key) or not brain_key.isidentifier():
         raise DinopropError(
             "Invalid brain_key %r; keys must be valid Python identifiers"
