@@ -434,3 +434,24 @@ def test_empty_view_gives_empty_answers(embedded_dataset):
         assert ids == []
     empty = embedded_dataset.limit(0)
     assert len(empty.sort_by_similarity(query, k=5, brain_key="emptyview")) == 0
+
+
+@pytest.mark.parametrize("new_dim", [None, 8])
+def test_index_reloaded_after_re_embedding_is_rebuilt(vector_dataset, caplog, new_dim):
+    index = dp.compute_similarity(vector_dataset, brain_key="s")
+    with caplog.at_level(logging.WARNING, logger="dinoprop.similarity"):
+        vector_dataset.load_brain_results("s", cache=False)  # unchanged: no rebuild
+    assert "changed since" not in caplog.text
+    ids = vector_dataset.values("id")
+    rng = np.random.default_rng(7)
+    dim = new_dim or len(vector_dataset.first().dinoprop_embedding)
+    fresh = rng.normal(size=(len(ids), dim)).astype(np.float32)
+    vector_dataset.set_values("dinoprop_embedding", list(fresh))  # e.g. another model
+    with caplog.at_level(logging.WARNING, logger="dinoprop.similarity"):
+        reloaded = vector_dataset.load_brain_results("s", cache=False)
+    assert "changed since similarity index 's' was built" in caplog.text
+    assert np.allclose(reloaded.get_embeddings(sample_ids=[ids[0]])[0][0], fresh[0], atol=1e-5)
+    order, _ = _exact_order(vector_dataset, fresh[5])
+    view = reloaded.sort_by_similarity(fresh[5], k=10)
+    assert view.values("id") == order[:10]
+    assert index.key == "s"

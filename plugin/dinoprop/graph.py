@@ -277,7 +277,7 @@ def cached_knn(
         dinoprop similarity run (cosine) covers exactly these IDs with these
         embeddings
     """
-    from dinoprop.similarity import find_similarity_run
+    from dinoprop.similarity import STALE_PROBES, find_similarity_run
 
     key = find_similarity_run(samples, embeddings_field, patches_field)
     if key is None:
@@ -288,8 +288,8 @@ def cached_knn(
         return None
     position = {_id: i for i, _id in enumerate(ids)}
     order = np.array([position[_id] for _id in index_ids])
-    rng = np.random.default_rng(0)
-    probe = list(index_ids[rng.choice(len(order), min(16, len(order)), False)])
+    rng = np.random.default_rng()
+    probe = list(index_ids[rng.choice(len(order), min(STALE_PROBES, len(order)), False)])
     if patches_field:
         stored = index.get_embeddings(label_ids=probe)[0]
     else:

@@ -84,6 +84,10 @@ INDEX_DIR_ENV = "DINOPROP_INDEX_DIR"
 METRICS = ("cosine", "euclidean")
 #: The supported index types (``index_type``), described above.
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+#: Stored vectors compared with the embeddings field when an index loads:
+#: a change to more than about 2% of the vectors is caught with near
+#: certainty (a re-embedding, another model) and the index is rebuilt.
+STALE_PROBES = 256
 _FILE_VERSION = 1
 _COMPACT_FRACTION = 0.3
 _QUERY_CHUNK = 1024
@@ -341,7 +345,15 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         )
         DuplicatesMixin.__init__(self)
         if load and self._read_file():
-            self._sync_with_field()
+            if self._field_changed():
+                logger.warning(
+                    "The embeddings in '%s' changed since similarity index '%s' "
+                    "was built; rebuilding it",
+                    config.embeddings_field, brain_key,
+                )
+                self._rebuild_from(None, None, None)
+            else:
+                self._sync_with_field()
             return
         if load:
             self._rebuild_from(embeddings, sample_ids, label_ids)
@@ -542,6 +554,29 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         else:
             self._build(embeddings, sample_ids, label_ids)
         self._write_file()
+
+    def _field_changed(self):
+        """Whether randomly probed stored vectors differ from the field's."""
+        if self.config.embeddings_field is None or self.total_index_size == 0:
+            return False
+        patches = self.config.patches_field
+        ids = self.label_ids if patches else self.sample_ids
+        picked = np.random.default_rng().choice(
+            len(ids), min(STALE_PROBES, len(ids)), replace=False
+        )
+        probe = [str(ids[i]) for i in picked]
+        view = (
+            self._dataset.select_labels(ids=probe, fields=patches)
+            if patches
+            else self._dataset.select(probe)
+        )
+        vectors, sample_ids, label_ids = self._field_embeddings(view)
+        id_to_row = self._get_id_to_row()
+        rows = [id_to_row[i] for i in (label_ids if patches else sample_ids)]
+        stored = self._original_vectors(np.asarray(rows, np.int64))
+        return stored.shape != vectors.shape or not np.allclose(
+            stored, vectors, rtol=1e-3, atol=1e-4
+        )
 
     def _sync_with_field(self):
         """Drops deleted samples/labels and adds newly embedded ones."""
