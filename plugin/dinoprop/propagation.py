@@ -678,7 +678,8 @@ def _write_samples(
         if store_scores:
             label.logits = np.log(np.clip(probs[row], 1e-12, None)).astype(float)
         values[ids[node]] = label
-    samples.set_values(output_field, values, key_field="id")
+    # the labels are built here, so FiftyOne need not validate each one
+    samples.set_values(output_field, values, key_field="id", validate=False)
     review_ids = list(ids[targets[needs_review]])
     _mark_for_review(
         samples, review_ids, output_field, output_field + ".confidence",
@@ -831,7 +832,8 @@ def _write_objects(
                 copy.logits = np.log(np.clip(probs[row], 1e-12, None)).astype(float)
             out.append(copy)
         values[sid] = fol.Detections(detections=out)
-    samples.set_values(output_field, values, key_field="id")
+    # the labels are built here, so FiftyOne need not validate each one
+    samples.set_values(output_field, values, key_field="id", validate=False)
     review_ids = sorted(set(data["owners"][targets[needs_review]]))
     confidences = F(output_field + ".detections.confidence")
     _mark_for_review(samples, review_ids, output_field, confidences.min())
