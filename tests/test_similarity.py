@@ -455,3 +455,16 @@ def test_index_reloaded_after_re_embedding_is_rebuilt(vector_dataset, caplog, ne
     view = reloaded.sort_by_similarity(fresh[5], k=10)
     assert view.values("id") == order[:10]
     assert index.key == "s"
+
+
+def test_prune_index_files_removes_only_deleted_datasets(embedded_dataset, vector_dataset):
+    from dinoprop.similarity import prune_index_files
+
+    kept = dp.compute_similarity(embedded_dataset, brain_key="kept").index_path
+    gone = dp.compute_similarity(vector_dataset, brain_key="gone").index_path
+    vector_dataset.delete()  # FiftyOne does not clean up brain runs here
+    assert os.path.exists(gone)
+    removed = prune_index_files()  # earlier tests' deleted datasets go too
+    assert os.path.dirname(gone) in removed and os.path.dirname(kept) not in removed
+    assert not os.path.exists(gone) and os.path.exists(kept)
+    assert embedded_dataset.load_brain_results("kept", cache=False).total_index_size == 24

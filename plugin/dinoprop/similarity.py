@@ -109,6 +109,41 @@ def index_dir() -> str:
     return os.path.join(parent, "dinoprop", "indexes")
 
 
+def prune_index_files() -> list:
+    """Deletes the index files of datasets that no longer exist.
+
+    Deleting a similarity run deletes its index file, but deleting a whole
+    dataset (``dataset.delete()``, or a non-persistent dataset going away)
+    does not run FiftyOne Brain's cleanup, so its files stay under
+    :func:`index_dir`, one folder per dataset. This removes the folders of
+    datasets absent from the current FiftyOne database. If several
+    databases share one ``$DINOPROP_INDEX_DIR``, run it only with that
+    directory pointing at this database's indexes.
+
+    Returns:
+        the removed folders
+    """
+    import shutil
+
+    import fiftyone.core.odm as foo
+
+    root = index_dir()
+    if not os.path.isdir(root):
+        return []
+    existing = {str(d["_id"]) for d in foo.get_db_conn().datasets.find({}, {"_id": 1})}
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and _is_object_id(name) and name not in existing:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _is_object_id(name: str) -> bool:
+    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
+
+
 def compute_similarity(
     samples: Any,
     embeddings: str = "dinoprop_embedding",
