@@ -126,6 +126,12 @@ def test_bad_input_raises_one_clear_error(embedded_dataset, kwargs, match):
     assert embedded_dataset.list_brain_runs() == []
 
 
+def test_small_views_record_the_neighbours_umap_used(embedded_dataset):
+    results = dp.compute_visualization(embedded_dataset.limit(6), k=50, brain_key="small")
+    assert results.config.num_neighbors == 5
+    assert embedded_dataset.get_brain_info("small").config.num_neighbors == 5
+
+
 def test_empty_view_and_tiny_view(embedded_dataset):
     with pytest.raises(DinopropError, match="empty"):
         dp.compute_visualization(embedded_dataset.limit(0))

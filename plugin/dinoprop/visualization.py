@@ -101,6 +101,7 @@ def compute_visualization(
 
     with progress_bar(2, progress=progress, iters_str="steps") as pb:
         if method == "umap":
+            k = _effective_k(k, len(vectors))  # what is recorded is what ran
             points, knn_source = _umap(
                 samples, embeddings, patches_field, vectors,
                 label_ids if patches_field else sample_ids,
@@ -189,9 +190,13 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
     return indices, dists, source
 
 
+def _effective_k(k, num_points):
+    """UMAP's neighbour count: ``k``, or every other point if fewer."""
+    return int(min(k, num_points - 1))
+
+
 def _umap(samples, field, patches_field, vectors, ids, num_dims, seed, k,
           min_dist):
-    k = int(min(k, len(vectors) - 1))
     indices, dists, source = _knn_with_self(
         samples, field, patches_field, vectors, ids, k
     )
