@@ -468,3 +468,19 @@ def test_prune_index_files_removes_only_deleted_datasets(embedded_dataset, vecto
     assert os.path.dirname(gone) in removed and os.path.dirname(kept) not in removed
     assert not os.path.exists(gone) and os.path.exists(kept)
     assert embedded_dataset.load_brain_results("kept", cache=False).total_index_size == 24
+
+
+def test_a_clone_starts_from_its_source_index(embedded_dataset, caplog):
+    dp.compute_similarity(embedded_dataset, brain_key="s")
+    clone = embedded_dataset.clone()
+    clone.delete_samples(clone.take(4, seed=0))
+    try:
+        with caplog.at_level(logging.WARNING, logger="dinoprop.similarity"):
+            index = clone.load_brain_results("s")
+        assert "rebuilding" not in caplog.text  # copied, then synced
+        assert index.total_index_size == 20
+        assert os.path.dirname(index.index_path).endswith(str(clone._doc.id))
+        first = clone.first()
+        assert index.sort_by_similarity(first.id, k=1).first().id == first.id
+    finally:
+        clone.delete()

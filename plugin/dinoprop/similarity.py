@@ -379,6 +379,8 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             self, samples, config, brain_key, backend=backend
         )
         DuplicatesMixin.__init__(self)
+        if load and not os.path.exists(self._path):
+            self._copy_from_clone_source()
         if load and self._read_file():
             if self._field_changed():
                 logger.warning(
@@ -589,6 +591,35 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         else:
             self._build(embeddings, sample_ids, label_ids)
         self._write_file()
+
+    def _copy_from_clone_source(self):
+        """Copies the index file of the dataset this one was cloned from.
+
+        A cloned dataset keeps its sample IDs and its brain runs' configs,
+        so the source's file (same index ID, another dataset's folder) is a
+        valid start; loading then syncs it with this dataset's embeddings.
+        """
+        import glob
+        import shutil
+
+        from filelock import FileLock
+
+        name = os.path.basename(self._path)
+        sources = [
+            p for p in glob.glob(os.path.join(index_dir(), "*", name)) if p != self._path
+        ]
+        if not sources:
+            return
+        os.makedirs(os.path.dirname(self._path), exist_ok=True)
+        tmp = "%s.tmp-%d-%s" % (self._path, os.getpid(), uuid.uuid4().hex[:8])
+        with FileLock(self._path + ".lock", timeout=300):
+            try:
+                shutil.copyfile(sources[0], tmp)
+                os.replace(tmp, self._path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        logger.info("Copied similarity index '%s' from %s", self.key, sources[0])
 
     def _field_changed(self):
         """Whether randomly probed stored vectors differ from the field's."""
