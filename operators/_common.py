@@ -329,10 +329,14 @@ def brain_key_input(ctx, inputs, view, default, run_type):
 
     Warns when the chosen key would replace a run.
     """
+    from dinoprop.core import DinopropError, check_brain_key
+
     key = ctx.params.get("brain_key") or default
-    error = None
-    if not key.replace("_", "").isalnum():
-        error = "Use letters, digits and underscores only"
+    error, replacing = None, False
+    try:
+        replacing = check_brain_key(view, key, run_type)
+    except DinopropError as e:
+        error = str(e)
     existing = brain_keys(view, run_type)
     choices = types.AutocompleteView()
     for name in existing:
@@ -347,7 +351,7 @@ def brain_key_input(ctx, inputs, view, default, run_type):
         invalid=error is not None,
         error_message=error or "",
     )
-    if error is None and key in view._root_dataset.list_brain_runs():
+    if replacing:
         notice(inputs, "brain_key", "The existing run '%s' will be replaced" % key)
     return key
 

@@ -25,6 +25,7 @@ class AcceptPropagatedLabels(_common.DinopropOperator):
     RESULT_ROWS = [
         ("num_accepted", "Labels accepted", "int"),
         ("num_human_labeled", "Kept (human label)", "int"),
+        ("num_previously_accepted", "Kept (accepted earlier)", "int"),
         ("num_below_threshold", "Below the threshold", "int"),
         ("min_confidence", "Minimum confidence", "float"),
         ("label_field", "Label field", "str"),
@@ -61,7 +62,7 @@ class AcceptPropagatedLabels(_common.DinopropOperator):
             view,
             params["output_field"],
             params["label_field"],
-            min_confidence=params.get("min_confidence", DEFAULT_MIN_CONFIDENCE),
+            min_confidence=_min_confidence(view, params),
         )
 
     def progress_label(self, params):
@@ -129,10 +130,7 @@ def _accept_form(ctx, inputs, view, fields):
         invalid=error is not None,
         error_message=error or "",
     )
-    recommended = _recommended_threshold(view, output)
-    default_threshold = (
-        DEFAULT_MIN_CONFIDENCE if recommended is None else recommended
-    )
+    default_threshold = _default_min_confidence(view, output)
     threshold = ctx.params.get("min_confidence", default_threshold)
     inputs.float(
         "min_confidence",
@@ -143,6 +141,8 @@ def _accept_form(ctx, inputs, view, fields):
         description="Only propagated labels at least this confident are "
         "accepted; defaults to the threshold propagate_labels recommended",
     )
+    if threshold is None:
+        _common.warn(inputs, "min_confidence", "Enter a minimum confidence")
     if error is not None or not label_field or threshold is None:
         return False
     if view.get_field(label_field) is None:
@@ -194,6 +194,20 @@ def _undo_form(ctx, inputs, view, fields):
         description="Newest first; only labels that batch wrote are removed",
     )
     return True
+
+
+def _min_confidence(view, params):
+    """The form's minimum confidence, or its default when it was left out."""
+    value = params.get("min_confidence")
+    if value is None:
+        return _default_min_confidence(view, params["output_field"])
+    return value
+
+
+def _default_min_confidence(view, output):
+    """The threshold the propagation run recommended, else 0.9."""
+    recommended = _recommended_threshold(view, output)
+    return DEFAULT_MIN_CONFIDENCE if recommended is None else recommended
 
 
 def _recommended_threshold(view, output):

@@ -26,10 +26,18 @@ class OpenReviewQueue(_common.DinopropOperator):
         except DinopropError as error:
             _common.warn(inputs, "queue", str(error))
             return types.Property(inputs)
+        count = queue.count()
+        if count == 0:
+            _common.warn(
+                inputs, "queue",
+                "Nothing to review: every sample the last propagation flagged "
+                "has a label now",
+            )
+            return types.Property(inputs)
         _common.notice(
             inputs,
             "queue",
-            "%d samples need review, least confident first" % queue.count(),
+            "%d samples need review, least confident first" % count,
         )
         return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
 

@@ -41,6 +41,7 @@ class PropagateLabels(_common.DinopropOperator):
     ]
 
     def form(self, ctx, inputs, view):
+        from dinoprop.core import TAG_PREFIX
         from dinoprop.propagation import NEEDS_REVIEW_TAG
         from dinoprop.propagation_methods import METHODS
 
@@ -60,7 +61,8 @@ class PropagateLabels(_common.DinopropOperator):
         if label_field is None:
             return False
         objects = _is_detections(view, label_field)
-        if not _seeds_ok(inputs, view, label_field, objects):
+        seed_tag = ctx.params.get("seed_tag") or None
+        if not _seeds_ok(inputs, view, label_field, objects, seed_tag):
             return False
 
         if objects:
@@ -118,7 +120,9 @@ class PropagateLabels(_common.DinopropOperator):
             description="Samples below this confidence are tagged %s; "
             "empty uses the recommended threshold" % NEEDS_REVIEW_TAG,
         )
-        tags = sorted(t for t in view.distinct("tags") if t)
+        tags = sorted(
+            t for t in view.distinct("tags") if t and not t.startswith(TAG_PREFIX)
+        )
         if tags:
             _common.choice_input(
                 inputs,
@@ -177,17 +181,19 @@ def _is_detections(view, label_field):
     return issubclass(view.get_field(label_field).document_type, fol.Detections)
 
 
-def _seeds_ok(inputs, view, label_field, objects):
+def _seeds_ok(inputs, view, label_field, objects, seed_tag):
     """Shows how many seeds there are; blocks the form when too few."""
-    path = label_field + (".detections.label" if objects else ".label")
-    num_seeds = view.count(path)
-    classes = view.distinct(path)
+    from dinoprop.propagation import count_seeds
+
+    seeds = count_seeds(view, label_field, seed_tag)
+    num_seeds, classes = sum(seeds.values()), sorted(seeds)
     if num_seeds == 0:
         _common.warn(
             inputs,
             "seeds",
-            "No seeds: no %s in the target view has a label in '%s'"
-            % ("box" if objects else "sample", label_field),
+            "No seeds: no %s in the target view has a label in '%s'%s"
+            % ("box" if objects else "sample", label_field,
+               "" if seed_tag is None else " and the tag '%s'" % seed_tag),
             "Annotate a few samples per class first (suggest_seeds tells "
             "you which)",
         )
@@ -203,9 +209,15 @@ def _seeds_ok(inputs, view, label_field, objects):
     if objects:
         rest = "the other boxes get a propagated label"
     else:
-        rest = "the other %d samples get a propagated label" % (
-            view.count() - num_seeds
-        )
+        targets = view.count() - num_seeds
+        if targets == 0:
+            _common.warn(
+                inputs, "seeds",
+                "Every sample in the target view is a seed: there is nothing "
+                "to propagate to",
+            )
+            return False
+        rest = "the other %d samples get a propagated label" % targets
     _common.notice(
         inputs,
         "seeds",

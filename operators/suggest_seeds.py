@@ -29,16 +29,25 @@ class SuggestSeeds(_common.DinopropOperator):
         if embeddings is None:
             return False
         total = view.count()
-        count = ctx.params.get("count", DEFAULT_COUNT)
+        default = min(DEFAULT_COUNT, total)
+        count = ctx.params.get("count", default)
+        if count is None:
+            error = "Enter how many samples to suggest"
+        elif count > total:
+            error = "The target view has only %d sample%s" % (total, "s" * (total != 1))
+        else:
+            error = None
         inputs.int(
             "count",
-            default=DEFAULT_COUNT,
+            default=default,
             min=1,
             label="How many",
             description="Number of samples to suggest",
-            invalid=isinstance(count, int) and count > total,
-            error_message="The target view has only %d samples" % total,
+            invalid=error is not None,
+            error_message=error or "",
         )
+        if error is not None:
+            return False
         fields = _common.label_fields(view)
         if fields:
             _common.choice_input(
@@ -56,7 +65,7 @@ class SuggestSeeds(_common.DinopropOperator):
 
         ids = dinoprop.suggest_seeds(
             view,
-            int(params.get("count", DEFAULT_COUNT)),
+            int(params.get("count") or min(DEFAULT_COUNT, view.count())),
             label_field=params.get("label_field") or None,
             embeddings=params.get("embeddings") or _common.DEFAULT_EMBEDDINGS,
             progress=progress,

@@ -11,6 +11,11 @@ import asyncio
 import numpy as np
 import pytest
 
+import fiftyone as fo
+
+import dinoprop
+from dinoprop.core import DinopropError
+
 from conftest import random_embeddings
 
 PLUGIN = "@dinoprop/dinoprop"
@@ -398,6 +403,55 @@ def test_suggest_seeds_shows_the_suggestions(embedded_dataset):
 
     form = resolve_form("suggest_seeds", ds, {"count": 100})
     assert blocking_errors(form) == ["The target view has only 24 samples"]
+    form = resolve_form("suggest_seeds", ds, {"count": None})
+    assert blocking_errors(form) == ["Enter how many samples to suggest"]
+    small = ds.limit(3)
+    assert resolve_form("suggest_seeds", ds, view=small)["count"].default == 3
+
+
+def test_brain_keys_of_another_run_type_are_refused(embedded_dataset):
+    ds = embedded_dataset
+    execute("compute_similarity", ds, {"brain_key": "sim"})
+    form = resolve_form(
+        "compute_visualization", ds, {"brain_key": "sim", "method": "pca"}
+    )
+    assert any("holds a similarity run" in e for e in blocking_errors(form))
+    with pytest.raises(DinopropError, match="holds a similarity run"):
+        dinoprop.compute_visualization(ds, brain_key="sim", method="pca")
+    assert ds.get_brain_info("sim").config.type == "similarity"
+    form = resolve_form("compute_similarity", ds, {"brain_key": "1abc"})
+    assert any("valid Python identifiers" in e for e in blocking_errors(form))
+
+
+def test_propagate_form_counts_the_seeds_the_run_will_use(embedded_dataset):
+    from dinoprop.review import accept_propagated_labels
+
+    ds = embedded_dataset
+    ds.exists("label").limit(3).tag_samples("reviewed")
+    form = resolve_form(
+        "propagate_labels", ds, {"label_field": "label", "seed_tag": "reviewed"}
+    )
+    assert "3 seeds in" in form["seeds_notice"].view.label
+    dinoprop.propagate_labels(ds, "label", confidence_threshold=1.0)
+    accept_propagated_labels(ds, "label_propagated", "label", 0.0)
+    form = resolve_form("propagate_labels", ds, {"label_field": "label"})
+    assert "6 seeds in 3 classes; the other 18 samples" in form["seeds_notice"].view.label
+    assert "dinoprop:needs_review" not in form["seed_tag"].type.values
+
+
+def test_accept_without_a_threshold_uses_the_recommended_one(embedded_dataset):
+    ds = embedded_dataset
+    results = dinoprop.propagate_labels(ds, "label", target_precision=0.8)
+    recommended = results.summary()["recommended_threshold"]
+    triggered = execute(
+        "accept_propagated_labels", ds,
+        {"output_field": "label_propagated", "label_field": "label"},
+    )
+    summary = shown_summary(triggered)
+    assert summary["min_confidence"] == pytest.approx(recommended, abs=1e-4)  # shown rounded
+    assert summary["num_accepted"] == ds.match(
+        fo.ViewField("label_propagated.confidence") >= recommended
+    ).count()
 
 
 def test_review_queue_accept_and_undo(embedded_dataset):
@@ -434,6 +488,18 @@ def test_review_queue_accept_and_undo(embedded_dataset):
     assert summary["num_accepted"] == 18 and summary["num_human_labeled"] == 6
     assert ds.count("label") == 24
     assert ds.match_tags("dinoprop:accepted").count() == 18
+    # everything flagged has a label now: the queue form says so and blocks
+    form = resolve_form("open_review_queue", ds)
+    assert blocking_errors(form) == [
+        "Nothing to review: every sample the last propagation flagged has a label now"
+    ]
+    # a second accept tells earlier accepted labels from human ones
+    again = shown_summary(execute(
+        "accept_propagated_labels", ds,
+        {"output_field": "label_propagated", "label_field": "label", "min_confidence": 0.0},
+    ))
+    assert (again["num_human_labeled"], again["num_previously_accepted"]) == (6, 18)
+    assert again["num_accepted"] == 0
 
     form = resolve_form("accept_propagated_labels", ds, {"action": "undo"})
     assert blocking_errors(form) == []

@@ -35,8 +35,72 @@ def is_unedited_accepted(
     return batch is not None and accepted_label in (None, label)
 
 
+def accepted_unedited_ids(samples: Any, label_field: str) -> set:
+    """IDs of samples whose label an accept batch wrote and no human changed.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: a Classification field
+
+    Returns:
+        a set of sample IDs
+    """
+    from fiftyone import ViewField as F
+
+    marker = label_field + "." + ACCEPTED_BATCH_ATTRIBUTE
+    accepted = samples.match(F(marker).exists())  # few samples, if any
+    rows = zip(*accepted.values(
+        ["id", label_field + ".label", marker,
+         label_field + "." + ACCEPTED_LABEL_ATTRIBUTE]
+    ))
+    return {sid for sid, *label in rows if is_unedited_accepted(*label)}
+
+
 class DinopropError(ValueError):
     """Raised for invalid user input; the message says what to change."""
+
+
+def check_brain_key(
+    samples: Any, brain_key: Any, run_type: str, overwrite: bool = True
+) -> bool:
+    """Checks that a brain run of ``run_type`` may be stored under a key.
+
+    Args:
+        samples: a FiftyOne dataset or view (its dataset's runs are checked)
+        brain_key: the key
+        run_type: the run type to store, e.g. ``"similarity"`` or
+            ``"visualization"``
+        overwrite: whether an existing run of the same type may be replaced
+
+    Returns:
+        whether a run of that type exists under the key (and will be
+        replaced)
+
+    Raises:
+        DinopropError: if the key is not a Python identifier, names a run of
+            another type, or names a run and ``overwrite`` is False
+    """
+    if not isinstance(brain_key, str) or not brain_key.isidentifier():
+        raise DinopropError(
+            "Invalid brain_key %r; keys must be valid Python identifiers "
+            "(letters, digits and underscores, not starting with a digit)"
+            % (brain_key,)
+        )
+    dataset = samples._root_dataset
+    if brain_key not in dataset.list_brain_runs():
+        return False
+    existing = getattr(dataset.get_brain_info(brain_key).config, "type", None)
+    if existing != run_type:
+        raise DinopropError(
+            "Brain key '%s' holds a %s run; choose another key, so that it is "
+            "not lost" % (brain_key, existing)
+        )
+    if not overwrite:
+        raise DinopropError(
+            "Brain key '%s' already exists; pass overwrite=True or choose "
+            "another key" % brain_key
+        )
+    return True
 
 
 def validate_samples(samples: Any, require_images: bool = True) -> None:

@@ -22,12 +22,10 @@ import fiftyone.core.runs as fors
 
 from dinoprop import propagation_methods as pm
 from dinoprop.core import (
-    ACCEPTED_BATCH_ATTRIBUTE,
-    ACCEPTED_LABEL_ATTRIBUTE,
     TAG_PREFIX,
     DinopropError,
+    accepted_unedited_ids,
     check_vector_field,
-    is_unedited_accepted,
     require_field,
     load_embeddings,
     progress_bar,
@@ -583,15 +581,8 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, embeddings)
-    ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
-    machine = _accepted_unedited_ids(samples, label_field)
+    ids, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
     embedded = set(samples.exists(embeddings).values("id"))
-    is_seed = [
-        lab is not None
-        and sid not in machine
-        and (seed_tag is None or seed_tag in (t or []))
-        for sid, lab, t in zip(ids, labels, tags)
-    ]
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
     where = " has a label in '%s'%s" % (
@@ -620,17 +611,50 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
     }
 
 
-def _accepted_unedited_ids(samples, label_field):
-    """IDs of samples whose label an accept batch wrote and no human changed."""
-    from fiftyone import ViewField as F
+def _sample_seeds(samples, label_field, seed_tag):
+    """Sample IDs, their labels, and which of them are seeds."""
+    ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
+    machine = accepted_unedited_ids(samples, label_field)
+    is_seed = [
+        lab is not None
+        and sid not in machine
+        and (seed_tag is None or seed_tag in (t or []))
+        for sid, lab, t in zip(ids, labels, tags)
+    ]
+    return ids, labels, is_seed
 
-    marker = label_field + "." + ACCEPTED_BATCH_ATTRIBUTE
-    accepted = samples.match(F(marker).exists())  # few samples, if any
-    rows = zip(*accepted.values(
-        ["id", label_field + ".label", marker,
-         label_field + "." + ACCEPTED_LABEL_ATTRIBUTE]
-    ))
-    return {sid for sid, *label in rows if is_unedited_accepted(*label)}
+
+def count_seeds(
+    samples: Any, label_field: str, seed_tag: Optional[str] = None
+) -> dict:
+    """The seeds :func:`propagate_labels` would use, counted per class.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: a Classification or Detections field
+        seed_tag: only seeds carrying this tag (on the sample, or for
+            objects on the detection)
+
+    Returns:
+        ``{class: number of seeds}``
+    """
+    from collections import Counter
+
+    if samples.get_field(label_field) is None:
+        return {}
+    if require_label_field(samples, label_field, _label_types()) is _fol().Detections:
+        path = label_field + ".detections."
+        labels, tags = (
+            _flatten(v) for v in samples.values([path + "label", path + "tags"])
+        )
+        seeds = [
+            lab for lab, t in zip(labels, tags)
+            if lab is not None and (seed_tag is None or seed_tag in (t or []))
+        ]
+    else:
+        _, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
+        seeds = [lab for lab, s in zip(labels, is_seed) if s]
+    return dict(Counter(seeds))
 
 
 def _graph(samples, embeddings, k):

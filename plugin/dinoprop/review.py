@@ -27,6 +27,7 @@ from dinoprop.core import (
     ACCEPTED_LABEL_ATTRIBUTE,
     TAG_PREFIX,
     DinopropError,
+    accepted_unedited_ids,
     is_unedited_accepted,
     validate_samples,
 )
@@ -49,6 +50,8 @@ class AcceptResults:
         min_confidence: the confidence threshold used
         num_accepted: samples that received a label
         num_human_labeled: samples skipped because they have a human label
+        num_previously_accepted: samples skipped because an earlier accept
+            batch labeled them (and no human has changed that label)
         num_below_threshold: unlabeled samples whose propagated confidence is
             below the threshold (or missing)
         sample_ids: the IDs of the samples that received a label
@@ -63,12 +66,14 @@ class AcceptResults:
         num_human_labeled: int,
         num_below_threshold: int,
         sample_ids: list,
+        num_previously_accepted: int = 0,
     ):
         self.batch = batch
         self.label_field = label_field
         self.output_field = output_field
         self.min_confidence = min_confidence
         self.num_human_labeled = num_human_labeled
+        self.num_previously_accepted = num_previously_accepted
         self.num_below_threshold = num_below_threshold
         self.sample_ids = list(sample_ids)
 
@@ -86,6 +91,7 @@ class AcceptResults:
             "min_confidence": float(self.min_confidence),
             "num_accepted": self.num_accepted,
             "num_human_labeled": self.num_human_labeled,
+            "num_previously_accepted": self.num_previously_accepted,
             "num_below_threshold": self.num_below_threshold,
         }
 
@@ -133,10 +139,11 @@ def accept_propagated_labels(
     min_confidence = _check_confidence(min_confidence)
 
     if samples.get_field(label_field) is None:
-        unlabeled, num_human = samples.exists(output_field), 0
+        unlabeled, num_labeled, num_machine = samples.exists(output_field), 0, 0
     else:
         unlabeled = samples.exists(label_field, False).exists(output_field)
-        num_human = samples.exists(label_field).count()
+        num_labeled = samples.exists(label_field).count()
+        num_machine = len(accepted_unedited_ids(samples, label_field))
     confident = unlabeled.match(F(output_field + ".confidence") >= min_confidence)
     ids = confident.values("id")
     num_unlabeled = unlabeled.count()
@@ -161,9 +168,10 @@ def accept_propagated_labels(
         label_field=label_field,
         output_field=output_field,
         min_confidence=min_confidence,
-        num_human_labeled=num_human,
+        num_human_labeled=num_labeled - num_machine,
         num_below_threshold=num_unlabeled - len(ids),
         sample_ids=ids,
+        num_previously_accepted=num_machine,
     )
 
 

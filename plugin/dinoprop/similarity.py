@@ -185,23 +185,13 @@ def compute_similarity(
     """
     import time
 
-    from dinoprop.core import validate_samples
+    from dinoprop.core import check_brain_key, validate_samples
 
     validate_samples(samples, require_images=False)
     _check_options(metric, index_type, exact_threshold)
-    if not etau.is_str(brain_key) or not brain_key.isidentifier():
-        raise DinopropError(
-            "Invalid brain_key %r; keys must be valid Python identifiers"
-            % (brain_key,)
-        )
+    replacing = check_brain_key(samples, brain_key, "similarity", overwrite)
     _check_embeddings(samples, embeddings, patches_field)
     dataset = samples._root_dataset
-    replacing = brain_key in dataset.list_brain_runs()
-    if replacing and not overwrite:
-        raise DinopropError(
-            "Brain key '%s' already exists; pass overwrite=True or "
-            "choose another key" % brain_key
-        )
     # an existing run is only replaced once its successor is built
     build_key = _unused_brain_key(dataset, brain_key + "_rebuild") if replacing else brain_key
 

@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 
-import eta.core.utils as etau
 
 import fiftyone.brain.visualization as fbv
 
-from dinoprop.core import DinopropError, l2_normalize, progress_bar
+from dinoprop.core import DinopropError, check_brain_key, l2_normalize, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +138,7 @@ def _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite)
         raise DinopropError("k must be an integer >= 2; got %r" % (k,))
     if not isinstance(min_dist, (int, float, np.number)) or not 0 <= min_dist <= 1:
         raise DinopropError("min_dist must be a number in [0, 1]; got %r" % (min_dist,))
-    if not etau.is_str(brain_key) or not brain_key.isidentifier():
-        raise DinopropError(
-            "Invalid brain_key %r; keys must be valid Python identifiers"
-            % (brain_key,)
-        )
-    if not overwrite and brain_key in samples._root_dataset.list_brain_runs():
-        raise DinopropError(
-            "Brain key '%s' already exists; pass overwrite=True or choose "
-            "another key" % brain_key
-        )
+    check_brain_key(samples, brain_key, "visualization", overwrite)
 
 
 def _load(samples, field, patches_field):
