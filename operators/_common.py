@@ -63,7 +63,9 @@ class DinopropOperator(foo.Operator):
     #: Further :class:`fiftyone.operators.OperatorConfig` options.
     CONFIG_OPTIONS = {}
 
-    #: The target selector's action (e.g. ``"Embed"``) and the form's title.
+    #: The target selector's action (e.g. ``"Embed"``) and the form's title;
+    #: without an action there is no selector and the whole dataset is the
+    #: target (a similarity index always covers the dataset).
     TARGET_ACTION = None
     FORM_TITLE = None
 
@@ -92,7 +94,7 @@ class DinopropOperator(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        view = target_view(ctx, inputs, self.TARGET_ACTION)
+        view = self._target(ctx, inputs)
         if self.form(ctx, inputs, view):
             delegation(ctx, inputs, view, self.DELEGATE_THRESHOLD)
         return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
@@ -108,10 +110,22 @@ class DinopropOperator(foo.Operator):
     def resolve_delegation(self, ctx):
         if self.DELEGATE_THRESHOLD is None:
             return None
-        return wants_delegation(ctx, self.DELEGATE_THRESHOLD)
+        if DELEGATE in ctx.params:
+            return bool(ctx.params[DELEGATE])
+        if ctx.dataset is None:
+            return False
+        return default_delegation(self._target(ctx), self.DELEGATE_THRESHOLD)
+
+    def _target(self, ctx, inputs=None):
+        """The collection the run targets (adding the selector to a form)."""
+        if self.TARGET_ACTION is None:
+            return ctx.dataset
+        if inputs is not None:
+            inputs.view_target(ctx, action_description=self.TARGET_ACTION)
+        return ctx.target_view()
 
     def execute(self, ctx):
-        view = ctx.target_view()
+        view = self._target(ctx)
         params = ctx.params
         return run(
             ctx,
@@ -142,21 +156,6 @@ class DinopropOperator(foo.Operator):
 
 
 # ----------------------------------------------------------------- the form
-
-
-def target_view(ctx, inputs, action):
-    """Adds the target selector (dataset / current view / selected samples).
-
-    Args:
-        ctx: the execution context
-        inputs: the form's :class:`fiftyone.operators.types.Object`
-        action: what the operator does, e.g. ``"Embed"``
-
-    Returns:
-        the collection the user's current choice targets
-    """
-    inputs.view_target(ctx, action_description=action)
-    return ctx.target_view()
 
 
 def label_fields(samples, label_types=(fol.Classification,)):
@@ -302,15 +301,6 @@ def delegation(ctx, inputs, samples, threshold):
 def default_delegation(samples, threshold):
     """Whether work on ``samples`` defaults to delegated execution."""
     return samples is not None and samples.count() >= threshold
-
-
-def wants_delegation(ctx, threshold):
-    """The delegation choice of a request (the form's, else the default)."""
-    if DELEGATE in ctx.params:
-        return bool(ctx.params[DELEGATE])
-    if ctx.dataset is None:
-        return False
-    return default_delegation(ctx.target_view(), threshold)
 
 
 def summary_output(title, rows):

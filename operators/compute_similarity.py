@@ -13,7 +13,7 @@ class ComputeSimilarity(_common.DinopropOperator):
     DESCRIPTION = "faiss nearest-neighbour index for sort by similarity"
     #: Indexing 100k+ vectors defaults to a delegated run.
     DELEGATE_THRESHOLD = 100_000
-    TARGET_ACTION = "Index"
+    TARGET_ACTION = None  # an index covers the dataset; queries take any view
     FORM_TITLE = "Build a similarity index"
     PROGRESS_LABEL = "Building the index"
     RESULT_TITLE = "Similarity index built"
@@ -30,6 +30,11 @@ class ComputeSimilarity(_common.DinopropOperator):
         # dinoprop.similarity imports FiftyOne Brain: only once a form opens
         from dinoprop.similarity import INDEX_TYPES, METRICS
 
+        _common.notice(
+            inputs, "scope",
+            "The index covers every embedded sample of the dataset; any view "
+            "can then be sorted by similarity with it",
+        )
         embeddings = _common.embeddings_dropdown(
             ctx, inputs, view, "The vectors to index"
         )

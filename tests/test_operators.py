@@ -137,7 +137,8 @@ def test_forms_offer_schema_fields_and_defaults(embedded_dataset):
     assert form["embeddings"].default == "dinoprop_embedding"
     assert form["brain_key"].default == "dinoprop_similarity"
     assert form["delegate"].default is False  # 24 samples: immediate
-    assert "view_target" in form
+    assert "view_target" not in form  # an index covers the whole dataset
+    assert "every embedded sample" in form["scope_notice"].view.label
     assert blocking_errors(form) == []
 
     form = resolve_form("propagate_labels", embedded_dataset)
@@ -243,10 +244,12 @@ def test_delegation_defaults_to_background_for_big_views(
     form = resolve_form("compute_similarity", embedded_dataset)
     assert form["delegate"].default is True
     assert "delegate_notice" in form
-    # a selection of 3 samples stays immediate
+    # a selection of 3 samples to embed stays immediate
+    operator_cls = type(registry.get_operator(uri("compute_embeddings")))
+    monkeypatch.setattr(operator_cls, "DELEGATE_THRESHOLD", 10)
     ids = embedded_dataset.limit(3).values("id")
     form = resolve_form(
-        "compute_similarity",
+        "compute_embeddings",
         embedded_dataset,
         {"view_target": "SELECTED_SAMPLES"},
         selected=ids,
