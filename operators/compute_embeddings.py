@@ -2,6 +2,7 @@
 
 import os
 
+import fiftyone.core.labels as fol
 import fiftyone.operators.types as types
 
 from . import _common
@@ -55,13 +56,27 @@ class ComputeEmbeddings(_common.DinopropOperator):
             error_message=model_error or "",
         )
 
+        patch_fields = _common.label_fields(view, (fol.Detections,))
+        if patch_fields:
+            _common.choice_input(
+                inputs,
+                "patches_field",
+                patch_fields,
+                "Object patches (optional)",
+                description="Embed the boxes of this field instead of whole "
+                "images: each box gets its own vector, which propagate_labels "
+                "uses to label unlabeled boxes",
+            )
+        patches = ctx.params.get("patches_field") or None
+
         field = ctx.params.get("embeddings_field") or _common.DEFAULT_EMBEDDINGS
-        field_error = _field_error(view, field)
+        field_error = None if patches else _field_error(view, field)
         inputs.str(
             "embeddings_field",
             default=_common.DEFAULT_EMBEDDINGS,
-            label="Embeddings field",
-            description="The sample field that stores the vectors",
+            label="Embeddings attribute" if patches else "Embeddings field",
+            description="The attribute of each box that stores its vector"
+            if patches else "The sample field that stores the vectors",
             invalid=field_error is not None,
             error_message=field_error or "",
         )
@@ -71,14 +86,15 @@ class ComputeEmbeddings(_common.DinopropOperator):
             label="Recompute existing embeddings",
             description="Otherwise samples that already have one are skipped",
         )
-        if field_error is None and view.get_field(field) is not None:
-            done = view.exists(field).count()
-            if done and not ctx.params.get("overwrite", False):
+        path = "%s.detections.%s" % (patches, field) if patches else field
+        if field_error is None and not ctx.params.get("overwrite", False):
+            done = view.count(path) if patches or view.get_field(field) else 0
+            if done:
                 _common.notice(
                     inputs,
                     "existing",
-                    "%d of %d samples already have embeddings in '%s' and "
-                    "will be skipped" % (done, view.count(), field),
+                    "%d %s already have embeddings in '%s' and will be "
+                    "skipped" % (done, "boxes" if patches else "samples", path),
                 )
 
         _common.choice_input(
@@ -115,6 +131,7 @@ class ComputeEmbeddings(_common.DinopropOperator):
             device=params.get("device") or None,
             overwrite=bool(params.get("overwrite", False)),
             pooling=params.get("pooling") or "cls",
+            patches_field=params.get("patches_field") or None,
             progress=progress,
         )
 
@@ -132,14 +149,21 @@ def _model_error(model):
 
 
 def _field_error(view, field):
-    import fiftyone.core.fields as fof
-
     existing = view.get_field(field)
-    if existing is None or isinstance(
-        existing, (fof.VectorField, fof.ArrayField, fof.ListField)
-    ):
+    if existing is None or _holds_vectors(existing):
         return None
     return "Field '%s' exists and holds %s, not vectors; choose another" % (
         field,
         type(existing).__name__,
+    )
+
+
+def _holds_vectors(field):
+    """Whether a schema field can hold vectors (not, e.g., the tags list)."""
+    import fiftyone.core.fields as fof
+
+    if isinstance(field, (fof.VectorField, fof.ArrayField)):
+        return True
+    return isinstance(field, fof.ListField) and (
+        field.field is None or isinstance(field.field, (fof.FloatField, fof.IntField))
     )

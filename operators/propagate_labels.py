@@ -66,13 +66,22 @@ class PropagateLabels(_common.DinopropOperator):
             return False
 
         if objects:
+            attribute = ctx.params.get("embeddings") or _common.DEFAULT_EMBEDDINGS
             inputs.str(
                 "embeddings",
-                default="embeddings",
+                default=_common.DEFAULT_EMBEDDINGS,
                 label="Patch embeddings attribute",
-                description="The detection attribute holding the patch "
-                "embeddings (compute_embeddings with a patches field)",
+                description="The box attribute holding the patch embeddings",
             )
+            if not view.count("%s.detections.%s" % (label_field, attribute)):
+                _common.warn(
+                    inputs,
+                    "patch_embeddings",
+                    "No box in '%s' has patch embeddings in '%s'" % (label_field, attribute),
+                    "Run compute_embeddings with '%s' as its object patches "
+                    "field first" % label_field,
+                )
+                return False
         else:
             embeddings = _common.embeddings_dropdown(
                 ctx,
@@ -136,16 +145,10 @@ class PropagateLabels(_common.DinopropOperator):
     def call(self, view, params, progress):
         import dinoprop
 
-        label_field = params["label_field"]
-        default_embeddings = (
-            "embeddings"
-            if _is_detections(view, label_field)
-            else _common.DEFAULT_EMBEDDINGS
-        )
         return dinoprop.propagate_labels(
             view,
-            label_field,
-            embeddings=params.get("embeddings") or default_embeddings,
+            params["label_field"],
+            embeddings=params.get("embeddings") or _common.DEFAULT_EMBEDDINGS,
             output_field=params.get("output_field") or None,
             method=params.get("method") or "auto",
             k=int(params.get("k") or DEFAULT_K),

@@ -167,6 +167,8 @@ def test_embeddings_form_models_and_field_validation(image_dataset):
     errors = blocking_errors(form)
     assert "No such model file or directory: /no/such/model" in errors
     assert any("ground_truth" in e and "not vectors" in e for e in errors)
+    form = resolve_form("compute_embeddings", image_dataset, {"embeddings_field": "tags"})
+    assert any("'tags'" in e and "not vectors" in e for e in blocking_errors(form))
 
 
 def test_propagate_form_without_seeds_or_classes(embedded_dataset):
@@ -520,9 +522,7 @@ def test_review_queue_accept_and_undo(embedded_dataset):
     assert queue_size == ds.match_tags("dinoprop:needs_review").count()
 
 
-def test_propagate_form_for_detection_seeds(image_dataset):
-    import fiftyone as fo
-
+def test_object_labels_from_the_app(image_dataset, tiny_dinov2_dir):
     ds = image_dataset
     labels = ds.values("ground_truth.label")
     ds.set_values(
@@ -540,5 +540,21 @@ def test_propagate_form_for_detection_seeds(image_dataset):
     )
     form = resolve_form("propagate_labels", ds, {"label_field": "boxes"})
     assert form["label_field"].type.values == ["boxes", "ground_truth", "label"]
-    assert form["embeddings"].default == "embeddings"  # a patch attribute
+    assert form["embeddings"].default == "dinoprop_embedding"  # a box attribute
     assert "6 seeds in" in form["seeds_notice"].view.label
+    # no patch embeddings yet: the form says how to get them
+    assert any("No box in 'boxes' has patch embeddings" in e for e in blocking_errors(form))
+
+    # the embeddings form offers the boxes, and embeds them
+    form = resolve_form("compute_embeddings", ds, {"patches_field": "boxes"})
+    assert form["patches_field"].type.values == ["boxes"]
+    assert form["embeddings_field"].view.label == "Embeddings attribute"
+    execute(
+        "compute_embeddings", ds,
+        {"model": tiny_dinov2_dir, "patches_field": "boxes", "num_workers": 0},
+    )
+    assert ds.count("boxes.detections.dinoprop_embedding") == len(ds)
+    form = resolve_form("propagate_labels", ds, {"label_field": "boxes"})
+    assert blocking_errors(form) == []
+    execute("propagate_labels", ds, {"label_field": "boxes"})
+    assert ds.count("boxes_propagated.detections") == len(ds) - 6
