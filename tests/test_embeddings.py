@@ -259,6 +259,7 @@ def _video_dataset(tmp_path):
         (dict(model="no-such/model-here"), "no-such/model-here"),
         (dict(model="dinov2-small"), "efficientnet-lite0"),
         (dict(embeddings_field="ground_truth"), "ground_truth"),
+        (dict(embeddings_field="bad.name"), "top-level field name"),
         (dict(batch_size=0), "batch_size"),
         (dict(batch_size=-3), "batch_size"),
         (dict(num_workers=-1), "num_workers"),

@@ -418,6 +418,7 @@ def _assert_untouched(dataset):
         (lambda d: None, {"label_field": "filepath"}, "expected a"),
         (lambda d: None, {"output_field": "label"}, "must differ"),
         (lambda d: None, {"output_field": "label.nested"}, "top-level"),
+        (lambda d: None, {"output_field": "$where"}, "top-level"),
         (lambda d: None, {"output_field": "ground_truth"}, "no propagation run wrote"),
         (
             lambda d: d.register_run("mine", d.init_run(method="other")),

@@ -119,6 +119,7 @@ def test_accept_on_a_view_touches_only_the_view(propagated_dataset):
         ("label_propagated", "ground_truth_str", 0.5, "expected a Classific"),
         ("label_propagated", "label", 1.5, "between 0 and 1"),
         ("label_propagated", "label", "high", "between 0 and 1"),
+        ("label_propagated", "new.nested", 0.5, "top-level"),
         ("label_propagated", "label", None, "between 0 and 1"),
     ],
 )

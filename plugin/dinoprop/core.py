@@ -60,6 +60,29 @@ class DinopropError(ValueError):
     """Raised for invalid user input; the message says what to change."""
 
 
+def check_field_name(name: Any, what: str) -> None:
+    """Checks that ``name`` can be a new top-level field (or attribute).
+
+    Args:
+        name: the proposed name
+        what: the argument's name, for the message (e.g. ``"output_field"``)
+
+    Raises:
+        DinopropError: if ``name`` is empty, nested (contains ``.``), or
+            starts with ``_`` or ``$`` (reserved by FiftyOne and MongoDB)
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or "." in name
+        or name[0] in "_$"
+    ):
+        raise DinopropError(
+            "%s must be a top-level field name (no '.', not starting with "
+            "'_' or '$'); got %r" % (what, name)
+        )
+
+
 def check_brain_key(
     samples: Any, brain_key: Any, run_type: str, overwrite: bool = True
 ) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 
 from dinoprop.core import (
     DinopropError,
+    check_field_name,
     check_vector_field,
     progress_bar,
     require_label_field,
@@ -281,11 +282,7 @@ def _check_arguments(batch_size, num_workers, chunk_size, embeddings_field) -> N
             raise DinopropError(
                 "%s must be an integer >= %d; got %r" % (name, minimum, value)
             )
-    if not isinstance(embeddings_field, str) or not embeddings_field or embeddings_field.startswith("_"):
-        raise DinopropError(
-            "embeddings_field must be a non-empty field name not starting "
-            "with '_'; got %r" % (embeddings_field,)
-        )
+    check_field_name(embeddings_field, "embeddings_field")
 
 
 def _check_target(samples: Any, embeddings_field: str, patches_field: str | None) -> str | None:

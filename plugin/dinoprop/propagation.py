@@ -25,6 +25,7 @@ from dinoprop.core import (
     TAG_PREFIX,
     DinopropError,
     accepted_unedited_ids,
+    check_field_name,
     check_vector_field,
     require_field,
     load_embeddings,
@@ -484,11 +485,7 @@ def check_output_field(
     Raises:
         DinopropError: if the field may not be written, saying why
     """
-    if not isinstance(output_field, str) or not output_field or "." in output_field:
-        raise DinopropError(
-            "output_field must be a top-level field name (no '.'); got %r"
-            % (output_field,)
-        )
+    check_field_name(output_field, "output_field")
     if output_field == label_field:
         raise DinopropError(
             "output_field must differ from label_field ('%s'): human labels "

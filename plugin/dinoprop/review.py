@@ -28,6 +28,7 @@ from dinoprop.core import (
     TAG_PREFIX,
     DinopropError,
     accepted_unedited_ids,
+    check_field_name,
     is_unedited_accepted,
     validate_samples,
 )
@@ -308,6 +309,8 @@ def _check_fields(samples: Any, output_field: str, label_field: str) -> None:
     require_label_field(samples, output_field, (fol.Classification,))
     if samples.get_field(label_field) is not None:
         require_label_field(samples, label_field, (fol.Classification,))
+    else:
+        check_field_name(label_field, "label_field")
 
 
 def _check_confidence(value: Any) -> float:
