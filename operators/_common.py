@@ -95,7 +95,9 @@ class DinopropOperator(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         view = self._target(ctx, inputs)
-        if self.form(ctx, inputs, view):
+        if view is not None and view.count() == 0:
+            warn(inputs, "target", "The target view has no samples")
+        elif self.form(ctx, inputs, view):
             delegation(ctx, inputs, view, self.DELEGATE_THRESHOLD)
         return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
 

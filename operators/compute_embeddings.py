@@ -89,6 +89,8 @@ class ComputeEmbeddings(_common.DinopropOperator):
         path = "%s.detections.%s" % (patches, field) if patches else field
         if field_error is None and not ctx.params.get("overwrite", False):
             done = view.count(path) if patches or view.get_field(field) else 0
+            if done and not _existing_ok(inputs, view, field, patches, path, model):
+                return False
             if done:
                 _common.notice(
                     inputs,
@@ -134,6 +136,27 @@ class ComputeEmbeddings(_common.DinopropOperator):
             patches_field=params.get("patches_field") or None,
             progress=progress,
         )
+
+
+def _existing_ok(inputs, view, field, patches, path, model):
+    """Blocks the form when the field holds another model's vectors."""
+    from dinoprop.embeddings import get_embeddings_run
+
+    run = get_embeddings_run(view, field, patches)
+    if run is not None and run.get("model") == model:
+        return True
+    origin = (
+        "vectors of unknown origin" if run is None
+        else "vectors from model '%s'" % run.get("model")
+    )
+    _common.warn(
+        inputs,
+        "existing",
+        "'%s' already holds %s" % (path, origin),
+        "Tick 'Recompute existing embeddings' to replace them, or choose "
+        "another field",
+    )
+    return False
 
 
 def _model_error(model):

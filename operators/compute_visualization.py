@@ -44,6 +44,14 @@ class ComputeVisualization(_common.DinopropOperator):
             "Method",
             default="umap",
         )
+        embedded = view.exists(embeddings).count()
+        if (ctx.params.get("method") or "umap") == "umap" and embedded < 4:
+            _common.warn(
+                inputs, "too_few",
+                "UMAP needs at least 4 embedded samples; this view has %d "
+                "(choose PCA, or a larger view)" % embedded,
+            )
+            return False
         _common.choice_input(
             inputs,
             "num_dims",

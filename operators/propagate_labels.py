@@ -8,6 +8,8 @@ from . import _common
 LABEL_TYPES = (fol.Classification, fol.Detections)
 
 DEFAULT_K = 10
+#: The recommended threshold's precision target (the SDK's default).
+DEFAULT_TARGET_PRECISION = 0.95
 
 
 class PropagateLabels(_common.DinopropOperator):
@@ -122,6 +124,15 @@ class PropagateLabels(_common.DinopropOperator):
             description="Neighbours per sample in the similarity graph",
         )
         inputs.float(
+            "target_precision",
+            default=DEFAULT_TARGET_PRECISION,
+            min=0.5,
+            max=1.0,
+            label="Target precision",
+            description="The share of correct labels the recommended "
+            "threshold aims for among the samples above it",
+        )
+        inputs.float(
             "confidence_threshold",
             min=0.0,
             max=1.0,
@@ -154,6 +165,7 @@ class PropagateLabels(_common.DinopropOperator):
             k=int(params.get("k") or DEFAULT_K),
             seed_tag=params.get("seed_tag") or None,
             confidence_threshold=params.get("confidence_threshold"),
+            target_precision=params.get("target_precision") or DEFAULT_TARGET_PRECISION,
             progress=progress,
         )
 

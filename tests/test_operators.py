@@ -253,10 +253,13 @@ def test_delegation_defaults_to_background_for_big_views(
     form = resolve_form(
         "compute_embeddings",
         embedded_dataset,
-        {"view_target": "SELECTED_SAMPLES"},
+        {"view_target": "SELECTED_SAMPLES", "embeddings_field": "new_vectors"},
         selected=ids,
     )
     assert form["delegate"].default is False
+    # the random vectors already in dinoprop_embedding came from no model
+    form = resolve_form("compute_embeddings", embedded_dataset, {"model": "efficientnet-lite0"})
+    assert any("vectors of unknown origin" in e for e in blocking_errors(form))
 
 
 # ------------------------------------------------------------- execution
@@ -558,3 +561,24 @@ def test_object_labels_from_the_app(image_dataset, tiny_dinov2_dir):
     assert blocking_errors(form) == []
     execute("propagate_labels", ds, {"label_field": "boxes"})
     assert ds.count("boxes_propagated.detections") == len(ds) - 6
+
+
+def test_forms_block_empty_targets_and_maps_umap_cannot_draw(embedded_dataset):
+    ds = embedded_dataset
+    form = resolve_form("suggest_seeds", ds, view=ds.limit(0))
+    assert blocking_errors(form) == ["The target view has no samples"]
+    form = resolve_form("compute_visualization", ds, view=ds.limit(3))
+    assert any("UMAP needs at least 4" in e for e in blocking_errors(form))
+    form = resolve_form("compute_visualization", ds, {"method": "pca"}, view=ds.limit(3))
+    assert blocking_errors(form) == []
+
+
+def test_propagate_form_sets_the_target_precision(embedded_dataset):
+    ds = embedded_dataset
+    form = resolve_form("propagate_labels", ds, {"label_field": "label"})
+    assert form["target_precision"].default == 0.95
+    triggered = execute(
+        "propagate_labels", ds, {"label_field": "label", "target_precision": 0.8}
+    )
+    assert ds.get_run_info("dinoprop_label_propagated").config.target_precision == 0.8
+    assert shown_summary(triggered)["note"] is None  # 0.8 is reachable here
