@@ -304,7 +304,7 @@ def load_embeddings(
     stored = [raw[i] for i in keep]
     embeddings = decode_vectors(stored)
     if embeddings is None:  # not uniform stored arrays: one at a time
-        vectors = [_decode_one(v) for v in stored]
+        vectors = [decode_vector(v) for v in stored]
         dims = {len(v) for v in vectors}
         if len(dims) > 1:
             raise DinopropError(
@@ -366,8 +366,9 @@ def no_embeddings_error(field: str) -> DinopropError:
     )
 
 
-def _decode_one(value: Any) -> np.ndarray:
-    """One stored vector: FiftyOne's serialized array, or a plain list."""
+def decode_vector(value: Any) -> np.ndarray:
+    """One stored vector: FiftyOne's serialized array (how vector fields and
+    undeclared label attributes hold them), or a plain list."""
     if isinstance(value, bytes):
         import fiftyone.core.utils as fou
 

@@ -27,6 +27,7 @@ from dinoprop.core import (
     accepted_unedited_ids,
     check_field_name,
     check_vector_field,
+    decode_vector,
     require_field,
     load_embeddings,
     progress_bar,
@@ -754,17 +755,6 @@ def _flatten(nested):
     return [v for values in nested for v in (values or [])]
 
 
-def _as_vector(value):
-    """A label attribute's embedding as an array (undeclared ones are bytes)."""
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        import fiftyone.core.utils as fou
-
-        return fou.deserialize_numpy_array(value)
-    return np.asarray(value, np.float32)
-
-
 def _object_data(samples, label_field, embeddings, seed_tag, k):
     from dinoprop.graph import knn_search
 
@@ -778,7 +768,7 @@ def _object_data(samples, label_field, embeddings, seed_tag, k):
     det_ids, labels, tags, vectors = (
         _flatten(v) for v in (det_ids, labels, tags, vectors)
     )
-    vectors = [_as_vector(v) for v in vectors]
+    vectors = [None if v is None else decode_vector(v) for v in vectors]
     has_embedding = np.array([v is not None for v in vectors], bool)
     if not has_embedding.any():
         raise DinopropError(
