@@ -614,12 +614,16 @@ def _sample_seeds(samples, label_field, seed_tag):
     ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
     machine = accepted_unedited_ids(samples, label_field)
     is_seed = [
-        lab is not None
-        and sid not in machine
-        and (seed_tag is None or seed_tag in (t or []))
+        sid not in machine and _is_seed(lab, t, seed_tag)
         for sid, lab, t in zip(ids, labels, tags)
     ]
     return ids, labels, is_seed
+
+
+def _is_seed(label, tags, seed_tag):
+    """Whether a label (of a sample or a box) is a seed: labeled, and
+    carrying ``seed_tag`` when one is required."""
+    return label is not None and (seed_tag is None or seed_tag in (tags or []))
 
 
 def count_seeds(
@@ -645,10 +649,7 @@ def count_seeds(
         labels, tags = (
             _flatten(v) for v in samples.values([path + "label", path + "tags"])
         )
-        seeds = [
-            lab for lab, t in zip(labels, tags)
-            if lab is not None and (seed_tag is None or seed_tag in (t or []))
-        ]
+        seeds = [lab for lab, t in zip(labels, tags) if _is_seed(lab, t, seed_tag)]
     else:
         _, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
         seeds = [lab for lab, s in zip(labels, is_seed) if s]
@@ -778,10 +779,7 @@ def _object_data(samples, label_field, embeddings, seed_tag, k):
             % (label_field, embeddings, label_field)
         )
     is_seed = np.array(
-        [
-            lab is not None and (seed_tag is None or seed_tag in (t or []))
-            for lab, t in zip(labels, tags)
-        ],
+        [_is_seed(lab, t, seed_tag) for lab, t in zip(labels, tags)],
         bool,
     )
     where = "object in '%s' has a label%s" % (
