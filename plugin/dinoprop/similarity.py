@@ -471,6 +471,14 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     # --- building --------------------------------------------------------
 
     def _prepare(self, vectors):
+        x = self._checked(vectors)
+        norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        if self.config.metric == "cosine":
+            x = np.ascontiguousarray(l2_normalize(x), dtype=np.float32)
+        return x, norms
+
+    def _checked(self, vectors):
+        """``vectors`` as a float32 array, if they can join this index."""
         x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if x.ndim != 2:
             raise DinopropError("Embeddings must be a 2-D array")
@@ -482,10 +490,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 "%d; recompute the index with compute_similarity()"
                 % (x.shape[1], self._dim)
             )
-        norms = np.linalg.norm(x, axis=1).astype(np.float32)
-        if self.config.metric == "cosine":
-            x = np.ascontiguousarray(l2_normalize(x), dtype=np.float32)
-        return x, norms
+        return x
 
     def _build(self, vectors, sample_ids, label_ids=None):
         """(Re)builds the whole index from the given vectors."""
@@ -592,23 +597,13 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         import glob
         import shutil
 
-        from filelock import FileLock
-
         name = os.path.basename(self._path)
         sources = [
             p for p in glob.glob(os.path.join(index_dir(), "*", name)) if p != self._path
         ]
         if not sources:
             return
-        os.makedirs(os.path.dirname(self._path), exist_ok=True)
-        tmp = "%s.tmp-%d-%s" % (self._path, os.getpid(), uuid.uuid4().hex[:8])
-        with FileLock(self._path + ".lock", timeout=300):
-            try:
-                shutil.copyfile(sources[0], tmp)
-                os.replace(tmp, self._path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        self._replace_file(lambda tmp: shutil.copyfile(sources[0], tmp))
         logger.info("Copied similarity index '%s' from %s", self.key, sources[0])
 
     def _field_changed(self):
@@ -675,7 +670,6 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def _write_file(self):
         import faiss
-        from filelock import FileLock
 
         arrays = {
             "sample_ids": self._row_sample_ids.astype("<U24"),
@@ -700,15 +694,28 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             "checksum": _checksum(arrays),
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        directory = os.path.dirname(self._path)
-        os.makedirs(directory, exist_ok=True)
+
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._replace_file(save)
+
+    def _replace_file(self, write):
+        """Replaces the index file atomically, under its lock.
+
+        ``write(path)`` fills a temporary file beside it, which then takes
+        the file's place, so readers see the old file or the new one.
+        """
+        from filelock import FileLock
+
+        os.makedirs(os.path.dirname(self._path), exist_ok=True)
         tmp = "%s.tmp-%d-%s" % (self._path, os.getpid(), uuid.uuid4().hex[:8])
         with FileLock(self._path + ".lock", timeout=300):
             try:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
+                write(tmp)
                 os.replace(tmp, self._path)
             finally:
                 if os.path.exists(tmp):
@@ -788,7 +795,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             )
         if len(embeddings) == 0:
             return
-        self._prepare(embeddings)  # bad vectors fail before anything is written
+        self._checked(embeddings)  # bad vectors fail before anything is written
         self._check_known_samples(sample_ids)
         ids = label_ids if self.config.patches_field is not None else sample_ids
         id_to_row = self._get_id_to_row()
