@@ -44,12 +44,14 @@ class ComputeVisualization(_common.DinopropOperator):
             "Method",
             default="umap",
         )
+        from dinoprop.visualization import UMAP_MIN_POINTS
+
         embedded = view.exists(embeddings).count()
-        if (ctx.params.get("method") or "umap") == "umap" and embedded < 4:
+        if (ctx.params.get("method") or "umap") == "umap" and embedded < UMAP_MIN_POINTS:
             _common.warn(
                 inputs, "too_few",
-                "UMAP needs at least 4 embedded samples; this view has %d "
-                "(choose PCA, or a larger view)" % embedded,
+                "UMAP needs at least %d embedded samples; this view has %d "
+                "(choose PCA, or a larger view)" % (UMAP_MIN_POINTS, embedded),
             )
             return False
         _common.choice_input(

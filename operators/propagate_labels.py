@@ -8,8 +8,6 @@ from . import _common
 LABEL_TYPES = (fol.Classification, fol.Detections)
 
 DEFAULT_K = 10
-#: The recommended threshold's precision target (the SDK's default).
-DEFAULT_TARGET_PRECISION = 0.95
 
 
 class PropagateLabels(_common.DinopropOperator):
@@ -44,7 +42,7 @@ class PropagateLabels(_common.DinopropOperator):
 
     def form(self, ctx, inputs, view):
         from dinoprop.core import TAG_PREFIX
-        from dinoprop.propagation import NEEDS_REVIEW_TAG
+        from dinoprop.propagation import DEFAULT_TARGET_PRECISION, NEEDS_REVIEW_TAG
         from dinoprop.propagation_methods import METHODS
 
         fields = _common.label_fields(view, LABEL_TYPES)
@@ -155,6 +153,7 @@ class PropagateLabels(_common.DinopropOperator):
 
     def call(self, view, params, progress):
         import dinoprop
+        from dinoprop.propagation import DEFAULT_TARGET_PRECISION
 
         return dinoprop.propagate_labels(
             view,

@@ -29,7 +29,7 @@ class SuggestSeeds(_common.DinopropOperator):
         if embeddings is None:
             return False
         total = view.count()
-        default = min(DEFAULT_COUNT, total)
+        default = _default_count(total)
         count = ctx.params.get("count", default)
         if count is None:
             error = "Enter how many samples to suggest"
@@ -65,7 +65,7 @@ class SuggestSeeds(_common.DinopropOperator):
 
         ids = dinoprop.suggest_seeds(
             view,
-            int(params.get("count") or min(DEFAULT_COUNT, view.count())),
+            int(params.get("count") or _default_count(view.count())),
             label_field=params.get("label_field") or None,
             embeddings=params.get("embeddings") or _common.DEFAULT_EMBEDDINGS,
             progress=progress,
@@ -88,3 +88,8 @@ class _Suggestions:
         from dinoprop.seeds import ANNOTATE_NEXT_TAG
 
         return {"num_suggested": len(self.ids), "tag": ANNOTATE_NEXT_TAG}
+
+
+def _default_count(num_samples):
+    """How many suggestions to ask for by default: 10, or the whole view."""
+    return min(DEFAULT_COUNT, num_samples)

@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
-
 import fiftyone.brain.visualization as fbv
 
 from dinoprop.core import DinopropError, check_brain_key, l2_normalize, progress_bar
 
 logger = logging.getLogger(__name__)
+
+#: The fewest embedded samples UMAP can map.
+UMAP_MIN_POINTS = 4
 
 _METHODS = ("umap", "pca")
 _NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
@@ -92,10 +94,10 @@ def compute_visualization(
     validate_samples(samples, require_images=False)
     _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite)
     vectors, sample_ids, label_ids = _load(samples, embeddings, patches_field)
-    if method == "umap" and len(vectors) < 4:
+    if method == "umap" and len(vectors) < UMAP_MIN_POINTS:
         raise DinopropError(
-            "UMAP needs at least 4 embedded samples; found %d (use "
-            "method='pca')" % len(vectors)
+            "UMAP needs at least %d embedded samples; found %d (use "
+            "method='pca')" % (UMAP_MIN_POINTS, len(vectors))
         )
 
     with progress_bar(2, progress=progress, iters_str="steps") as pb:
