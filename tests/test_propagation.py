@@ -112,6 +112,42 @@ def test_calibration_fixes_overconfidence():
     np.testing.assert_array_equal(calibrated.argmax(1), overconfident.argmax(1))
 
 
+def _noisy_predictions(num, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, num)
+    logits = rng.normal(size=(num, 3))
+    logits[np.arange(num), labels] += 1.0
+    return pm.softmax(logits * 6), labels
+
+
+def test_temperature_spread_reflects_how_many_seeds_checked_it():
+    """A temperature fitted on 40 seeds is looser than one fitted on 4,000,
+    by about sqrt(100)."""
+    spreads = []
+    for num in (40, 4000):
+        probs, labels = _noisy_predictions(num)
+        spreads.append(pm.temperature_spread(probs, labels))
+    assert spreads[0] > 0 and spreads[1] > 0
+    assert 5 < spreads[0] / spreads[1] < 20
+
+
+def test_uncertain_temperature_tempers_the_top_confidences():
+    """Averaging over a loose temperature lowers the most confident
+    predictions, keeps every predicted class, and spread 0 is plain
+    temperature scaling."""
+    probs, labels = _noisy_predictions(40)
+    temperature = pm.fit_temperature(probs, labels)
+    spread = pm.temperature_spread(probs, labels)
+    plain = pm.calibrate(probs, temperature, shrink=0.02)
+    averaged = pm.calibrate(probs, temperature, shrink=0.02, log_spread=spread)
+    np.testing.assert_allclose(plain, pm.calibrate(probs, temperature, 0.02, 0.0))
+    np.testing.assert_allclose(averaged.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(averaged.argmax(1), probs.argmax(1))
+    top = plain.max(1) > 0.75
+    assert top.any()
+    assert np.all(averaged.max(1)[top] < plain.max(1)[top])
+
+
 def test_propagation_is_calibrated_by_cross_validation():
     x, labels = _clusters(num_classes=5, per_class=120, spread=1.6, seed=1)
     problem = _problem(x, 5)

@@ -113,8 +113,9 @@ class PropagationResults(fors.RunResults):
         ``recommended_threshold`` (the lowest confidence whose accepted
         targets reach the target precision by their calibrated
         confidences), ``coverage_at_threshold`` (the fraction of targets
-        it accepts), ``ece``, ``review_threshold``, ``temperature``,
-        ``seconds``, ``run_key``, ``output_field``, ``label_field`` and
+        it accepts), ``ece``, ``review_threshold``, ``temperature`` and
+        ``temperature_spread`` (the standard deviation of its logarithm,
+        which the confidences are averaged over), ``seconds``, ``run_key``, ``output_field``, ``label_field`` and
         ``note`` (why nothing can be accepted, or None). Estimates are None
         when the seeds are too few to cross-validate (fewer than 2 per
         class).
@@ -269,7 +270,8 @@ def propagate_labels(
 
     Confidences are calibrated by temperature scaling fitted on
     cross-validated seed predictions (at least 2 seeds per class are
-    needed for that). Targets below the review threshold are tagged
+    needed for that), averaged over how uncertain that fit is, so a few
+    dozen seeds do not promise more than they can vouch for. Targets below the review threshold are tagged
     ``dinoprop:needs_review`` and listed, least confident first, by the
     saved view ``"dinoprop review queue"`` (samples leave it once their
     ``label_field`` holds a label). When no threshold reaches
@@ -376,6 +378,7 @@ def propagate_labels(
             "review_threshold": float(review_threshold),
             "ece": _cv_ece(outcome),
             "temperature": float(outcome.temperature),
+            "temperature_spread": float(outcome.temperature_spread),
             "cv_accuracy_by_method": outcome.cv_accuracy,
             "seconds": 0.0,
             "run_key": run_key,

@@ -430,6 +430,8 @@ class Propagation:
         probs: ``N x C`` calibrated class probabilities
         method: the method that produced them (for ``auto``, the one chosen)
         temperature: the fitted calibration temperature (1 if not fitted)
+        temperature_spread: the standard deviation of its logarithm
+            (:func:`temperature_spread`; 0 if not fitted)
         oof_probs: calibrated out-of-fold probabilities of the held-out
             seeds (every seed of a class with at least 2), or None when the
             seeds are too few to cross-validate
@@ -442,6 +444,7 @@ class Propagation:
     probs: np.ndarray
     method: str
     temperature: float = 1.0
+    temperature_spread: float = 0.0
     oof_probs: np.ndarray | None = None
     oof_labels: np.ndarray | None = None
     cv_accuracy: dict = field(default_factory=dict)
@@ -461,7 +464,8 @@ def propagate(
 
     The seeds are cross-validated (stratified k-fold) with each candidate
     method; the out-of-fold predictions choose the method (``auto``), fit
-    the calibration temperature, and estimate accuracy. On graphs larger
+    the calibration temperature and its uncertainty (confidences are
+    averaged over it), and estimate accuracy. On graphs larger
     than ``cv_max_nodes``, cross-validation runs on the seeds'
     neighbourhood subgraph, which is what decides their predictions.
 
@@ -496,10 +500,15 @@ def propagate(
             for name, p in oof.items()
         }
         result.temperature = fit_temperature(oof[chosen], held_out)
-        shrink = laplace_shrink(len(held_out))
-        result.oof_probs = calibrate(oof[chosen], result.temperature, shrink)
+        result.temperature_spread = temperature_spread(oof[chosen], held_out)
+        calibration = dict(
+            temperature=result.temperature,
+            shrink=laplace_shrink(len(held_out)),
+            log_spread=result.temperature_spread,
+        )
+        result.oof_probs = calibrate(oof[chosen], **calibration)
         result.oof_labels = np.asarray(held_out)
-        result.probs = calibrate(probs, result.temperature, shrink)
+        result.probs = calibrate(probs, **calibration)
     return result
 
 
@@ -514,12 +523,63 @@ def laplace_shrink(num_checked: int) -> float:
     return 1.0 / (num_checked + 2)
 
 
+#: The range calibration temperatures are fitted (and averaged) in.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def calibrate(
-    probs: np.ndarray, temperature: float, shrink: float = 0.0
+    probs: np.ndarray,
+    temperature: float,
+    shrink: float = 0.0,
+    log_spread: float = 0.0,
 ) -> np.ndarray:
-    """Applies temperature scaling, then mixes in ``shrink`` of uniform."""
-    scaled = softmax(np.log(np.clip(probs, 1e-6, None)), temperature)
-    return ((1.0 - shrink) * scaled + shrink / probs.shape[1]).astype(np.float32)
+    """Applies temperature scaling, then mixes in ``shrink`` of uniform.
+
+    Args:
+        probs: ``N x C`` class probabilities
+        temperature: the fitted temperature
+        shrink: the weight of the uniform distribution mixed in
+        log_spread: the standard deviation of the fitted log-temperature
+            (see :func:`temperature_spread`); when positive, the scaled
+            probabilities are averaged over that uncertainty by 3-point
+            Gauss-Hermite quadrature instead of trusting the fit exactly
+
+    Returns:
+        ``N x C`` float32 probabilities (argmax unchanged)
+    """
+    logp = np.log(np.clip(probs, 1e-6, None)).astype(np.float32, copy=False)
+    logp -= logp.max(axis=1, keepdims=True)  # the same shift at every temperature
+    if log_spread > 0:
+        nodes, weights = np.polynomial.hermite_e.hermegauss(3)
+        weights = weights / weights.sum()
+    else:
+        nodes, weights = np.zeros(1), np.ones(1)
+    scaled = np.zeros(probs.shape, np.float32)
+    for node, weight in zip(nodes, weights):
+        spread_temperature = np.clip(
+            temperature * np.exp(log_spread * node), *TEMPERATURE_RANGE
+        )
+        part = np.exp(logp / float(spread_temperature))
+        part *= float(weight) / part.sum(axis=1, keepdims=True)
+        scaled += part
+    scaled *= 1.0 - shrink
+    scaled += shrink / probs.shape[1]
+    return scaled
+
+
+def _temperature_nll(probs: np.ndarray, labels: np.ndarray):
+    """The mean negative log-likelihood of ``labels`` as a function of the
+    log-temperature."""
+    logp = np.log(np.clip(probs, 1e-6, None)).astype(np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(log_t):
+        z = logp / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float((lse - z[rows, labels]).mean())
+
+    return nll
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -530,21 +590,43 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
         labels: the ``S`` true classes
 
     Returns:
-        the temperature, in ``[0.05, 20]``
+        the temperature, in :data:`TEMPERATURE_RANGE`
     """
     from scipy.optimize import minimize_scalar
 
-    logp = np.log(np.clip(probs, 1e-6, None)).astype(np.float64)
-    rows = np.arange(len(labels))
-
-    def nll(log_t):
-        z = logp / np.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=1))
-        return float((lse - z[rows, labels]).mean())
-
-    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    best = minimize_scalar(
+        _temperature_nll(probs, labels),
+        bounds=tuple(np.log(TEMPERATURE_RANGE)),
+        method="bounded",
+    )
     return float(np.exp(best.x))
+
+
+def temperature_spread(probs: np.ndarray, labels: np.ndarray) -> float:
+    """How uncertain a temperature fitted on ``S`` held-out seeds is.
+
+    The posterior of the log-temperature (flat prior over the fitted
+    range) is ``exp(-S * nll)``, with ``nll`` the mean negative
+    log-likelihood; it is evaluated on a grid, which also holds where the
+    fit ends at a bound of its range (seeds all predicted correctly). A
+    few dozen seeds leave the temperature loose, and trusting one point
+    estimate then overstates the top confidences; :func:`calibrate`
+    averages over this spread.
+
+    Args:
+        probs: ``S x C`` out-of-fold probabilities
+        labels: the ``S`` true classes
+
+    Returns:
+        the posterior standard deviation of the log-temperature
+    """
+    nll = _temperature_nll(probs, labels)
+    grid = np.linspace(*np.log(TEMPERATURE_RANGE), 121)
+    values = np.array([nll(log_t) for log_t in grid])
+    weights = np.exp(-len(labels) * (values - values.min()))
+    weights /= weights.sum()
+    mean = float(weights @ grid)
+    return float(np.sqrt(weights @ (grid - mean) ** 2))
 
 
 def expected_calibration_error(
