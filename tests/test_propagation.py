@@ -9,7 +9,7 @@ import pytest
 
 import dinoprop
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError
+from dinoprop.core import DinopropError, l2_normalize
 from dinoprop.graph import knn_search
 
 
@@ -197,6 +197,22 @@ def test_affinity_is_sparse_and_symmetric():
     assert w.nnz <= 2 * 5 * len(x)
     assert abs(w - w.T).max() < 1e-6
     assert w.diagonal().max() == 0
+
+
+def test_graph_products_match_scipy():
+    """The multi-core product and the in-place graph features give what
+    the plain scipy formulas give."""
+    x, _ = _clusters()
+    x = pm.center_and_normalize(x)
+    neighbors, sims = knn_search(x, 5)
+    graph = pm.Graph(neighbors, sims)
+    s_norm = pm.normalized_affinity(pm.affinity_matrix(neighbors, sims))
+    np.testing.assert_allclose(graph.s_norm @ x, s_norm @ x, rtol=1e-5, atol=1e-6)
+    smoothed = x
+    for _ in range(2):
+        smoothed = 0.5 * smoothed + 0.5 * (s_norm @ smoothed)
+    expected = l2_normalize(np.hstack([x, l2_normalize(smoothed)]))
+    np.testing.assert_allclose(pm.graph_features(x, graph), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------- FiftyOne run
