@@ -115,8 +115,9 @@ class PropagationResults(fors.RunResults):
         confidences), ``coverage_at_threshold`` (the fraction of targets
         it accepts), ``ece``, ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
-        which the confidences are averaged over), ``seconds``, ``run_key``, ``output_field``, ``label_field`` and
-        ``note`` (why nothing can be accepted, or None). Estimates are None
+        which the confidences are averaged over), ``seconds``,
+        ``run_key``, ``output_field``, ``label_field`` and ``note`` (why
+        nothing can be accepted, or None). Estimates are None
         when the seeds are too few to cross-validate (fewer than 2 per
         class).
         """
@@ -271,10 +272,10 @@ def propagate_labels(
     Confidences are calibrated by temperature scaling fitted on
     cross-validated seed predictions (at least 2 seeds per class are
     needed for that), averaged over how uncertain that fit is, so a few
-    dozen seeds do not promise more than they can vouch for. Targets below the review threshold are tagged
-    ``dinoprop:needs_review`` and listed, least confident first, by the
-    saved view ``"dinoprop review queue"`` (samples leave it once their
-    ``label_field`` holds a label). When no threshold reaches
+    dozen seeds do not promise more than they can vouch for. Targets below
+    the review threshold are tagged ``dinoprop:needs_review`` and listed,
+    least confident first, by the saved view ``"dinoprop review queue"``
+    (samples leave it once their ``label_field`` holds a label). When no threshold reaches
     ``target_precision`` (too few seeds to vouch for it, or too hard a
     problem), every target is marked for review and the summary's ``note``
     (also logged as a warning) says why.
