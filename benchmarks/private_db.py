@@ -8,6 +8,7 @@ touches the user's datasets.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import sys
@@ -37,6 +38,15 @@ def _stop_and_remove(root: str) -> None:
         if database._client is not None:
             database._disconnect()
         if database._db_service is not None:
-            database._db_service.stop()
+            # stop() closes the service's stdin; its process then stops
+            # mongod, which writes files until it exits: wait for that
+            service = database._db_service
+            owned_process = None if service.attached else service.child
+            service.stop()
             database._db_service = None
+            if owned_process is not None:
+                import psutil
+
+                with contextlib.suppress(psutil.TimeoutExpired):
+                    owned_process.wait(timeout=60)
     shutil.rmtree(root, ignore_errors=True)
