@@ -294,6 +294,28 @@ def test_propagate_labels_end_to_end(embedded_dataset):
     assert dataset.count("label") == 6  # human labels stay
 
 
+def test_deleting_runs_removes_the_review_queue_with_the_newest(embedded_dataset):
+    """The queue is the newest run's: deleting an older run keeps it, and
+    deleting the newest removes it, even after its description was edited
+    in the App."""
+    dataset = embedded_dataset
+    older = dinoprop.propagate_labels(
+        dataset, "label", output_field="first", confidence_threshold=1.0, run_key="older"
+    )
+    dinoprop.propagate_labels(
+        dataset, "label", output_field="second", confidence_threshold=1.0, run_key="newer"
+    )
+    queued = len(dataset.match_tags(dinoprop.propagation.NEEDS_REVIEW_TAG))
+    assert queued == older.summary()["num_propagated"]
+    dataset.delete_run("older")
+    assert dataset.has_saved_view("dinoprop review queue")
+    assert len(dataset.match_tags(dinoprop.propagation.NEEDS_REVIEW_TAG)) == queued
+    dataset.update_saved_view_info("dinoprop review queue", {"description": "mine"})
+    dataset.delete_run("newer")
+    assert not dataset.has_saved_view("dinoprop review queue")
+    assert len(dataset.match_tags(dinoprop.propagation.NEEDS_REVIEW_TAG)) == 0
+
+
 def test_results_reload_in_a_fresh_process(embedded_dataset):
     dataset = embedded_dataset
     dataset.persistent = True

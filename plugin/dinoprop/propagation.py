@@ -71,8 +71,9 @@ class PropagationRun(fors.Run):
 
     ``dataset.delete_run(run_key)`` removes what the run wrote, as deleting
     a FiftyOne Brain run does: its output field (unless another run writes
-    the same field), and, when the review queue is this run's, the saved
-    view and the ``dinoprop:needs_review`` tags.
+    the same field), and, when the review queue is this run's (every run
+    saves it, so it belongs to the newest run), the saved view and the
+    ``dinoprop:needs_review`` tags.
     """
 
     def get_fields(self, samples, key):
@@ -81,7 +82,8 @@ class PropagationRun(fors.Run):
     def cleanup(self, samples, key):
         dataset = samples._root_dataset
         output = self.config.output_field
-        if _review_queue_source(dataset) == output:
+        # every run saves the queue, so it is the newest run's
+        if dataset.has_saved_view(REVIEW_QUEUE_VIEW) and _newest_run(dataset) == key:
             dataset.delete_saved_view(REVIEW_QUEUE_VIEW)
             dataset.untag_samples(NEEDS_REVIEW_TAG)
         others = [k for k in _propagation_runs(dataset, output) if k != key]
@@ -457,17 +459,24 @@ def propagation_run_key(samples: Any, output_field: str) -> Optional[str]:
     return keys[0] if keys else None
 
 
-def _propagation_runs(dataset, output_field):
-    """The keys of the propagation runs that wrote ``output_field``."""
+def _propagation_runs(dataset, output_field=None):
+    """The keys of the propagation runs (that wrote ``output_field``, if
+    given)."""
     keys = []
     for key in dataset.list_runs():
         config = dataset.get_run_info(key).config
-        if (
-            getattr(config, "run_type", None) == RUN_TYPE
-            and getattr(config, "output_field", None) == output_field
+        if getattr(config, "run_type", None) == RUN_TYPE and (
+            output_field is None
+            or getattr(config, "output_field", None) == output_field
         ):
             keys.append(key)
     return keys
+
+
+def _newest_run(dataset):
+    """The key of the most recently started propagation run, or None."""
+    started = [(dataset.get_run_info(k).timestamp, k) for k in _propagation_runs(dataset)]
+    return max(started)[1] if started else None
 
 
 def check_output_field(
@@ -741,15 +750,6 @@ def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=N
         % output_field,
         overwrite=True,
     )
-
-
-def _review_queue_source(dataset):
-    """The output field the saved review queue belongs to, or None."""
-    if not dataset.has_saved_view(REVIEW_QUEUE_VIEW):
-        return None
-    description = dataset.get_saved_view_info(REVIEW_QUEUE_VIEW).get("description") or ""
-    marker = description.rpartition(" into ")[2]
-    return marker[1:-2] if marker.startswith("'") and marker.endswith("')") else None
 
 
 # ------------------------------------------------------------- objects
