@@ -324,11 +324,16 @@ def linear_logits(
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature``."""
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Row-wise softmax of ``logits / temperature``, as float32.
+
+    Computed in one float32 array, in place: at a million rows each
+    temporary would be hundreds of megabytes.
+    """
+    z = np.asarray(logits, np.float32) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def _normalize_rows(scores: np.ndarray) -> np.ndarray:
@@ -613,8 +618,7 @@ def calibrate(
     Returns:
         ``N x C`` float32 probabilities (argmax unchanged)
     """
-    logp = np.log(np.clip(probs, 1e-6, None)).astype(np.float32, copy=False)
-    logp -= logp.max(axis=1, keepdims=True)  # the same shift at every temperature
+    logp = np.log(np.clip(probs, 1e-6, None))
     if log_spread > 0:
         nodes, weights = np.polynomial.hermite_e.hermegauss(3)
         weights = weights / weights.sum()
@@ -625,8 +629,8 @@ def calibrate(
         spread_temperature = np.clip(
             temperature * np.exp(log_spread * node), *TEMPERATURE_RANGE
         )
-        part = np.exp(logp / float(spread_temperature))
-        part *= float(weight) / part.sum(axis=1, keepdims=True)
+        part = softmax(logp, spread_temperature)
+        part *= float(weight)
         scaled += part
     scaled *= 1.0 - shrink
     scaled += shrink / probs.shape[1]
