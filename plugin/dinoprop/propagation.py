@@ -119,9 +119,8 @@ class PropagationResults(fors.RunResults):
         ``temperature_spread`` (the standard deviation of its logarithm,
         which the confidences are averaged over), ``seconds``,
         ``run_key``, ``output_field``, ``label_field`` and ``note`` (why
-        nothing can be accepted, or None). Estimates are None
-        when the seeds are too few to cross-validate (fewer than 2 per
-        class).
+        nothing can be accepted, or None). Estimates are None when the
+        seeds are too few to cross-validate (fewer than 2 per class).
         """
         return dict(self.info, run_key=self.key or self.info.get("run_key"))
 
@@ -277,10 +276,10 @@ def propagate_labels(
     dozen seeds do not promise more than they can vouch for. Targets below
     the review threshold are tagged ``dinoprop:needs_review`` and listed,
     least confident first, by the saved view ``"dinoprop review queue"``
-    (samples leave it once their ``label_field`` holds a label). When no threshold reaches
-    ``target_precision`` (too few seeds to vouch for it, or too hard a
-    problem), every target is marked for review and the summary's ``note``
-    (also logged as a warning) says why.
+    (samples leave it once their ``label_field`` holds a label). When no
+    threshold reaches ``target_precision`` (too few seeds to vouch for it,
+    or too hard a problem), every target is marked for review and the
+    summary's ``note`` (also logged as a warning) says why.
 
     Args:
         samples: a FiftyOne dataset or view
