@@ -343,8 +343,6 @@ def synthetic_graph(num, num_classes=100, k=10, dim=32, seed=0):
 
 def speed(sizes, label_spreading_sizes) -> dict:
     """Seconds of propagate (given the graph) and of LabelSpreading(knn)."""
-    from dinoprop import propagation_methods as pm
-
     rows = {}
     for num in sizes:
         data = synthetic_graph(num)
