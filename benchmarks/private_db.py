@@ -33,20 +33,28 @@ def use_private_database(prefix: str = "dinoprop-bench-") -> str:
 
 
 def _stop_and_remove(root: str) -> None:
-    database = sys.modules.get("fiftyone.core.odm.database")
-    if database is not None:
-        if database._client is not None:
-            database._disconnect()
-        if database._db_service is not None:
-            # stop() closes the service's stdin; its process then stops
-            # mongod, which writes files until it exits: wait for that
-            service = database._db_service
-            owned_process = None if service.attached else service.child
-            service.stop()
-            database._db_service = None
-            if owned_process is not None:
-                import psutil
-
-                with contextlib.suppress(psutil.TimeoutExpired):
-                    owned_process.wait(timeout=60)
+    stop_database()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_database() -> None:
+    """Disconnects this process from FiftyOne's database and stops the mongod
+    it started, waiting until mongod has exited, so that its directory can
+    be removed (the test session's cleanup uses it too)."""
+    database = sys.modules.get("fiftyone.core.odm.database")
+    if database is None:
+        return
+    if database._client is not None:
+        database._disconnect()
+    if database._db_service is not None:
+        # stop() closes the service's stdin; its process then stops mongod,
+        # which writes files until it exits: wait for that
+        service = database._db_service
+        owned_process = None if service.attached else service.child
+        service.stop()
+        database._db_service = None
+        if owned_process is not None:
+            import psutil
+
+            with contextlib.suppress(psutil.TimeoutExpired):
+                owned_process.wait(timeout=60)

@@ -5,7 +5,6 @@ a private mongod) and its own plugins directory, set before FiftyOne is
 imported; datasets created by tests are deleted at the end of the session.
 """
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -44,19 +43,12 @@ def pytest_sessionfinish(session, exitstatus):
         import fiftyone as fo
 
         fo.delete_datasets("*")
-        database._disconnect()
-    if database is not None and database._db_service is not None:
-        # stop() only closes the service's stdin; its process then stops
-        # mongod, which writes files until it exits: wait for that
-        service = database._db_service
-        owned_process = None if service.attached else service.child
-        service.stop()
-        database._db_service = None
-        if owned_process is not None:
-            import psutil
-
-            with contextlib.suppress(psutil.TimeoutExpired):
-                owned_process.wait(timeout=60)
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from private_db import stop_database
+    finally:
+        sys.path.pop(0)
+    stop_database()
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
