@@ -107,6 +107,13 @@ class ComputeEmbeddings(_common.DinopropOperator):
             default="cls",
             description="How a ViT's tokens become one vector",
         )
+        inputs.bool(
+            "flip_average",
+            default=False,
+            label="Average with the mirror image",
+            description="Each vector averages the image and its horizontal "
+            "flip: twice the compute, vectors that ignore which way objects face",
+        )
         inputs.int(
             "batch_size",
             min=1,
@@ -133,6 +140,7 @@ class ComputeEmbeddings(_common.DinopropOperator):
             device=params.get("device") or None,
             overwrite=bool(params.get("overwrite", False)),
             pooling=params.get("pooling") or "cls",
+            flip_average=bool(params.get("flip_average", False)),
             patches_field=params.get("patches_field") or None,
             progress=progress,
         )

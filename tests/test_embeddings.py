@@ -143,6 +143,38 @@ def test_other_model_settings_never_mix_in_one_field(image_dataset, tiny_dinov2_
     assert de.get_embeddings_run(image_dataset, FIELD)["pooling"] == "mean"
 
 
+def test_flip_averaged_vectors_are_recorded_and_never_mixed(image_dataset, tiny_dinov2_dir):
+    results = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, flip_average=True, num_workers=0
+    )
+    assert results.flip_average and results.num_embedded == 24
+    model = load_model(tiny_dinov2_dir, device="cpu")
+    sample = image_dataset.first()
+    pixels = preprocess_image(open_image(sample.filepath, model.preprocessing), model.preprocessing)
+    expected = model.embed(pixels[None], flip_average=True)[0]
+    np.testing.assert_allclose(sample[FIELD], expected, atol=1e-5)
+    assert de.get_embeddings_run(image_dataset, FIELD)["flip_average"] is True
+
+    with pytest.raises(DinopropError, match="other settings \\(flip_average\\)"):
+        de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    again = de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, flip_average=True, num_workers=0
+    )
+    assert (again.num_embedded, again.num_skipped) == (0, 24)
+
+
+def test_runs_recorded_before_flip_average_resume_without_it(image_dataset, tiny_dinov2_dir):
+    de.compute_embeddings(image_dataset.limit(10), model=tiny_dinov2_dir, num_workers=0)
+    run_key = de.run_key_for(FIELD)
+    config = image_dataset.get_run_info(run_key).config
+    del config.flip_average  # as recorded by dinoprop versions without the setting
+    image_dataset.update_run_config(run_key, config)
+    assert "flip_average" not in de.get_embeddings_run(image_dataset, FIELD)
+
+    results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (results.num_embedded, results.num_skipped) == (14, 10)
+
+
 def test_unreadable_images_are_skipped_and_reported(image_dataset, tiny_dinov2_dir, tmp_path):
     import fiftyone as fo
 

@@ -80,6 +80,24 @@ def test_local_dir_pooling_matches_transformers(tiny_dinov2_dir):
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
 
 
+def test_flip_average_gives_a_mirror_image_the_same_vector(tiny_dinov2_dir):
+    model = load_model(tiny_dinov2_dir, device="cpu", precision="fp32")
+    images = _batch(_random_images(3), model.preprocessing)
+    mirrored = images.flip(-1)
+    options = dict(pooling="cls+mean", normalize=False)
+    plain = model.embed(images, **options)
+    averaged = model.embed(images, flip_average=True, **options)
+    np.testing.assert_allclose(
+        averaged, (plain + model.embed(mirrored, **options)) / 2, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.embed(mirrored, flip_average=True, **options), averaged, atol=1e-5
+    )
+    assert np.abs(plain - model.embed(mirrored, **options)).max() > 1e-2
+    unit = model.embed(images, flip_average=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+
+
 def test_registers_are_left_out_of_mean_pooling(session_dir):
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 

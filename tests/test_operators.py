@@ -297,6 +297,20 @@ def test_compute_embeddings_on_selected_samples(image_dataset, tiny_dinov2_dir):
     assert set(ds.exists("dinoprop_embedding").values("id")) == set(ids)
 
 
+def test_compute_embeddings_with_flip_average_from_the_form(image_dataset, tiny_dinov2_dir):
+    from dinoprop.embeddings import get_embeddings_run
+
+    form = resolve_form("compute_embeddings", image_dataset)
+    assert form["flip_average"].default is False
+    triggered = execute(
+        "compute_embeddings",
+        image_dataset,
+        {"model": tiny_dinov2_dir, "flip_average": True},
+    )
+    assert shown_summary(triggered)["flip_average"] is True
+    assert get_embeddings_run(image_dataset, "dinoprop_embedding")["flip_average"] is True
+
+
 def test_delegated_run_reports_progress_and_result(
     image_dataset, tiny_dinov2_dir
 ):

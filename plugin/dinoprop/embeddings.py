@@ -42,7 +42,10 @@ DEFAULT_CHUNK_SIZE = 1024
 FLUSH_SECONDS = 30.0
 
 #: Settings that must match for stored embeddings to be reused.
-_FINGERPRINT_KEYS = ("fingerprint", "pooling", "normalize", "patches_field")
+_FINGERPRINT_KEYS = ("fingerprint", "pooling", "normalize", "flip_average", "patches_field")
+
+#: What runs recorded before a setting existed used for it.
+_SETTING_DEFAULTS = {"flip_average": False}
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EmbeddingsResults:
         dim: the length of each vector
         pooling: the pooling used (``cls``, ``mean`` or ``cls+mean``)
         normalize: whether vectors are L2-normalised
+        flip_average: whether vectors average the image and its mirror image
         embeddings_field: the field (or label attribute) holding vectors
         patches_field: the label field whose boxes were embedded, if any
         num_embedded: images (or boxes) embedded by this call
@@ -75,6 +79,7 @@ class EmbeddingsResults:
     pooling: str
     normalize: bool
     embeddings_field: str
+    flip_average: bool = False
     patches_field: str | None = None
     num_embedded: int = 0
     num_skipped: int = 0
@@ -105,6 +110,7 @@ def compute_embeddings(
     progress: Any = None,
     pooling: str = "cls",
     normalize: bool = True,
+    flip_average: bool = False,
     patches_field: str | None = None,
     image_size: int | None = None,
     trust_remote_code: bool = False,
@@ -139,6 +145,10 @@ def compute_embeddings(
             the progress bar
         pooling: ``"cls"``, ``"mean"`` (patch tokens) or ``"cls+mean"``
         normalize: whether to L2-normalise the vectors
+        flip_average: average each vector with the mirror image's
+            (horizontal-flip test-time augmentation): twice the model
+            compute, for vectors that do not depend on which way an object
+            faces (its effect on propagation: benchmarks/README.md)
         patches_field: a Detections or Polylines field whose boxes to embed
         image_size: the model's input crop size (default 224)
         trust_remote_code: allow Hugging Face models to run their own code
@@ -176,6 +186,7 @@ def compute_embeddings(
         "fingerprint": backbone.fingerprint,
         "pooling": backbone.effective_pooling(pooling),
         "normalize": bool(normalize),
+        "flip_average": bool(flip_average),
         "patches_field": patches_field,
         "embeddings_field": embeddings_field,
         "dim": backbone.output_dim(pooling),
@@ -195,6 +206,7 @@ def compute_embeddings(
         dim=settings["dim"],
         pooling=settings["pooling"],
         normalize=settings["normalize"],
+        flip_average=settings["flip_average"],
         embeddings_field=embeddings_field,
         patches_field=patches_field,
         run_key=run_key,
@@ -309,7 +321,7 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     previous = None
     if samples.has_run(run_key):
         previous = samples.get_run_info(run_key).config.serialize()
-    if previous is not None and all(previous.get(k) == settings[k] for k in _FINGERPRINT_KEYS):
+    if previous is not None and all(_recorded(previous, k) == settings[k] for k in _FINGERPRINT_KEYS):
         return
     if not _has_any_value(samples._dataset, target):
         return
@@ -326,7 +338,7 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     if previous is None:
         origin = "vectors from an unknown source (not recorded by dinoprop)"
     else:
-        changed = [k for k in _FINGERPRINT_KEYS if previous.get(k) != settings[k]]
+        changed = [k for k in _FINGERPRINT_KEYS if _recorded(previous, k) != settings[k]]
         origin = "vectors from model '%s' with other settings (%s)" % (
             previous.get("model"), ", ".join(changed),
         )
@@ -334,6 +346,11 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
         "Field '%s' already holds %s; pass overwrite=True to recompute them "
         "with '%s', or choose another embeddings_field" % (target, origin, settings["model"])
     )
+
+
+def _recorded(previous: dict, key: str) -> Any:
+    """A recorded run setting, or its default for runs that predate it."""
+    return previous.get(key, _SETTING_DEFAULTS.get(key))
 
 
 def _has_any_value(dataset: Any, path: str) -> bool:
@@ -436,7 +453,7 @@ class _Runner:
         collate_fn = collate_encoded if encoded else None
         loader = make_loader(items, batch_size, num_workers, device, collate_fn)
         embed = self.backbone.embed
-        pooling, normalize = self.settings["pooling"], self.settings["normalize"]
+        options = {k: self.settings[k] for k in ("pooling", "normalize", "flip_average")}
         with progress_bar(len(items), progress=progress, iters_str="images") as pb:
             for indices, tensors, counts, failures in loader:
                 if encoded:
@@ -446,7 +463,7 @@ class _Runner:
                     failures, counts = failures + more, [1] * len(indices)
                 self._record_failures(failures, sample_ids, path, labels)
                 if indices:
-                    vectors = _embed_in_batches(embed, tensors, batch_size, pooling, normalize)
+                    vectors = _embed_in_batches(embed, tensors, batch_size, options)
                     self._buffer_vectors(indices, counts, vectors, keys, labels)
                 self._maybe_flush(path, labels)
                 pb.update(len(indices) + len(failures))
@@ -497,12 +514,13 @@ class _Runner:
             )
 
 
-def _embed_in_batches(embed: Callable, tensors, batch_size, pooling, normalize) -> np.ndarray:
-    """Embeds ``tensors`` in slices of at most ``batch_size`` (box crops)."""
+def _embed_in_batches(embed: Callable, tensors, batch_size, options: dict) -> np.ndarray:
+    """Embeds ``tensors`` in slices of at most ``batch_size`` (box crops);
+    ``options`` are :meth:`EmbeddingModel.embed`'s keyword arguments."""
     if len(tensors) <= batch_size:
-        return embed(tensors, pooling=pooling, normalize=normalize)
+        return embed(tensors, **options)
     return np.concatenate([
-        embed(tensors[i : i + batch_size], pooling=pooling, normalize=normalize)
+        embed(tensors[i : i + batch_size], **options)
         for i in range(0, len(tensors), batch_size)
     ])
 

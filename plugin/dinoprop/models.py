@@ -138,7 +138,11 @@ class EmbeddingModel:
         return pooling if self.kind == "vit" else "mean"
 
     def embed(
-        self, images: Any, pooling: str = "cls", normalize: bool = True
+        self,
+        images: Any,
+        pooling: str = "cls",
+        normalize: bool = True,
+        flip_average: bool = False,
     ) -> np.ndarray:
         """Embeds a batch of preprocessed images.
 
@@ -149,6 +153,9 @@ class EmbeddingModel:
                 ``"cls+mean"`` (their concatenation, DINOv2's linear-probe
                 feature); CNNs always use global average pooling
             normalize: whether to scale every vector to unit L2 norm
+            flip_average: whether each vector is the mean of the image's
+                and its mirror image's (test-time augmentation: twice the
+                model compute, one forward pass of ``2B`` images)
 
         Returns:
             a ``B x output_dim(pooling)`` float32 numpy array
@@ -157,8 +164,12 @@ class EmbeddingModel:
 
         pooling = self.effective_pooling(pooling)
         with torch.inference_mode():
+            if flip_average:
+                images = torch.cat([images, images.flip(-1)])
             features = self._pool(self.forward_features(images), pooling)
             features = features.float()
+            if flip_average:
+                features = features.view(2, -1, features.shape[1]).mean(0)
             if normalize:
                 features = torch.nn.functional.normalize(features, dim=1)
             return features.cpu().numpy()
