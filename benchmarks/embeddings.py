@@ -93,13 +93,14 @@ def _run_fiftyone(dataset, model, batch_size, num_workers) -> None:
     )
 
 
-def _run_dinoprop(dataset, model, batch_size, num_workers, field="dinoprop_embedding") -> None:
+def _run_dinoprop(dataset, model, batch_size, num_workers, field="dinoprop_embedding",
+                  flip_average=False) -> None:
     import dinoprop
 
     results = dinoprop.compute_embeddings(
         dataset, model=model, embeddings_field=field,
         batch_size=batch_size, num_workers=num_workers, overwrite=True,
-        progress=False,
+        flip_average=flip_average, progress=False,
     )
     assert results.num_embedded == len(dataset) and results.num_failed == 0
 
@@ -200,6 +201,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding workers for both (default: dinoprop's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="also time dinoprop with flip_average=True")
     parser.add_argument("--output", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
 
@@ -233,6 +236,11 @@ def main(argv=None) -> dict:
         pipelines["dinoprop_fp32"] = lambda: _run_dinoprop(
             dataset, models["dinoprop_fp32"], batch_size, num_workers,
             field="dinoprop_fp32_embedding")
+
+    if args.flip_average:
+        pipelines["dinoprop_flip"] = lambda: _run_dinoprop(
+            dataset, model, batch_size, num_workers,
+            field="dinoprop_flip_embedding", flip_average=True)
 
     # Persistent: FiftyOne's DataLoader workers connect to the database, and
     # a new client that believes it is alone deletes non-persistent datasets.
@@ -285,7 +293,7 @@ def main(argv=None) -> dict:
     print(json.dumps({k: result[k] for k in (
         "device", "model", "precision", "dinoprop_img_s", "fiftyone_img_s", "ratio",
         "model_only_img_s", "decode_img_s", "cpu_ratio", "dinoprop_fp32_img_s",
-        "fp32_ratio")
+        "fp32_ratio", "dinoprop_flip_img_s")
         if k in result}))
     return result
 
@@ -294,6 +302,7 @@ _LABELS = {
     "dinoprop": "dinoprop `compute_embeddings` (default `precision='auto'`: %s)",
     "fiftyone": "FiftyOne `compute_embeddings` (transformers integration, float32)",
     "dinoprop_fp32": "dinoprop, `precision='fp32'`",
+    "dinoprop_flip": "dinoprop, `flip_average=True` (%s)",
 }
 
 
