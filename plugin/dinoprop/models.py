@@ -164,7 +164,8 @@ class EmbeddingModel:
 
         pooling = self.effective_pooling(pooling)
         with torch.inference_mode():
-            if flip_average:
+            if flip_average:  # mirrored on the device: one transfer
+                images = images.to(self.device, non_blocking=True)
                 images = torch.cat([images, images.flip(-1)])
             features = self._pool(self.forward_features(images), pooling)
             features = features.float()
