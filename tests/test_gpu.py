@@ -68,3 +68,14 @@ def test_patches_embed_on_the_gpu(image_dataset, tiny_dinov2_dir):
                                     patches_field="boxes", embeddings_field="embedding")
     assert (results.num_embedded, results.num_failed) == (6, 0)
     assert image_dataset.count("boxes.detections.embedding") == 6
+
+
+def test_flip_average_on_the_gpu_matches_cpu(image_dataset, tiny_dinov2_dir):
+    de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, device="cpu", precision="fp32",
+                          embeddings_field="cpu_flip", flip_average=True, num_workers=0)
+    results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, precision="fp32",
+                                    embeddings_field="gpu_flip", flip_average=True,
+                                    gpu_decode=True)
+    assert results.flip_average and results.num_embedded == len(image_dataset)
+    cosines = (_vectors(image_dataset, "cpu_flip") * _vectors(image_dataset, "gpu_flip")).sum(1)
+    assert cosines.min() > 0.99
