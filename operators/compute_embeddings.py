@@ -89,7 +89,8 @@ class ComputeEmbeddings(_common.DinopropOperator):
         path = "%s.detections.%s" % (patches, field) if patches else field
         if field_error is None and not ctx.params.get("overwrite", False):
             done = view.count(path) if patches or view.get_field(field) else 0
-            if done and not _existing_ok(inputs, view, field, patches, path, model):
+            flip = bool(ctx.params.get("flip_average", False))
+            if done and not _existing_ok(inputs, view, field, patches, path, model, flip):
                 return False
             if done:
                 _common.notice(
@@ -146,17 +147,23 @@ class ComputeEmbeddings(_common.DinopropOperator):
         )
 
 
-def _existing_ok(inputs, view, field, patches, path, model):
-    """Blocks the form when the field holds another model's vectors."""
-    from dinoprop.embeddings import get_embeddings_run
+def _existing_ok(inputs, view, field, patches, path, model, flip_average):
+    """Blocks the form when the field holds another model's vectors, or
+    vectors averaged (or not) with the mirror image unlike this run's."""
+    from dinoprop.embeddings import get_embeddings_run, recorded_setting
 
     run = get_embeddings_run(view, field, patches)
-    if run is not None and run.get("model") == model:
+    recorded_flip = run is not None and recorded_setting(run, "flip_average")
+    if run is not None and run.get("model") == model and recorded_flip == flip_average:
         return True
-    origin = (
-        "vectors of unknown origin" if run is None
-        else "vectors from model '%s'" % run.get("model")
-    )
+    if run is None:
+        origin = "vectors of unknown origin"
+    elif run.get("model") != model:
+        origin = "vectors from model '%s'" % run.get("model")
+    else:
+        origin = "vectors %s averaged with the mirror image" % (
+            "already" if recorded_flip else "not"
+        )
     _common.warn(
         inputs,
         "existing",

@@ -309,6 +309,13 @@ def test_compute_embeddings_with_flip_average_from_the_form(image_dataset, tiny_
     )
     assert shown_summary(triggered)["flip_average"] is True
     assert get_embeddings_run(image_dataset, "dinoprop_embedding")["flip_average"] is True
+    # the form knows, as the SDK does, that plain vectors cannot join them
+    form = resolve_form("compute_embeddings", image_dataset, {"model": tiny_dinov2_dir})
+    assert any("already averaged with the mirror image" in e for e in blocking_errors(form))
+    form = resolve_form(
+        "compute_embeddings", image_dataset, {"model": tiny_dinov2_dir, "flip_average": True}
+    )
+    assert blocking_errors(form) == []
 
 
 def test_delegated_run_reports_progress_and_result(

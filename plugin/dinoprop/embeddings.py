@@ -321,7 +321,9 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     previous = None
     if samples.has_run(run_key):
         previous = samples.get_run_info(run_key).config.serialize()
-    if previous is not None and all(_recorded(previous, k) == settings[k] for k in _FINGERPRINT_KEYS):
+    if previous is not None and all(
+        recorded_setting(previous, k) == settings[k] for k in _FINGERPRINT_KEYS
+    ):
         return
     if not _has_any_value(samples._dataset, target):
         return
@@ -338,7 +340,7 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     if previous is None:
         origin = "vectors from an unknown source (not recorded by dinoprop)"
     else:
-        changed = [k for k in _FINGERPRINT_KEYS if _recorded(previous, k) != settings[k]]
+        changed = [k for k in _FINGERPRINT_KEYS if recorded_setting(previous, k) != settings[k]]
         origin = "vectors from model '%s' with other settings (%s)" % (
             previous.get("model"), ", ".join(changed),
         )
@@ -348,9 +350,10 @@ def _check_previous_run(samples, run_key, settings, target, overwrite) -> None:
     )
 
 
-def _recorded(previous: dict, key: str) -> Any:
-    """A recorded run setting, or its default for runs that predate it."""
-    return previous.get(key, _SETTING_DEFAULTS.get(key))
+def recorded_setting(run: dict, key: str) -> Any:
+    """A setting of a recorded embeddings run (:func:`get_embeddings_run`),
+    or its default for runs recorded before the setting existed."""
+    return run.get(key, _SETTING_DEFAULTS.get(key))
 
 
 def _has_any_value(dataset: Any, path: str) -> bool:
