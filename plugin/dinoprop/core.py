@@ -12,49 +12,6 @@ import numpy as np
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
 
-#: Label attribute naming the accept batch that copied a propagated label
-#: into a label field (:func:`dinoprop.accept_propagated_labels`).
-ACCEPTED_BATCH_ATTRIBUTE = "dinoprop_accepted"
-
-#: Label attribute holding the class an accept batch wrote, so a label a
-#: human has since corrected can be told from the one that was accepted.
-ACCEPTED_LABEL_ATTRIBUTE = "dinoprop_accepted_label"
-
-
-def is_unedited_accepted(
-    label: Optional[str], batch: Optional[str], accepted_label: Optional[str]
-) -> bool:
-    """Whether a label is one an accept batch wrote and no human changed.
-
-    Args:
-        label: the label's current class
-        batch: its :data:`ACCEPTED_BATCH_ATTRIBUTE` (None if never accepted)
-        accepted_label: its :data:`ACCEPTED_LABEL_ATTRIBUTE` (None for labels
-            accepted before that attribute existed, which count as unedited)
-    """
-    return batch is not None and accepted_label in (None, label)
-
-
-def accepted_unedited_ids(samples: Any, label_field: str) -> set:
-    """IDs of samples whose label an accept batch wrote and no human changed.
-
-    Args:
-        samples: a FiftyOne dataset or view
-        label_field: a Classification field
-
-    Returns:
-        a set of sample IDs
-    """
-    from fiftyone import ViewField as F
-
-    marker = label_field + "." + ACCEPTED_BATCH_ATTRIBUTE
-    accepted = samples.match(F(marker).exists())  # few samples, if any
-    rows = zip(*accepted.values(
-        ["id", label_field + ".label", marker,
-         label_field + "." + ACCEPTED_LABEL_ATTRIBUTE]
-    ))
-    return {sid for sid, *label in rows if is_unedited_accepted(*label)}
-
 
 class DinopropError(ValueError):
     """Raised for invalid user input; the message says what to change."""

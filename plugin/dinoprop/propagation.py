@@ -21,10 +21,11 @@ import numpy as np
 import fiftyone.core.runs as fors
 
 from dinoprop import propagation_methods as pm
+from dinoprop.label_schema import enable_annotation
+from dinoprop.label_states import accepted_unedited_ids
 from dinoprop.core import (
     TAG_PREFIX,
     DinopropError,
-    accepted_unedited_ids,
     check_field_name,
     check_vector_field,
     decode_vector,
@@ -46,6 +47,15 @@ REVIEW_QUEUE_VIEW = "dinoprop review queue"
 #: The run type recorded in the run config (``dataset.list_runs(type=...)``
 #: lists runs of any type; this tells dinoprop's apart).
 RUN_TYPE = "dinoprop_propagation"
+
+#: Attributes of every propagated Classification: the most likely classes,
+#: most likely first (the label itself, then the alternatives), and their
+#: calibrated probabilities (rounded to 4 decimals).
+TOP_LABELS_ATTRIBUTE = "dinoprop_top_labels"
+TOP_CONFIDENCES_ATTRIBUTE = "dinoprop_top_confidences"
+
+#: How many classes those attributes hold.
+NUM_TOP_CLASSES = 4
 
 #: Precision that the recommended threshold aims for by default.
 DEFAULT_TARGET_PRECISION = 0.95
@@ -115,7 +125,9 @@ class PropagationResults(fors.RunResults):
         ``recommended_threshold`` (the lowest confidence whose accepted
         targets reach the target precision by their calibrated
         confidences), ``coverage_at_threshold`` (the fraction of targets
-        it accepts), ``ece``, ``review_threshold``, ``temperature`` and
+        it accepts), ``num_flipped`` (targets whose class differs from the
+        label an earlier run wrote there; None for object runs), ``ece``,
+        ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
         which the confidences are averaged over), ``seconds``,
         ``run_key``, ``output_field``, ``label_field`` and ``note`` (why
@@ -260,8 +272,15 @@ def propagate_labels(
     :func:`dinoprop.accept_propagated_labels` wrote and no human has
     corrected since: those are the method's own output, not evidence.
     Targets are all other samples with an embedding. Each target gets a
-    ``Classification(label, confidence)`` in ``output_field``; seeds get
-    None there, and ``label_field`` is never modified.
+    ``Classification(label, confidence)`` in ``output_field`` whose
+    attributes ``dinoprop_top_labels`` and ``dinoprop_top_confidences``
+    hold its 4 most likely classes and their probabilities (what the App's
+    triage panel offers as alternatives); seeds get None there, and the
+    labels of ``label_field`` are never modified. A re-run writes only the
+    labels that changed. Both fields get label schemas
+    (:func:`dinoprop.review.enable_annotation`), so the App's Annotate tab
+    edits ``label_field`` with the full class list and shows the
+    propagated field read-only.
 
     When ``label_field`` is a :class:`fiftyone.core.labels.Detections`
     field whose detections carry patch embeddings (the attribute named
@@ -293,7 +312,9 @@ def propagate_labels(
         method: ``"auto"`` (chosen by cross-validation on the seeds; the
             default is graph-smoothed logistic regression on graph-augmented
             features), ``"knn"``, ``"diffusion"``, ``"linear"`` or
-            ``"graph_linear"``
+            ``"graph_linear"``; the method an ``auto`` run chose (its
+            summary's ``method``, e.g. ``"graph_linear@0.8"``) is accepted
+            too
         k: the number of neighbours of the kNN graph (and of the ``knn``
             vote)
         seed_tag: only seeds carrying this tag (on the sample, or for
@@ -363,10 +384,12 @@ def propagate_labels(
             logger.warning(note)
         needs_review = confidence < review_threshold
         writer = _write_objects if objects else _write_samples
-        num_review_samples = writer(
+        num_review_samples, num_flipped = writer(
             samples, data, output_field, targets, classes, probs,
             needs_review, store_scores,
         )
+        if not objects:
+            enable_annotation(samples, label_field, output_field=output_field)
         bar.update()
         info = {
             "method": outcome.method,
@@ -374,6 +397,7 @@ def propagate_labels(
             "num_classes": int(len(classes)),
             "num_propagated": int(len(targets)),
             "num_needs_review": int(num_review_samples),
+            "num_flipped": num_flipped,
             "estimated_accuracy": _cv_accuracy(outcome),
             "recommended_threshold": float(recommended) if calibrated else None,
             "coverage_at_threshold": float(coverage) if calibrated else None,
@@ -526,7 +550,7 @@ def _check_arguments(
     confidence_threshold, target_precision, run_key, overwrite,
 ):
     """Validates everything that needs no embeddings; returns the label type."""
-    if method not in pm.METHODS:
+    if method not in pm.METHODS and method not in pm.AUTO_CANDIDATES:
         raise DinopropError(
             "Unknown method %r; choose one of %s" % (method, ", ".join(pm.METHODS))
         )
@@ -592,7 +616,7 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
     )
     check_vector_field(samples, embeddings)
     ids, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
-    embedded = set(samples.exists(embeddings).values("id"))
+    embedded = {str(i) for i in samples.exists(embeddings).values("_id", _raw=True)}
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
     where = " has a label in '%s'%s" % (
@@ -623,7 +647,11 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
 
 def _sample_seeds(samples, label_field, seed_tag):
     """Sample IDs, their labels, and which of them are seeds."""
-    ids, labels, tags = samples.values(["id", label_field + ".label", "tags"])
+    paths = ["_id", label_field + ".label"] + (["tags"] if seed_tag else [])
+    columns = samples.values(paths, _raw=True)  # no per-value conversion
+    ids = [str(i) for i in columns[0]]
+    labels = columns[1]
+    tags = columns[2] if seed_tag else [None] * len(ids)
     machine = accepted_unedited_ids(samples, label_field)
     is_seed = [
         sid not in machine and _is_seed(lab, t, seed_tag)
@@ -700,27 +728,35 @@ def _write_samples(
     samples, data, output_field, targets, classes, probs, needs_review,
     store_scores,
 ):
-    """Writes target labels and clears seeds' outputs; returns #to review."""
-    fol = _fol()
+    """Writes target labels and clears seeds' outputs; returns (#to review,
+    #labels whose class changed)."""
+    from dinoprop.label_writes import write_classifications
+
     ids = data["ids"]
-    values = {sid: None for sid in ids[data["seed_idx"]]}
-    best = probs.argmax(axis=1)
-    for row, node in enumerate(targets):
-        label = fol.Classification(
-            label=str(classes[best[row]]),
-            confidence=float(probs[row, best[row]]),
-        )
-        if store_scores:
-            label.logits = np.log(np.clip(probs[row], 1e-12, None)).astype(float)
-        values[ids[node]] = label
-    # the labels are built here, so FiftyOne need not validate each one
-    samples.set_values(output_field, values, key_field="id", validate=False)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :NUM_TOP_CLASSES]
+    top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    names = np.asarray(classes).astype(str)
+    written = write_classifications(
+        samples,
+        output_field,
+        ids[targets],
+        names[top[:, 0]].tolist(),
+        top_probs[:, 0],
+        {
+            TOP_LABELS_ATTRIBUTE: names[top].tolist(),
+            TOP_CONFIDENCES_ATTRIBUTE: np.round(top_probs, 4).tolist(),
+        },
+        clear_ids=ids[data["seed_idx"]],
+        vectors=(
+            {"logits": np.log(np.clip(probs, 1e-12, None))} if store_scores else None
+        ),
+    )
     review_ids = list(ids[targets[needs_review]])
     _mark_for_review(
         samples, review_ids, output_field, output_field + ".confidence",
         data["label_field"],
     )
-    return len(review_ids)
+    return len(review_ids), written["num_flipped"]
 
 
 def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):
@@ -849,7 +885,7 @@ def _write_objects(
     review_ids = sorted(set(data["owners"][targets[needs_review]]))
     confidences = F(output_field + ".detections.confidence")
     _mark_for_review(samples, review_ids, output_field, confidences.min())
-    return len(review_ids)
+    return len(review_ids), None
 
 
 # ----------------------------------------------------------------- runs

@@ -53,7 +53,9 @@ def suggest_seeds(
         samples: a FiftyOne dataset or view
         count: how many samples to suggest
         label_field: the Classification field holding the seeds so far;
-            None (or a field with no labels yet) means no seeds
+            None (or a field with no labels yet) means no seeds. It gets a
+            label schema (:func:`dinoprop.review.enable_annotation`), so
+            the suggested samples can be labeled in the App's Annotate tab
         embeddings: the field holding the embeddings
         tag: the tag put on the suggested samples (removed first from the
             other samples of ``samples``)
@@ -71,6 +73,7 @@ def suggest_seeds(
     import fiftyone.core.labels as fol
 
     from dinoprop.core import require_label_field
+    from dinoprop.label_schema import enable_annotation
     from dinoprop.propagation import _graph
 
     validate_samples(samples)
@@ -100,6 +103,8 @@ def suggest_seeds(
         samples.untag_samples(tag)
         if suggested:
             samples.select(suggested).tag_samples(tag)
+        if label_field is not None:
+            enable_annotation(samples, label_field)
         bar.update()
     return suggested
 

@@ -1,11 +1,9 @@
-"""Reviewing propagated labels: the review queue, accepting and undoing.
+"""Accepting confident propagated labels, and undoing that.
 
 After :func:`dinoprop.propagate_labels`, every sample has a propagated
-:class:`fiftyone.core.labels.Classification` with a confidence, and the least
-confident ones are tagged ``dinoprop:needs_review``. This module lets a user
-look at those (:func:`review_queue_view`), turn the confident propagated
-labels into real labels (:func:`accept_propagated_labels`) and take that back
-(:func:`undo_accept`).
+:class:`fiftyone.core.labels.Classification` with a confidence. This module
+turns the confident ones into labels of the seed field
+(:func:`accept_propagated_labels`) and takes that back (:func:`undo_accept`).
 
 Accepting never overwrites a human label: only samples whose label field is
 empty receive one. Every accepted label carries the attributes
@@ -23,16 +21,18 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from dinoprop.core import (
-    ACCEPTED_BATCH_ATTRIBUTE,
-    ACCEPTED_LABEL_ATTRIBUTE,
     TAG_PREFIX,
     DinopropError,
-    accepted_unedited_ids,
     check_field_name,
-    is_unedited_accepted,
     validate_samples,
 )
-from dinoprop.propagation import NEEDS_REVIEW_TAG, REVIEW_QUEUE_VIEW
+from dinoprop.label_states import (
+    ACCEPTED_BATCH_ATTRIBUTE,
+    ACCEPTED_LABEL_ATTRIBUTE,
+    accepted_unedited_ids,
+    is_unedited_accepted,
+    label_attribute,
+)
 
 #: Tag of samples whose label was accepted from a propagated label.
 ACCEPTED_TAG = TAG_PREFIX + "accepted"
@@ -236,13 +236,9 @@ def _is_unedited(label: Any) -> bool:
     """Whether an accepted label still holds the class that was accepted."""
     return is_unedited_accepted(
         label.label,
-        _attribute(label, BATCH_ATTRIBUTE),
-        _attribute(label, ACCEPTED_LABEL_ATTRIBUTE),
+        label_attribute(label, BATCH_ATTRIBUTE),
+        label_attribute(label, ACCEPTED_LABEL_ATTRIBUTE),
     )
-
-
-def _attribute(label: Any, name: str) -> Any:
-    return label.get_field(name) if label.has_field(name) else None
 
 
 def _without_accept_marker(label: Any) -> Any:
@@ -264,35 +260,6 @@ def accepted_batches(samples: Any, label_field: str) -> dict:
         return {}
     counts = samples.count_values("%s.%s" % (label_field, BATCH_ATTRIBUTE))
     return {k: v for k, v in counts.items() if k is not None}
-
-
-def review_queue_view(dataset: Any) -> Any:
-    """Returns the review queue: the samples propagation marked for review.
-
-    This is the saved view ``"dinoprop review queue"`` that
-    :func:`dinoprop.propagate_labels` writes (least confident first); if it
-    was deleted, the samples tagged ``dinoprop:needs_review``.
-
-    Args:
-        dataset: a FiftyOne dataset (or a view, whose dataset is used)
-
-    Returns:
-        a :class:`fiftyone.core.view.DatasetView`
-
-    Raises:
-        DinopropError: if no sample needs review, e.g. because labels were
-            never propagated
-    """
-    dataset = dataset._root_dataset
-    if dataset.has_saved_view(REVIEW_QUEUE_VIEW):
-        return dataset.load_saved_view(REVIEW_QUEUE_VIEW)
-    tagged = dataset.match_tags(NEEDS_REVIEW_TAG)
-    if tagged.count() == 0:
-        raise DinopropError(
-            "Dataset '%s' has no review queue: no sample is tagged '%s'. Run "
-            "propagate_labels first" % (dataset.name, NEEDS_REVIEW_TAG)
-        )
-    return tagged
 
 
 def _check_fields(samples: Any, output_field: str, label_field: str) -> None:

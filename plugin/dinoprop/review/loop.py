@@ -1,0 +1,292 @@
+"""The annotation loop at a glance, and live re-propagation.
+
+:func:`loop_status` is what the App's loop panel shows: how many samples
+are in each label state, seeds per class, the newest propagation run's
+estimates, its estimated precision against coverage, and what a given
+threshold would accept. :func:`repropagate` re-runs the newest propagation
+with its own settings (the kNN graph is reused, and only labels that moved
+are rewritten), and :func:`repropagate_if_due` does so once enough new
+human labels have come in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Optional
+
+import numpy as np
+
+from dinoprop.core import DinopropError
+from dinoprop.label_states import (
+    ACCEPTED,
+    CONFIRMED,
+    HUMAN,
+    PROPAGATED,
+    SEED_STATES,
+    UNLABELED,
+    sample_states,
+)
+
+#: Re-propagate after this many new human labels by default.
+DEFAULT_EVERY = 10
+
+#: Points of the accuracy-vs-coverage curve.
+CURVE_POINTS = 50
+
+
+class LoopStatus(dict):
+    """What :func:`loop_status` returns: a JSON-serialisable dict.
+
+    Keys:
+
+    - ``label_field``, ``output_field``, ``run_key`` (None before any run)
+    - ``counts``: samples per label state (``human``, ``confirmed``,
+      ``accepted``, ``propagated``, ``unlabeled``), plus ``above_threshold``
+      and ``in_review`` (propagated samples at or above, and below, the
+      threshold) and ``total``
+    - ``seeds_per_class``: ``{class: seeds}``
+    - ``estimated_accuracy``, ``recommended_threshold``,
+      ``coverage_at_threshold``, ``num_seeds_in_run``, ``note``: the run's
+      cross-validated estimates (None before any run)
+    - ``new_seeds``: seeds the newest run did not use yet
+    - ``threshold``: the threshold of the preview (the one asked for, else
+      the run's recommended one)
+    - ``preview``: ``num_accepted`` and ``estimated_precision``, what
+      accepting the propagated labels at that threshold would give
+    - ``curve``: ``[coverage, estimated precision, threshold]`` rows, most
+      confident first: accepting the most confident ``coverage`` of the
+      propagated samples gives that precision, as the calibrated
+      confidences promise
+    """
+
+
+def loop_status(
+    samples: Any,
+    label_field: Optional[str] = None,
+    threshold: Optional[float] = None,
+) -> LoopStatus:
+    """Returns the state of the annotation loop on a dataset.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed field; defaults to the newest propagation
+            run's, else ``"label"``
+        threshold: the confidence threshold to preview; defaults to the
+            newest run's recommended threshold
+
+    Returns:
+        a :class:`LoopStatus`
+    """
+    run_key = newest_run_key(samples, label_field)
+    summary = _summary(samples, run_key)
+    label_field = label_field or (summary or {}).get("label_field") or "label"
+    output_field = (summary or {}).get("output_field") or label_field + "_propagated"
+    ids, states, labels, confidences = sample_states(samples, label_field, output_field)
+    counts = Counter(states)
+    propagated = np.array(
+        [c for s, c in zip(states, confidences) if s == PROPAGATED and c is not None],
+        np.float64,
+    )
+    if threshold is None:
+        threshold = (summary or {}).get("recommended_threshold")
+    accepted = propagated[propagated >= threshold] if threshold is not None else propagated[:0]
+    seeds = [lab for s, lab in zip(states, labels) if s in SEED_STATES]
+    used = set(_seed_ids(samples, run_key))
+    status = LoopStatus(
+        label_field=label_field,
+        output_field=output_field,
+        run_key=run_key,
+        counts={
+            **{s: counts.get(s, 0) for s in (HUMAN, CONFIRMED, ACCEPTED, PROPAGATED, UNLABELED)},
+            "above_threshold": int(len(accepted)),
+            "in_review": int(len(propagated) - len(accepted)),
+            "total": len(ids),
+        },
+        seeds_per_class=dict(sorted(Counter(seeds).items())),
+        new_seeds=sum(
+            1 for sid, s in zip(ids, states) if s in SEED_STATES and sid not in used
+        ) if run_key else len(seeds),
+        threshold=threshold,
+        preview={
+            "num_accepted": int(len(accepted)),
+            "estimated_precision": float(accepted.mean()) if len(accepted) else None,
+        },
+        curve=precision_curve(propagated),
+    )
+    for key in (
+        "estimated_accuracy", "recommended_threshold", "coverage_at_threshold", "note",
+    ):
+        status[key] = (summary or {}).get(key)
+    status["num_seeds_in_run"] = (summary or {}).get("num_seeds")
+    return status
+
+
+def threshold_preview(samples: Any, output_field: str, label_field: str, threshold: float) -> dict:
+    """What accepting propagated labels at ``threshold`` would give.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        output_field: the propagated field
+        label_field: the seed field (samples labeled there are left out)
+        threshold: the lowest confidence accepted
+
+    Returns:
+        a dict with ``num_accepted`` (samples without a seed-field label
+        whose propagated confidence is at least ``threshold``) and
+        ``estimated_precision`` (their mean calibrated confidence; None
+        when none)
+    """
+    _, states, _, confidences = sample_states(samples, label_field, output_field)
+    accepted = [
+        c for s, c in zip(states, confidences)
+        if s == PROPAGATED and c is not None and c >= threshold
+    ]
+    return {
+        "num_accepted": len(accepted),
+        "estimated_precision": float(np.mean(accepted)) if accepted else None,
+    }
+
+
+def precision_curve(confidences: np.ndarray, points: int = CURVE_POINTS) -> list:
+    """Estimated precision against coverage of calibrated confidences.
+
+    Args:
+        confidences: the calibrated confidences of the labels
+        points: how many rows
+
+    Returns:
+        ``[coverage, estimated precision, threshold]`` rows, coverage
+        ascending: accepting every label at or above ``threshold`` covers
+        that fraction with that mean confidence
+    """
+    if len(confidences) == 0:
+        return []
+    ordered = np.sort(np.asarray(confidences, np.float64))[::-1]
+    precision = np.cumsum(ordered) / np.arange(1, len(ordered) + 1)
+    rows = []
+    for q in np.linspace(1.0 / points, 1.0, points):
+        i = max(int(round(q * len(ordered))) - 1, 0)
+        rows.append([round(float(q), 4), round(float(precision[i]), 4), round(float(ordered[i]), 4)])
+    return rows
+
+
+def repropagate(
+    samples: Any,
+    label_field: Optional[str] = None,
+    run_key: Optional[str] = None,
+    method: Optional[str] = None,
+) -> dict:
+    """Re-runs the newest propagation with its own settings and view.
+
+    The kNN graph is reused while the embeddings are unchanged, the method
+    is the one the run used (an ``auto`` run's choice, so its
+    cross-validation compares no candidates again), and labels that did
+    not change are not rewritten: a re-run after a few new labels is fast.
+    Run :func:`dinoprop.propagate_labels` with ``method="auto"`` to choose
+    the method anew.
+
+    Args:
+        samples: a FiftyOne dataset or view (its dataset's runs are used)
+        label_field: re-run the newest run of this seed field
+        run_key: re-run this run instead
+        method: the method; defaults to the one the run used
+
+    Returns:
+        a dict with ``run_key``, ``seconds``, ``num_flipped`` (labels whose
+        class changed), ``before`` and ``after`` (each with
+        ``num_seeds``, ``estimated_accuracy``, ``coverage_at_threshold``
+        and ``recommended_threshold``)
+
+    Raises:
+        DinopropError: if there is no propagation run to repeat
+    """
+    from dinoprop.propagation import propagate_labels
+
+    dataset = samples._root_dataset
+    run_key = run_key or newest_run_key(dataset, label_field)
+    if run_key is None:
+        raise DinopropError(
+            "Nothing to re-propagate on dataset '%s': run propagate_labels first"
+            % dataset.name
+        )
+    config = dataset.get_run_info(run_key).config
+    before = _summary(dataset, run_key)
+    start = time.perf_counter()
+    results = propagate_labels(
+        dataset.load_run_view(run_key),
+        config.label_field,
+        embeddings=config.embeddings,
+        output_field=config.output_field,
+        method=method or before.get("method") or config.requested_method,
+        k=config.k,
+        seed_tag=config.seed_tag,
+        confidence_threshold=config.confidence_threshold,
+        target_precision=config.target_precision,
+        run_key=run_key,
+        progress=False,
+    )
+    after = results.summary()
+    keys = ("num_seeds", "estimated_accuracy", "coverage_at_threshold", "recommended_threshold")
+    return {
+        "run_key": run_key,
+        "seconds": round(time.perf_counter() - start, 3),
+        "num_flipped": after.get("num_flipped"),
+        "before": {k: before.get(k) for k in keys},
+        "after": {k: after.get(k) for k in keys},
+    }
+
+
+def repropagate_if_due(
+    samples: Any, label_field: Optional[str] = None, every: int = DEFAULT_EVERY
+) -> Optional[dict]:
+    """Re-propagates once ``every`` new human labels have come in.
+
+    New labels are seeds the newest run of ``label_field`` did not use,
+    however they were made (the triage panel, the App's Annotate tab, the
+    SDK).
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed field; defaults to the newest run's
+        every: how many new seeds trigger a re-run (at least 1)
+
+    Returns:
+        :func:`repropagate`'s dict, or None when no re-run was due (or
+        there is no run to repeat)
+    """
+    if not isinstance(every, (int, np.integer)) or every < 1:
+        raise DinopropError("every must be a positive integer; got %r" % (every,))
+    run_key = newest_run_key(samples, label_field)
+    if run_key is None:
+        return None
+    status = loop_status(samples, label_field)
+    if status["new_seeds"] < every:
+        return None
+    return repropagate(samples, run_key=run_key)
+
+
+def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
+    """The newest propagation run (of ``label_field``, if given), or None."""
+    from dinoprop.propagation import _propagation_runs
+
+    dataset = samples._root_dataset
+    runs = []
+    for key in _propagation_runs(dataset):
+        info = dataset.get_run_info(key)
+        if label_field is None or getattr(info.config, "label_field", None) == label_field:
+            if getattr(info.config, "label_type", "classification") == "classification":
+                runs.append((info.timestamp, key))
+    return max(runs)[1] if runs else None
+
+
+def _summary(samples, run_key):
+    if run_key is None:
+        return None
+    return samples._root_dataset.load_run_results(run_key).summary()
+
+
+def _seed_ids(samples, run_key):
+    if run_key is None:
+        return []
+    return samples._root_dataset.load_run_results(run_key).seed_ids
