@@ -30,8 +30,11 @@ from .compute_embeddings import ComputeEmbeddings  # noqa: E402
 from .compute_similarity import ComputeSimilarity  # noqa: E402
 from .compute_visualization import ComputeVisualization  # noqa: E402
 from .open_review_queue import OpenReviewQueue  # noqa: E402
+from .label_selected_samples import LabelSelectedSamples  # noqa: E402
+from .loop_panel import LoopPanel  # noqa: E402
 from .propagate_labels import PropagateLabels  # noqa: E402
 from .suggest_seeds import SuggestSeeds  # noqa: E402
+from .triage_panel import TriagePanel  # noqa: E402
 
 #: The operator classes this plugin registers, in workflow order.
 OPERATORS = [
@@ -42,10 +45,14 @@ OPERATORS = [
     SuggestSeeds,
     OpenReviewQueue,
     AcceptPropagatedLabels,
+    LabelSelectedSamples,
 ]
+
+#: The panel classes: the annotation loop in the grid, triage in the modal.
+PANELS = [LoopPanel, TriagePanel]
 
 
 def register(plugin):
-    """Registers every dinoprop operator with FiftyOne."""
-    for operator_cls in OPERATORS:
+    """Registers every dinoprop operator and panel with FiftyOne."""
+    for operator_cls in OPERATORS + PANELS:
         plugin.register(operator_cls)

@@ -27,7 +27,7 @@ RADIO_MAX_CLASSES = 5
 def label_schemas_supported(dataset: Any) -> bool:
     """Whether this FiftyOne has label schemas (in-App annotation)."""
     return hasattr(dataset, "update_label_schema") and hasattr(
-        dataset, "activate_label_schemas"
+        dataset, "active_label_schemas"
     )
 
 
@@ -129,7 +129,9 @@ def enable_annotation(
                 "read_only": True,
             },
         )
-    dataset.activate_label_schemas(fields, prepend=True)
+    active = fields + [f for f in dataset.active_label_schemas if f not in fields]
+    if dataset.active_label_schemas != active:
+        dataset.active_label_schemas = active
     return schema
 
 

@@ -80,8 +80,7 @@ def loop_status(
     """
     run_key = newest_run_key(samples, label_field)
     summary = _summary(samples, run_key)
-    label_field = label_field or (summary or {}).get("label_field") or "label"
-    output_field = (summary or {}).get("output_field") or label_field + "_propagated"
+    label_field, output_field = task_fields(samples, label_field)
     ids, states, labels, confidences = sample_states(samples, label_field, output_field)
     counts = Counter(states)
     propagated = np.array(
@@ -92,7 +91,6 @@ def loop_status(
         threshold = (summary or {}).get("recommended_threshold")
     accepted = propagated[propagated >= threshold] if threshold is not None else propagated[:0]
     seeds = [lab for s, lab in zip(states, labels) if s in SEED_STATES]
-    used = set(_seed_ids(samples, run_key))
     status = LoopStatus(
         label_field=label_field,
         output_field=output_field,
@@ -104,9 +102,7 @@ def loop_status(
             "total": len(ids),
         },
         seeds_per_class=dict(sorted(Counter(seeds).items())),
-        new_seeds=sum(
-            1 for sid, s in zip(ids, states) if s in SEED_STATES and sid not in used
-        ) if run_key else len(seeds),
+        new_seeds=_new_seeds(ids, states, _seed_ids(samples, run_key), run_key),
         threshold=threshold,
         preview={
             "num_accepted": int(len(accepted)),
@@ -260,10 +256,40 @@ def repropagate_if_due(
     run_key = newest_run_key(samples, label_field)
     if run_key is None:
         return None
-    status = loop_status(samples, label_field)
-    if status["new_seeds"] < every:
+    label_field, _ = task_fields(samples, label_field)
+    ids, states, _, _ = sample_states(samples, label_field)
+    if _new_seeds(ids, states, _seed_ids(samples, run_key), run_key) < every:
         return None
     return repropagate(samples, run_key=run_key)
+
+
+def task_fields(samples: Any, label_field: Optional[str] = None) -> tuple[str, str]:
+    """The seed and propagated fields the loop works on.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed field, if known
+
+    Returns:
+        ``(label_field, output_field)``: those of the newest propagation run
+        (of ``label_field``, if given); before any run, ``label_field``,
+        else ``"label"`` if it exists, else the first Classification field
+        holding labels (else ``"label"``), and ``"<label_field>_propagated"``
+    """
+    run_key = newest_run_key(samples, label_field)
+    if run_key is not None:
+        config = samples._root_dataset.get_run_info(run_key).config
+        return config.label_field, config.output_field
+    if label_field is None:
+        import fiftyone.core.labels as fol
+
+        fields = samples.get_field_schema(embedded_doc_type=fol.Classification)
+        labeled = [
+            name for name in fields
+            if not name.endswith("_propagated") and samples.exists(name).limit(1).count()
+        ]
+        label_field = "label" if "label" in fields or not labeled else labeled[0]
+    return label_field, label_field + "_propagated"
 
 
 def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
@@ -278,6 +304,15 @@ def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[
             if getattr(info.config, "label_type", "classification") == "classification":
                 runs.append((info.timestamp, key))
     return max(runs)[1] if runs else None
+
+
+def _new_seeds(ids, states, used, run_key):
+    """Seeds among ``ids`` that the run did not use (all seeds before a run)."""
+    used = set(used)
+    return sum(
+        1 for sid, s in zip(ids, states)
+        if s in SEED_STATES and (run_key is None or sid not in used)
+    )
 
 
 def _summary(samples, run_key):

@@ -33,6 +33,7 @@ from dinoprop.core import DinopropError, validate_samples
 from dinoprop.label_states import (
     ACCEPTED,
     CONFIRMED_ATTRIBUTE,
+    SEED_STATES,
     SKIPPED_TAG,
     state_of,
 )
@@ -196,7 +197,7 @@ def confirm_label(
     """Records that a human agrees with the machine's label of one sample.
 
     The class confirmed is the sample's accepted label if it has one, else
-    its propagated label. The seed field then holds it as a confirmed label,
+    its propagated label (:func:`sample_triage`'s ``suggestion``). The seed field then holds it as a confirmed label,
     a seed (see :mod:`dinoprop.label_states`).
 
     Args:
@@ -215,15 +216,11 @@ def confirm_label(
         DinopropError: if the sample has no machine label to confirm
         LabelConflictError: see ``expected``
     """
-    info = sample_triage(samples, sample_id, label_field, output_field)
-    if info["state"] == ACCEPTED:
-        label = info["label"]
-    elif info["propagated"] is not None:
-        label = info["propagated"]
-    else:
+    label = sample_triage(samples, sample_id, label_field, output_field)["suggestion"]
+    if label is None:
         raise DinopropError(
-            "Sample %s has no machine label to confirm; choose its class "
-            "instead" % sample_id
+            "Sample %s has no machine label to confirm (none, or a human "
+            "already decided); choose its class instead" % sample_id
         )
     return label_samples(
         samples.select(sample_id),
@@ -330,13 +327,19 @@ def sample_triage(
         a dict with ``sample_id``, ``state`` (see
         :mod:`dinoprop.label_states`), ``label`` (the seed field's class or
         None), ``version`` (its :func:`label_version`), ``propagated`` and
-        ``confidence`` (the propagated label, or None), ``alternatives``
-        (``[class, probability]`` pairs of the next most likely classes, as
-        :func:`dinoprop.propagate_labels` stored them) and ``tags``
+        ``confidence`` (the propagated label, or None), ``suggestion`` and
+        ``suggestion_confidence`` (the machine's class a human can confirm:
+        the accepted label, else the propagated one; None once a human
+        decided), ``alternatives`` (up to :data:`NUM_ALTERNATIVES`
+        ``[class, probability]`` pairs of the next most likely classes, as
+        :func:`dinoprop.propagate_labels` stored them), ``classes`` (every
+        class of the task) and ``tags``
 
     Raises:
         DinopropError: if the sample is not in ``samples``
     """
+    from dinoprop.label_schema import task_classes
+
     output_field = output_field or label_field + "_propagated"
     view = samples.select(sample_id)
     if view.count() == 0:
@@ -344,15 +347,29 @@ def sample_triage(
     sample = view.first()
     seed = sample[label_field] if sample.has_field(label_field) else None
     propagated = sample[output_field] if sample.has_field(output_field) else None
+    state = state_of(seed, propagated)
     ranked = _ranked(propagated)
+    suggestion = None
+    if state == ACCEPTED:
+        suggestion = seed.label
+    elif state not in SEED_STATES and propagated is not None:
+        suggestion = propagated.label
+    current = seed.label if seed is not None else None
+    dataset = samples._root_dataset
+    fields = [f for f in (label_field, output_field) if dataset.get_field(f) is not None]
     return {
         "sample_id": sample_id,
-        "state": state_of(seed, propagated),
-        "label": None if seed is None else seed.label,
+        "state": state,
+        "label": current,
         "version": label_version(seed),
         "propagated": None if propagated is None else propagated.label,
         "confidence": None if propagated is None else propagated.confidence,
-        "alternatives": ranked[1 : NUM_ALTERNATIVES + 1],
+        "suggestion": suggestion,
+        "suggestion_confidence": dict(map(tuple, ranked)).get(suggestion),
+        "alternatives": [
+            r for r in ranked if r[0] not in (suggestion, current)
+        ][:NUM_ALTERNATIVES],
+        "classes": task_classes(dataset, label_field, fields),
         "tags": list(sample.tags),
     }
 
