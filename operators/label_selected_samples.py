@@ -81,10 +81,10 @@ def _is_undo(params):
 
 
 def _label_form(ctx, inputs, view):
-    from dinoprop.label_schema import task_classes
+    from dinoprop.label_schema import known_classes
     from dinoprop.review.loop import task_fields
 
-    default_field, output = task_fields(ctx.dataset)
+    default_field, _ = task_fields(ctx.dataset)
     label_field = ctx.params.get("label_field") or default_field
     inputs.str(
         "label_field",
@@ -93,8 +93,7 @@ def _label_form(ctx, inputs, view):
         label="Label field",
         description="The human label field (created if missing)",
     )
-    existing = [f for f in (label_field, output) if ctx.dataset.get_field(f) is not None]
-    classes = task_classes(ctx.dataset, label_field, existing)
+    classes = known_classes(ctx.dataset, label_field)
     choices = types.AutocompleteView()
     for name in classes:
         choices.add_choice(name, label=name)

@@ -16,6 +16,7 @@ from dinoprop.label_states import (
     PROPAGATED,
     UNLABELED,
     sample_states,
+    seed_expression,
 )
 
 
@@ -118,6 +119,9 @@ def test_label_states_and_which_are_seeds(embedded_dataset):
     assert state[unlabeled[6]] == UNLABELED
     assert state[unlabeled[7]] == PROPAGATED
     assert ds[accepted[1]]["label"].dinoprop_confirmed == ds[accepted[1]]["label"].label
+    # the database's rule for seeds is the same
+    seed_ids = set(ds.match(seed_expression("label")).values("id"))
+    assert seed_ids == {i for i, s in state.items() if s in (HUMAN, CONFIRMED)}
 
     # seeds: the 6 originals, the corrected one, the two confirmed ones
     results = _propagate(ds)
@@ -226,11 +230,13 @@ def test_repropagation_runs_after_every_k_new_labels(embedded_dataset):
     first = review.next_in_queue(ds, "review", "label")
     review.label_samples(ds.select(first), "label", ds[first].ground_truth.label)
     assert review.repropagate_if_due(ds, "label", every=2) is None
+    assert review.loop.new_seed_count(ds, "label", "dinoprop_label_propagated") == 1
     second = review.next_in_queue(ds, "review", "label")
     review.label_samples(ds.select(second), "label", ds[second].ground_truth.label)
     change = review.repropagate_if_due(ds, "label", every=2)
     assert change["before"]["num_seeds"] == 6 and change["after"]["num_seeds"] == 8
     assert review.loop_status(ds)["new_seeds"] == 0
+    assert review.loop.new_seed_count(ds, "label", change["run_key"]) == 0
     rerun = ds.load_run_results(change["run_key"]).summary()
     assert rerun["method"] == method  # the re-run keeps auto's choice
     assert rerun["cv_accuracy_by_method"].keys() == {method}

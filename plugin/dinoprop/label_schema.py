@@ -163,6 +163,30 @@ def task_classes(
     return names + sorted(found - set(names))
 
 
+def known_classes(dataset: Any, label_field: str) -> list:
+    """The task's classes without scanning samples when they are recorded.
+
+    :func:`enable_annotation` records the full list in the seed field's
+    label schema and ``dataset.classes``; only when neither holds any class
+    are the seed field and its propagated field scanned.
+
+    Args:
+        dataset: a FiftyOne dataset
+        label_field: the seed field
+
+    Returns:
+        a list of class names (see :func:`task_classes`)
+    """
+    recorded = task_classes(dataset, label_field, [])
+    if recorded:
+        return recorded
+    fields = [
+        f for f in (label_field, label_field + "_propagated")
+        if dataset.get_field(f) is not None
+    ]
+    return task_classes(dataset, label_field, fields)
+
+
 def _set_schema(dataset, field, schema):
     try:
         dataset.update_label_schema(field, schema)

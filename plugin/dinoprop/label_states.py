@@ -161,6 +161,27 @@ def sample_states(
     return columns[0], states, label, confidence
 
 
+def seed_expression(label_field: str) -> Any:
+    """A FiftyOne expression true for samples whose seed field holds a seed.
+
+    The same rule as :func:`label_state` (``human`` or ``confirmed``),
+    evaluated by the database, so finding the seeds reads only them.
+
+    Args:
+        label_field: the seed field
+
+    Returns:
+        a :class:`fiftyone.core.expressions.ViewExpression` for ``match()``
+    """
+    from fiftyone import ViewField as F
+
+    label = F(label_field + ".label")
+    batch, accepted, confirmed = (F(path) for path in marker_paths(label_field))
+    is_accepted = batch.exists() & (~accepted.exists() | (accepted == label))
+    is_confirmed = confirmed.exists() & (confirmed == label)
+    return label.exists() & (~is_accepted | is_confirmed)
+
+
 def accepted_unedited_ids(samples: Any, label_field: str) -> set:
     """IDs of samples whose label an accept batch wrote and no human changed.
 

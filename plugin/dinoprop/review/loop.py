@@ -26,6 +26,7 @@ from dinoprop.label_states import (
     SEED_STATES,
     UNLABELED,
     sample_states,
+    seed_expression,
 )
 
 #: Re-propagate after this many new human labels by default.
@@ -257,8 +258,7 @@ def repropagate_if_due(
     if run_key is None:
         return None
     label_field, _ = task_fields(samples, label_field)
-    ids, states, _, _ = sample_states(samples, label_field)
-    if _new_seeds(ids, states, _seed_ids(samples, run_key), run_key) < every:
+    if new_seed_count(samples, label_field, run_key) < every:
         return None
     return repropagate(samples, run_key=run_key)
 
@@ -304,6 +304,27 @@ def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[
             if getattr(info.config, "label_type", "classification") == "classification":
                 runs.append((info.timestamp, key))
     return max(runs)[1] if runs else None
+
+
+def new_seed_count(samples: Any, label_field: str, run_key: Optional[str] = None) -> int:
+    """How many seeds of ``label_field`` the run did not use yet.
+
+    Reads only the seeds (the database finds them), so it stays cheap on
+    large datasets: the triage panel asks it after every label.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed field
+        run_key: the propagation run; None counts every seed
+
+    Returns:
+        the number of new seeds
+    """
+    if samples.get_field(label_field) is None:
+        return 0
+    seeds = samples.match(seed_expression(label_field)).values("_id", _raw=True)
+    used = set(_seed_ids(samples, run_key))
+    return sum(1 for sid in seeds if str(sid) not in used)
 
 
 def _new_seeds(ids, states, used, run_key):

@@ -338,7 +338,7 @@ def sample_triage(
     Raises:
         DinopropError: if the sample is not in ``samples``
     """
-    from dinoprop.label_schema import task_classes
+    from dinoprop.label_schema import known_classes
 
     output_field = output_field or label_field + "_propagated"
     view = samples.select(sample_id)
@@ -355,8 +355,6 @@ def sample_triage(
     elif state not in SEED_STATES and propagated is not None:
         suggestion = propagated.label
     current = seed.label if seed is not None else None
-    dataset = samples._root_dataset
-    fields = [f for f in (label_field, output_field) if dataset.get_field(f) is not None]
     return {
         "sample_id": sample_id,
         "state": state,
@@ -369,7 +367,7 @@ def sample_triage(
         "alternatives": [
             r for r in ranked if r[0] not in (suggestion, current)
         ][:NUM_ALTERNATIVES],
-        "classes": task_classes(dataset, label_field, fields),
+        "classes": known_classes(samples._root_dataset, label_field),
         "tags": list(sample.tags),
     }
 
