@@ -50,6 +50,7 @@ class TriagePanel(foo.Panel):
         _refresh(ctx)
 
     def on_change_queue(self, ctx):
+        ctx.panel.state.message = None
         ctx.panel.state.queue = ctx.params["value"]
         _refresh(ctx)
 
@@ -89,6 +90,7 @@ class TriagePanel(foo.Panel):
         from dinoprop import review
 
         sample_id = ctx.current_sample
+        ctx.panel.state.message = None
         if sample_id:
             review.skip_sample(ctx.dataset, sample_id)
             _open_next(ctx, sample_id)
@@ -109,6 +111,7 @@ class TriagePanel(foo.Panel):
         _refresh(ctx)
 
     def on_repropagate(self, ctx):
+        ctx.panel.state.message = None
         _repropagate(ctx)
         _refresh(ctx)
 
@@ -133,6 +136,7 @@ class TriagePanel(foo.Panel):
             ctx.ops.notify(_NO_SAMPLE, variant="warning")
             return
         state = dict(ctx.panel.state.get("sample") or {}, **_fields(ctx))
+        ctx.panel.state.message = None
         try:
             results = write(sample_id, state)
         except DinopropError as error:  # a conflict, or nothing to confirm
@@ -141,7 +145,7 @@ class TriagePanel(foo.Panel):
             _refresh(ctx)
             return
         ctx.panel.state.last_batch = results.batch
-        ctx.panel.state.message = "Labeled '%s'" % results.label
+        ctx.panel.state.message = "Previous sample: labeled '%s'" % results.label
         _repropagate_if_due(ctx)
         _open_next(ctx, sample_id)
 

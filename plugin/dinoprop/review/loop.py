@@ -293,10 +293,15 @@ def task_fields(samples: Any, label_field: Optional[str] = None) -> tuple[str, s
 
 
 def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
-    """The newest propagation run (of ``label_field``, if given), or None."""
+    """The newest propagation run (of ``label_field``, if given), or None.
+
+    The dataset's record is reloaded first, so runs another process made or
+    replaced are seen.
+    """
     from dinoprop.propagation import _propagation_runs
 
     dataset = samples._root_dataset
+    dataset.reload()
     runs = []
     for key in _propagation_runs(dataset):
         info = dataset.get_run_info(key)
@@ -336,13 +341,15 @@ def _new_seeds(ids, states, used, run_key):
     )
 
 
+def _results(samples, run_key):
+    """The run's results as stored now: another process (the App server,
+    a colleague's notebook) may have re-run it, so nothing cached is used."""
+    return samples._root_dataset.load_run_results(run_key, cache=False)
+
+
 def _summary(samples, run_key):
-    if run_key is None:
-        return None
-    return samples._root_dataset.load_run_results(run_key).summary()
+    return None if run_key is None else _results(samples, run_key).summary()
 
 
 def _seed_ids(samples, run_key):
-    if run_key is None:
-        return []
-    return samples._root_dataset.load_run_results(run_key).seed_ids
+    return [] if run_key is None else _results(samples, run_key).seed_ids
