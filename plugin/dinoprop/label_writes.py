@@ -161,3 +161,40 @@ def _declare(dataset, field, attributes):
         first = next((v for v in values if len(v)), [])
         subfield = fof.FloatField if _is_float_list(first) else fof.StringField
         dataset.add_sample_field(path, fof.ListField, subfield=subfield)
+
+
+def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
+    """Makes ``tag`` mark exactly ``ids`` among the samples of ``samples``.
+
+    Only samples whose tags change are written (with ``last_modified_at``,
+    as FiftyOne's ``tag_samples`` does), in two bulk updates.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        tag: the sample tag
+        ids: the sample IDs (of ``samples``) that should carry it
+
+    Returns:
+        a dict with ``num_tagged`` and ``num_untagged``
+    """
+    import fiftyone.core.sample as fos
+    from bson import ObjectId
+
+    wanted = {str(i) for i in ids}
+    tagged = {str(i) for i in samples.match_tags(tag).values("_id", _raw=True)}
+    add, remove = wanted - tagged, tagged - wanted
+    dataset = samples._root_dataset
+    coll = dataset._sample_collection
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for chosen, update in (
+        (add, {"$addToSet": {"tags": tag}}),
+        (remove, {"$pull": {"tags": tag}}),
+    ):
+        if chosen:
+            coll.update_many(
+                {"_id": {"$in": [ObjectId(i) for i in chosen]}},
+                dict(update, **{"$set": {"last_modified_at": now}}),
+            )
+    if add or remove:
+        fos.Sample._reload_docs(dataset._sample_collection_name)
+    return {"num_tagged": len(add), "num_untagged": len(remove)}

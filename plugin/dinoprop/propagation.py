@@ -770,14 +770,9 @@ def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=N
         unlabeled_in: an optional label field: samples that have a label
             there (a human's, or an accepted one) leave the queue
     """
-    # only samples whose tag changes are written
-    samples.match_tags(NEEDS_REVIEW_TAG).exclude(review_ids).untag_samples(
-        NEEDS_REVIEW_TAG
-    )
-    if review_ids:
-        samples.select(review_ids).match_tags(
-            NEEDS_REVIEW_TAG, bool=False
-        ).tag_samples(NEEDS_REVIEW_TAG)
+    from dinoprop.label_writes import retag
+
+    retag(samples, NEEDS_REVIEW_TAG, review_ids)  # writes only changed tags
     queue = samples.match_tags(NEEDS_REVIEW_TAG)
     if unlabeled_in is not None:
         queue = queue.exists(unlabeled_in, False)
