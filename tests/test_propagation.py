@@ -602,7 +602,7 @@ def test_runs_recorded_by_an_older_config_class_are_replaced(embedded_dataset):
 
 
 def test_the_note_names_what_limits_the_confidence():
-    from dinoprop.propagation import _threshold_note
+    from dinoprop.propagation.api import _threshold_note
 
     outcome = pm.Propagation(
         probs=np.full((4, 2), 0.5), method="knn",

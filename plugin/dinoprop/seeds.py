@@ -74,7 +74,7 @@ def suggest_seeds(
 
     from dinoprop.core import require_label_field
     from dinoprop.label_schema import enable_annotation
-    from dinoprop.propagation import _graph
+    from dinoprop.propagation import sample_graph
 
     validate_samples(samples)
     if not isinstance(count, (int, np.integer)) or count < 1:
@@ -89,7 +89,7 @@ def suggest_seeds(
         ids, values = samples.values(["id", label_field + ".label"])
         labels = {i: v for i, v in zip(ids, values) if v is not None}
     with progress_bar(3, progress, iters_str="steps") as bar:
-        sample_ids, vectors, graph = _graph(samples, embeddings, k)
+        sample_ids, vectors, graph = sample_graph(samples, embeddings, k)
         bar.update()
         seed_idx = np.array(
             [i for i, sid in enumerate(sample_ids) if sid in labels], np.int64

@@ -298,12 +298,12 @@ def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[
     The dataset's record is reloaded first, so runs another process made or
     replaced are seen.
     """
-    from dinoprop.propagation import _propagation_runs
+    from dinoprop.propagation import propagation_runs
 
     dataset = samples._root_dataset
     dataset.reload()
     runs = []
-    for key in _propagation_runs(dataset):
+    for key in propagation_runs(dataset):
         info = dataset.get_run_info(key)
         if label_field is None or getattr(info.config, "label_field", None) == label_field:
             if getattr(info.config, "label_type", "classification") == "classification":

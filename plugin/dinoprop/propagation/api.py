@@ -1,0 +1,324 @@
+"""``propagate_labels``: validate, read, propagate, write, record."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from dinoprop import propagation_methods as pm
+from dinoprop.core import (
+    DinopropError,
+    check_field_name,
+    progress_bar,
+    require_label_field,
+    validate_samples,
+)
+from dinoprop.label_schema import enable_annotation
+from dinoprop.propagation.common import (
+    DEFAULT_TARGET_PRECISION,
+    RUN_TYPE,
+    _fol,
+    _label_types,
+)
+from dinoprop.propagation.objects import _object_data, _write_objects
+from dinoprop.propagation.runs import (
+    PropagationResults,
+    _cv_accuracy,
+    _cv_ece,
+    _save_run,
+    propagation_run_key,
+)
+from dinoprop.propagation.samples import _sample_data, _write_samples
+
+logger = logging.getLogger(__name__)
+
+
+def propagate_labels(
+    samples: Any,
+    label_field: str,
+    embeddings: str = "dinoprop_embedding",
+    output_field: Optional[str] = None,
+    method: str = "auto",
+    k: int = 10,
+    seed_tag: Optional[str] = None,
+    confidence_threshold: Optional[float] = None,
+    store_scores: bool = False,
+    run_key: Optional[str] = None,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    overwrite: bool = False,
+    progress: Union[None, bool, Callable] = None,
+) -> PropagationResults:
+    """Propagates a few seed labels to every other sample (or object).
+
+    Seeds are the samples of ``samples`` whose ``label_field`` holds a
+    :class:`fiftyone.core.labels.Classification` (with ``seed_tag``, only
+    those whose sample carries that tag), except labels that
+    :func:`dinoprop.accept_propagated_labels` wrote and no human has
+    corrected since: those are the method's own output, not evidence.
+    Targets are all other samples with an embedding. Each target gets a
+    ``Classification(label, confidence)`` in ``output_field`` whose
+    attributes ``dinoprop_top_labels`` and ``dinoprop_top_confidences``
+    hold its 4 most likely classes and their probabilities (what the App's
+    triage panel offers as alternatives); seeds get None there, and the
+    labels of ``label_field`` are never modified. A re-run writes only the
+    labels that changed. Both fields get label schemas
+    (:func:`dinoprop.review.enable_annotation`), so the App's Annotate tab
+    edits ``label_field`` with the full class list and shows the
+    propagated field read-only.
+
+    When ``label_field`` is a :class:`fiftyone.core.labels.Detections`
+    field whose detections carry patch embeddings (the attribute named
+    ``embeddings``, as :func:`dinoprop.compute_embeddings` writes with
+    ``patches_field``), labeled boxes are the seeds, and every other box
+    gets a copy in the ``output_field`` Detections with the propagated
+    label and confidence (``source_id`` names the box it copies).
+
+    Confidences are calibrated by temperature scaling fitted on
+    cross-validated seed predictions (at least 2 seeds per class are
+    needed for that), averaged over how uncertain that fit is, so a few
+    dozen seeds do not promise more than they can vouch for. Targets below
+    the review threshold are tagged ``dinoprop:needs_review`` and listed,
+    least confident first, by the saved view ``"dinoprop review queue"``
+    (samples leave it once their ``label_field`` holds a label). When no
+    threshold reaches ``target_precision`` (too few seeds to vouch for it,
+    or too hard a problem), every target is marked for review and the
+    summary's ``note`` (also logged as a warning) says why.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the Classification (or Detections) field of the seeds
+        embeddings: the field (or, for objects, the label attribute)
+            holding the embeddings
+        output_field: where the propagated labels go, a top-level field;
+            defaults to ``"<label_field>_propagated"``. An existing field is
+            only replaced if an earlier propagation wrote it, or with
+            ``overwrite=True``
+        method: ``"auto"`` (chosen by cross-validation on the seeds; the
+            default is graph-smoothed logistic regression on graph-augmented
+            features), ``"knn"``, ``"diffusion"``, ``"linear"`` or
+            ``"graph_linear"``; the method an ``auto`` run chose (its
+            summary's ``method``, e.g. ``"graph_linear@0.8"``) is accepted
+            too
+        k: the number of neighbours of the kNN graph (and of the ``knn``
+            vote)
+        seed_tag: only seeds carrying this tag (on the sample, or for
+            objects on the detection) are used
+        confidence_threshold: targets below this confidence need review;
+            defaults to the recommended threshold
+        store_scores: whether to store every class's log-probability in
+            the ``logits`` of each propagated label
+        run_key: the run key; defaults to ``"dinoprop_<output_field>"``
+        target_precision: the precision the recommended threshold aims for
+        overwrite: whether ``output_field`` may replace an existing label
+            field that no propagation run wrote
+        progress: None (FiftyOne's default), a bool, or a progress callback
+
+    Returns:
+        a :class:`PropagationResults`
+
+    Raises:
+        DinopropError: for invalid input (no seeds, a single class, seeds
+            without embeddings, a wrong field type, an ``output_field``
+            equal to ``label_field``, nested, or holding other labels, a
+            ``run_key`` of another kind of run); nothing is written then
+    """
+    start = time.time()
+    fol = _fol()
+    validate_samples(samples)
+    output_field = output_field or label_field + "_propagated"
+    run_key = run_key or "dinoprop_" + "".join(
+        c if c.isalnum() else "_" for c in output_field
+    )
+    label_type = _check_arguments(
+        samples, label_field, embeddings, output_field, method, k,
+        confidence_threshold, target_precision, run_key, overwrite,
+    )
+    objects = label_type is fol.Detections
+    with progress_bar(4, progress, iters_str="steps") as bar:
+        if objects:
+            data = _object_data(samples, label_field, embeddings, seed_tag, k)
+        else:
+            data = _sample_data(samples, label_field, embeddings, seed_tag, k)
+        bar.update()
+        classes, seed_labels = np.unique(data["seed_labels"], return_inverse=True)
+        problem = pm.Problem(
+            pm.center_and_normalize(data["embeddings"]),
+            data["graph"],
+            len(classes),
+            knn_k=k,
+        )
+        outcome = pm.propagate(problem, data["seed_idx"], seed_labels, method=method)
+        bar.update()
+        targets = np.setdiff1d(np.arange(len(data["ids"])), data["seed_idx"])
+        probs = outcome.probs[targets]
+        confidence = probs.max(axis=1).astype(np.float64)
+        calibrated = outcome.oof_probs is not None
+        recommended, coverage, _ = pm.threshold_for_precision(
+            confidence, target_precision
+        )
+        review_threshold = (
+            confidence_threshold
+            if confidence_threshold is not None
+            else recommended if calibrated else 1.0
+        )
+        note = _threshold_note(
+            outcome, confidence, coverage, target_precision, confidence_threshold
+        )
+        if note:
+            logger.warning(note)
+        needs_review = confidence < review_threshold
+        writer = _write_objects if objects else _write_samples
+        num_review_samples, num_flipped = writer(
+            samples, data, output_field, targets, classes, probs,
+            needs_review, store_scores,
+        )
+        if not objects:
+            enable_annotation(samples, label_field, output_field=output_field)
+        bar.update()
+        info = {
+            "method": outcome.method,
+            "num_seeds": int(len(data["seed_idx"])),
+            "num_classes": int(len(classes)),
+            "num_propagated": int(len(targets)),
+            "num_needs_review": int(num_review_samples),
+            "num_flipped": num_flipped,
+            "estimated_accuracy": _cv_accuracy(outcome),
+            "recommended_threshold": float(recommended) if calibrated else None,
+            "coverage_at_threshold": float(coverage) if calibrated else None,
+            "review_threshold": float(review_threshold),
+            "ece": _cv_ece(outcome),
+            "temperature": float(outcome.temperature),
+            "temperature_spread": float(outcome.temperature_spread),
+            "cv_accuracy_by_method": outcome.cv_accuracy,
+            "seconds": 0.0,
+            "run_key": run_key,
+            "label_field": label_field,
+            "output_field": output_field,
+            "note": note,
+        }
+        results = _save_run(
+            samples, run_key, info, classes, data, seed_labels, outcome,
+            label_field=label_field,
+            embeddings=embeddings,
+            output_field=output_field,
+            requested_method=method,
+            k=k,
+            seed_tag=seed_tag,
+            confidence_threshold=confidence_threshold,
+            target_precision=target_precision,
+            label_type="detections" if objects else "classification",
+            start=start,
+        )
+        bar.update()
+    return results
+
+
+def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
+    """Why no target can be accepted at the target precision, or None."""
+    if outcome.oof_probs is None:
+        return (
+            "Too few seeds to calibrate the confidences (cross-validation "
+            "needs 2 seeds in each of at least 2 classes): no threshold is "
+            "recommended%s" % ("" if chosen is not None else
+                               " and every target is marked for review")
+        )
+    if coverage > 0:
+        return None
+    checked = len(outcome.oof_labels)
+    top = float(confidence.max(initial=0.0))
+    cap = 1.0 - (1.0 - 1.0 / outcome.probs.shape[1]) * pm.laplace_shrink(checked)
+    limit = (
+        "the most %d cross-validated seeds can vouch for" % checked
+        if top >= cap - 1e-4
+        else "the seeds do not separate the classes more surely"
+    )
+    return (
+        "No threshold reaches the target precision of %.0f%%: the most "
+        "confident labels are estimated at %.1f%%, %s. %sAdd seeds "
+        "(dinoprop.suggest_seeds picks them) or lower target_precision"
+        % (
+            100 * target_precision, 100 * top, limit,
+            "" if chosen is not None else "Every target is marked for review. ",
+        )
+    )
+
+
+def check_output_field(
+    samples: Any, label_field: str, output_field: str, overwrite: bool = False
+) -> None:
+    """Checks that propagated labels may be written to ``output_field``.
+
+    It must be a top-level field other than ``label_field``; if it exists it
+    must hold the label type of ``label_field`` and have been written by an
+    earlier propagation (or ``overwrite`` must be True), so that no human
+    labels and no other predictions are replaced.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: the seed label field
+        output_field: the field the propagated labels would go to
+        overwrite: whether an existing field no propagation wrote may be
+            replaced
+
+    Raises:
+        DinopropError: if the field may not be written, saying why
+    """
+    check_field_name(output_field, "output_field")
+    if output_field == label_field:
+        raise DinopropError(
+            "output_field must differ from label_field ('%s'): human labels "
+            "are never overwritten" % label_field
+        )
+    if samples.get_field(output_field) is None:
+        return
+    label_type = require_label_field(samples, label_field, _label_types())
+    require_label_field(samples, output_field, (label_type,))
+    if not overwrite and propagation_run_key(samples, output_field) is None:
+        raise DinopropError(
+            "Field '%s' already holds labels that no propagation run wrote; "
+            "choose another output_field, or pass overwrite=True to replace "
+            "them" % output_field
+        )
+
+
+def _check_arguments(
+    samples, label_field, embeddings, output_field, method, k,
+    confidence_threshold, target_precision, run_key, overwrite,
+):
+    """Validates everything that needs no embeddings; returns the label type."""
+    if method not in pm.METHODS and method not in pm.AUTO_CANDIDATES:
+        raise DinopropError(
+            "Unknown method %r; choose one of %s" % (method, ", ".join(pm.METHODS))
+        )
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise DinopropError("k must be a positive integer; got %r" % (k,))
+    if output_field == embeddings:
+        raise DinopropError(
+            "output_field must differ from the embeddings field '%s'" % embeddings
+        )
+    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+        raise DinopropError(
+            "confidence_threshold must be in [0, 1]; got %r" % confidence_threshold
+        )
+    if not 0 < target_precision <= 1:
+        raise DinopropError(
+            "target_precision must be in (0, 1]; got %r" % target_precision
+        )
+    if not run_key.isidentifier():
+        raise DinopropError(
+            "run_key must be a valid Python identifier; got %r" % run_key
+        )
+    dataset = samples._root_dataset
+    if run_key in dataset.list_runs():
+        run_type = getattr(dataset.get_run_info(run_key).config, "run_type", None)
+        if run_type != RUN_TYPE:
+            raise DinopropError(
+                "run_key '%s' names another kind of run on this dataset; "
+                "choose another run_key" % run_key
+            )
+    label_type = require_label_field(samples, label_field, _label_types())
+    check_output_field(samples, label_field, output_field, overwrite)
+    return label_type

@@ -1,0 +1,304 @@
+"""Propagation runs as FiftyOne runs: config, cleanup, results, records."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+import fiftyone.core.runs as fors
+
+from dinoprop import propagation_methods as pm
+from dinoprop.core import DinopropError, require_label_field
+from dinoprop.propagation.common import (
+    DEFAULT_TARGET_PRECISION,
+    NEEDS_REVIEW_TAG,
+    REVIEW_QUEUE_VIEW,
+    RUN_TYPE,
+    _flatten,
+    _fol,
+)
+
+
+class PropagationRunConfig(fors.RunConfig):
+    """The recorded parameters of a :func:`propagate_labels` run.
+
+    ``dataset.get_run_info(run_key).config`` holds ``label_field``,
+    ``output_field``, ``embeddings``, ``requested_method``, ``k``,
+    ``seed_tag``, ``confidence_threshold``, ``target_precision``,
+    ``label_type`` and ``method`` (the method used).
+    """
+
+
+class PropagationRun(fors.Run):
+    """A :func:`propagate_labels` run as FiftyOne manages it.
+
+    ``dataset.delete_run(run_key)`` removes what the run wrote, as deleting
+    a FiftyOne Brain run does: its output field (unless another run writes
+    the same field), and, when the review queue is this run's (every run
+    saves it, so it belongs to the newest run), the saved view and the
+    ``dinoprop:needs_review`` tags.
+    """
+
+    def get_fields(self, samples, key):
+        return [self.config.output_field]
+
+    def cleanup(self, samples, key):
+        dataset = samples._root_dataset
+        output = self.config.output_field
+        # every run saves the queue, so it is the newest run's
+        if dataset.has_saved_view(REVIEW_QUEUE_VIEW) and _newest_run(dataset) == key:
+            dataset.delete_saved_view(REVIEW_QUEUE_VIEW)
+            dataset.untag_samples(NEEDS_REVIEW_TAG)
+        others = [k for k in propagation_runs(dataset, output) if k != key]
+        if not others and dataset.get_field(output) is not None:
+            dataset.delete_sample_field(output)
+
+
+class PropagationResults(fors.RunResults):
+    """The results of :func:`propagate_labels`, saved with the run.
+
+    Reload them in any process with ``dataset.load_run_results(run_key)``.
+
+    Attributes:
+        info: the numbers of :meth:`summary`
+        classes: the class names, in score order
+        seed_ids: the IDs of the seeds used (samples, or labels for objects)
+        oof_labels: the seeds' class indices, aligned with ``oof_probs``
+        oof_probs: calibrated out-of-fold class probabilities of the seeds
+            (empty when the seeds were too few to cross-validate)
+    """
+
+    def summary(self) -> dict:
+        """Returns the JSON-serialisable numbers an App result panel shows.
+
+        Keys: ``method``, ``num_seeds``, ``num_classes``, ``num_propagated``
+        (targets: samples, or boxes for object runs), ``num_needs_review``
+        (samples with the review tag; for object runs, samples with at
+        least one box below the threshold), ``estimated_accuracy``,
+        ``recommended_threshold`` (the lowest confidence whose accepted
+        targets reach the target precision by their calibrated
+        confidences), ``coverage_at_threshold`` (the fraction of targets
+        it accepts), ``num_flipped`` (targets whose class differs from the
+        label an earlier run wrote there; None for object runs), ``ece``,
+        ``review_threshold``, ``temperature`` and
+        ``temperature_spread`` (the standard deviation of its logarithm,
+        which the confidences are averaged over), ``seconds``,
+        ``run_key``, ``output_field``, ``label_field`` and ``note`` (why
+        nothing can be accepted, or None). Estimates are None when the
+        seeds are too few to cross-validate (fewer than 2 per class).
+        """
+        return dict(self.info, run_key=self.key or self.info.get("run_key"))
+
+    def evaluate(
+        self,
+        gt_field: Optional[str] = None,
+        target_precision: float = DEFAULT_TARGET_PRECISION,
+    ) -> dict:
+        """Estimates (or, with ``gt_field``, measures) the labels' quality.
+
+        Without ``gt_field``, the estimate comes from k-fold
+        cross-validation over the seeds (run by :func:`propagate_labels`):
+        each seed is predicted by the method fitted on the other folds, and
+        the calibrated out-of-fold confidences give the accuracy, the
+        calibration error and accuracy against coverage. The threshold is
+        then the lowest confidence whose accepted targets reach
+        ``target_precision`` by their calibrated confidences (the
+        calibration is the one fitted by the cross-validation), with the
+        fraction of targets it accepts: the same figures as
+        :meth:`summary`'s ``recommended_threshold`` and
+        ``coverage_at_threshold``. With ``gt_field``, the propagated labels
+        are scored against that field and the threshold is the lowest that
+        reaches ``target_precision`` on the truth.
+
+        Args:
+            gt_field: an optional field with true labels of the targets: a
+                Classification field, or for object runs a Detections field
+                whose detections share IDs with the label field's
+            target_precision: the precision the threshold must reach
+
+        Returns:
+            a dict with ``source`` (``"cross_validation"`` or the field),
+            ``num_evaluated``, ``accuracy``, ``ece``, ``threshold``,
+            ``coverage_at_threshold``, ``precision_at_threshold``,
+            ``target_precision`` and ``accuracy_vs_coverage`` (a list of
+            ``[coverage, accuracy]`` pairs, most confident first)
+
+        Raises:
+            DinopropError: if the seeds were too few to cross-validate and
+                no ``gt_field`` is given, or ``gt_field`` is invalid
+        """
+        if not 0 < target_precision <= 1:
+            raise DinopropError(
+                "target_precision must be in (0, 1]; got %r" % target_precision
+            )
+        if gt_field is None:
+            if not self.oof_probs:
+                raise DinopropError(
+                    "The seeds were too few to cross-validate (fewer than 2 "
+                    "per class): add seeds, or pass gt_field"
+                )
+            probs = np.asarray(self.oof_probs, dtype=np.float64)
+            correct = probs.argmax(axis=1) == np.asarray(self.oof_labels)
+            report = _quality_report(
+                probs.max(axis=1), correct, target_precision, "cross_validation"
+            )
+            threshold, coverage, precision = pm.threshold_for_precision(
+                self._target_confidences(), target_precision
+            )
+            report.update(
+                threshold=threshold,
+                coverage_at_threshold=coverage,
+                precision_at_threshold=precision,
+            )
+            return report
+        confidence, correct = self._against_truth(gt_field)
+        return _quality_report(confidence, correct, target_precision, gt_field)
+
+    def _target_confidences(self) -> np.ndarray:
+        """The calibrated confidences this run wrote on its targets."""
+        path = self.config.output_field + (
+            ".detections.confidence"
+            if self.config.label_type == "detections"
+            else ".confidence"
+        )
+        values = self.samples.values(path)
+        if self.config.label_type == "detections":
+            values = _flatten(values)
+        return np.array([v for v in values if v is not None], np.float64)
+
+    def _against_truth(self, gt_field):
+        samples = self.samples
+        output_field = self.config.output_field
+        if self.config.label_type == "detections":
+            require_label_field(samples, gt_field, (_fol().Detections,))
+            truth = dict(
+                zip(
+                    _flatten(samples.values(gt_field + ".detections.id")),
+                    _flatten(samples.values(gt_field + ".detections.label")),
+                )
+            )
+            keys, preds, confs = (
+                _flatten(samples.values(output_field + ".detections." + p))
+                for p in ("source_id", "label", "confidence")
+            )
+        else:
+            require_label_field(samples, gt_field, (_fol().Classification,))
+            keys, truths, preds, confs = samples.values(
+                ["id", gt_field + ".label", output_field + ".label",
+                 output_field + ".confidence"]
+            )
+            truth = dict(zip(keys, truths))
+        rows = [
+            (c, p == truth[k])
+            for k, p, c in zip(keys, preds, confs)
+            if p is not None and truth.get(k) is not None
+        ]
+        if not rows:
+            raise DinopropError(
+                "No propagated label has a true label in '%s' to compare "
+                "with" % gt_field
+            )
+        confidence, correct = (np.asarray(v) for v in zip(*rows))
+        return confidence.astype(np.float64), correct.astype(bool)
+
+
+def propagation_run_key(samples: Any, output_field: str) -> Optional[str]:
+    """The key of the propagation run that wrote ``output_field``, or None.
+
+    Args:
+        samples: a FiftyOne dataset or view (its dataset's runs are searched)
+        output_field: a field name
+
+    Returns:
+        a run key of ``samples``' dataset, or None
+    """
+    keys = propagation_runs(samples._root_dataset, output_field)
+    return keys[0] if keys else None
+
+
+def propagation_runs(dataset: Any, output_field: Optional[str] = None) -> list:
+    """The keys of the propagation runs (that wrote ``output_field``, if
+    given)."""
+    keys = []
+    for key in dataset.list_runs():
+        config = dataset.get_run_info(key).config
+        if getattr(config, "run_type", None) == RUN_TYPE and (
+            output_field is None
+            or getattr(config, "output_field", None) == output_field
+        ):
+            keys.append(key)
+    return keys
+
+
+def _newest_run(dataset):
+    """The key of the most recently started propagation run, or None."""
+    started = [(dataset.get_run_info(k).timestamp, k) for k in propagation_runs(dataset)]
+    return max(started)[1] if started else None
+
+
+def _cv_accuracy(outcome):
+    if outcome.oof_probs is None:
+        return None
+    return float((outcome.oof_probs.argmax(1) == outcome.oof_labels).mean())
+
+
+def _cv_ece(outcome):
+    if outcome.oof_probs is None:
+        return None
+    return pm.expected_calibration_error(
+        outcome.oof_probs.max(1), outcome.oof_probs.argmax(1) == outcome.oof_labels
+    )
+
+
+def _save_run(
+    samples, run_key, info, classes, data, seed_labels, outcome, start, **params
+):
+    """Records the run and its results on the dataset."""
+    config = PropagationRunConfig(method=outcome.method, run_type=RUN_TYPE, **params)
+    dataset = samples._root_dataset
+    if run_key in dataset.list_runs() and not isinstance(
+        dataset.get_run_info(run_key).config, PropagationRunConfig
+    ):  # recorded by an older dinoprop: same run, older config class
+        fors.Run.delete_run(dataset, run_key, cleanup=False)
+    # the outputs were just written: replacing the record must not clean up
+    samples.register_run(run_key, config, overwrite=True, cleanup=False)
+    oof = outcome.oof_probs
+    info["seconds"] = round(time.time() - start, 3)
+    results = PropagationResults(
+        samples,
+        config,
+        run_key,
+        info=info,
+        classes=[str(c) for c in classes],
+        seed_ids=[str(i) for i in data["ids"][data["seed_idx"]]],
+        oof_labels=[] if oof is None else [int(v) for v in outcome.oof_labels],
+        oof_probs=[] if oof is None else np.round(oof, 5).tolist(),
+    )
+    samples.save_run_results(run_key, results, overwrite=True)
+    return results
+
+
+def _quality_report(confidence, correct, target_precision, source):
+    """Accuracy, calibration and auto-accept figures of scored predictions."""
+    threshold, coverage, precision = pm.threshold_for_precision(
+        confidence, target_precision, correct
+    )
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    curve = [
+        [round(float(q), 2), round(float(hits[max(int(q * len(order)) - 1, 0)]), 4)]
+        for q in np.linspace(0.1, 1.0, 10)
+    ]
+    return {
+        "source": source,
+        "num_evaluated": int(len(confidence)),
+        "accuracy": float(np.mean(correct)),
+        "ece": pm.expected_calibration_error(confidence, correct),
+        "target_precision": float(target_precision),
+        "threshold": threshold,
+        "coverage_at_threshold": coverage,
+        "precision_at_threshold": precision,
+        "accuracy_vs_coverage": curve,
+    }

@@ -1,0 +1,206 @@
+"""Propagation over samples: seeds, the cached kNN graph, writing labels."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from dinoprop import propagation_methods as pm
+from dinoprop.core import (
+    DinopropError,
+    check_vector_field,
+    load_embeddings,
+    require_field,
+    require_label_field,
+)
+from dinoprop.label_states import accepted_unedited_ids
+from dinoprop.propagation.common import (
+    NEEDS_REVIEW_TAG,
+    NUM_TOP_CLASSES,
+    REVIEW_QUEUE_VIEW,
+    TOP_CONFIDENCES_ATTRIBUTE,
+    TOP_LABELS_ATTRIBUTE,
+    _check_seeds,
+    _flatten,
+    _fol,
+    _is_seed,
+    _label_types,
+)
+
+# Graphs of recent runs, reused when a view and its embeddings are unchanged
+# (re-running after a human corrects or adds seeds skips the kNN search).
+_GRAPH_CACHE: dict = {}
+_GRAPH_CACHE_SIZE = 4
+
+
+def _sample_data(samples, label_field, embeddings, seed_tag, k):
+    require_field(
+        samples, embeddings,
+        "an embeddings field (run dinoprop.compute_embeddings first)",
+    )
+    check_vector_field(samples, embeddings)
+    ids, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
+    embedded = {str(i) for i in samples.exists(embeddings).values("_id", _raw=True)}
+    seed_ids = [i for i, s in zip(ids, is_seed) if s]
+    seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
+    where = " has a label in '%s'%s" % (
+        label_field,
+        "" if seed_tag is None else " and the tag '%s'" % seed_tag,
+    )
+    _check_seeds(
+        seed_labels,
+        np.array([i in embedded for i in seed_ids], bool),
+        "sample" + where,
+    )
+    sample_ids, vectors, graph = sample_graph(samples, embeddings, k)
+    if len(sample_ids) == len(seed_ids):
+        raise DinopropError(
+            "Every sample with an embedding is a seed: there is nothing to "
+            "propagate to"
+        )
+    position = {sid: i for i, sid in enumerate(sample_ids)}
+    return {
+        "ids": sample_ids,
+        "embeddings": vectors,
+        "graph": graph,
+        "seed_idx": np.array([position[s] for s in seed_ids], np.int64),
+        "seed_labels": np.array(seed_labels),
+        "label_field": label_field,
+    }
+
+
+def _sample_seeds(samples, label_field, seed_tag):
+    """Sample IDs, their labels, and which of them are seeds."""
+    paths = ["_id", label_field + ".label"] + (["tags"] if seed_tag else [])
+    columns = samples.values(paths, _raw=True)  # no per-value conversion
+    ids = [str(i) for i in columns[0]]
+    labels = columns[1]
+    tags = columns[2] if seed_tag else [None] * len(ids)
+    machine = accepted_unedited_ids(samples, label_field)
+    is_seed = [
+        sid not in machine and _is_seed(lab, t, seed_tag)
+        for sid, lab, t in zip(ids, labels, tags)
+    ]
+    return ids, labels, is_seed
+
+
+def count_seeds(
+    samples: Any, label_field: str, seed_tag: Optional[str] = None
+) -> dict:
+    """The seeds :func:`propagate_labels` would use, counted per class.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        label_field: a Classification or Detections field
+        seed_tag: only seeds carrying this tag (on the sample, or for
+            objects on the detection)
+
+    Returns:
+        ``{class: number of seeds}``
+    """
+    from collections import Counter
+
+    if samples.get_field(label_field) is None:
+        return {}
+    if require_label_field(samples, label_field, _label_types()) is _fol().Detections:
+        path = label_field + ".detections."
+        labels, tags = (
+            _flatten(v) for v in samples.values([path + "label", path + "tags"])
+        )
+        seeds = [lab for lab, t in zip(labels, tags) if _is_seed(lab, t, seed_tag)]
+    else:
+        _, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
+        seeds = [lab for lab, s in zip(labels, is_seed) if s]
+    return dict(Counter(seeds))
+
+
+def sample_graph(samples, embeddings, k):
+    """The kNN graph of the view, reused when nothing it depends on changed."""
+    from dinoprop.graph import sample_knn_graph
+
+    key = (
+        samples._root_dataset._doc.id,
+        str(samples.view()._serialize(include_uuids=False)),  # the stages only
+        embeddings,
+        int(k),
+    )
+    ids, vectors = load_embeddings(samples, embeddings)
+    cached = _GRAPH_CACHE.get(key)
+    if (
+        cached is not None
+        and np.array_equal(cached[0], ids)
+        and np.array_equal(cached[1], vectors)
+    ):
+        return cached
+    ids, vectors, neighbors, sims = sample_knn_graph(
+        samples, embeddings, k, loaded=(ids, vectors)
+    )
+    entry = (ids, vectors, pm.Graph(neighbors, sims))
+    if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
+        _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
+    _GRAPH_CACHE[key] = entry
+    return entry
+
+
+def _write_samples(
+    samples, data, output_field, targets, classes, probs, needs_review,
+    store_scores,
+):
+    """Writes target labels and clears seeds' outputs; returns (#to review,
+    #labels whose class changed)."""
+    from dinoprop.label_writes import write_classifications
+
+    ids = data["ids"]
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :NUM_TOP_CLASSES]
+    top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    names = np.asarray(classes).astype(str)
+    written = write_classifications(
+        samples,
+        output_field,
+        ids[targets],
+        names[top[:, 0]].tolist(),
+        top_probs[:, 0],
+        {
+            TOP_LABELS_ATTRIBUTE: names[top].tolist(),
+            TOP_CONFIDENCES_ATTRIBUTE: np.round(top_probs, 4).tolist(),
+        },
+        clear_ids=ids[data["seed_idx"]],
+        vectors=(
+            {"logits": np.log(np.clip(probs, 1e-12, None))} if store_scores else None
+        ),
+    )
+    review_ids = list(ids[targets[needs_review]])
+    _mark_for_review(
+        samples, review_ids, output_field, output_field + ".confidence",
+        data["label_field"],
+    )
+    return len(review_ids), written["num_flipped"]
+
+
+def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):
+    """Tags the samples to review and saves the review queue view.
+
+    Args:
+        samples: the collection
+        review_ids: the IDs of the samples to review
+        output_field: the field of the propagated labels
+        sort_key: the field path or expression ranking them, ascending
+        unlabeled_in: an optional label field: samples that have a label
+            there (a human's, or an accepted one) leave the queue
+    """
+    from dinoprop.label_writes import retag
+
+    retag(samples, NEEDS_REVIEW_TAG, review_ids)  # writes only changed tags
+    queue = samples.match_tags(NEEDS_REVIEW_TAG)
+    if unlabeled_in is not None:
+        queue = queue.exists(unlabeled_in, False)
+    queue = queue.sort_by(sort_key)
+    samples._root_dataset.save_view(
+        REVIEW_QUEUE_VIEW,
+        queue,
+        description="Samples whose propagated label needs review, least "
+        "confident first (written by dinoprop.propagate_labels into '%s')"
+        % output_field,
+        overwrite=True,
+    )
