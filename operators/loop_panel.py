@@ -11,8 +11,12 @@ offers the operators that start it. The numbers come from one SDK call,
 :func:`dinoprop.review.loop_status`.
 """
 
+import logging
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+
+logger = logging.getLogger(__name__)
 
 _PLUGIN = "@dinoprop/dinoprop/"
 _DEFAULT_SUGGEST = 20
@@ -142,6 +146,8 @@ class LoopPanel(foo.Panel):
                 on_click=_PLUGIN + "compute_embeddings", prompt=True,
             )
             return _layout(panel)
+        if not status.get("run_key") and "counts" not in status:
+            return _layout(panel)  # the message says why
         if not status.get("run_key"):
             _render_before_run(panel, status)
             return _layout(panel)
@@ -183,8 +189,13 @@ def _refresh(ctx):
     if dataset is None:
         ctx.panel.state.status = {}
         return
-    status = dict(review.loop_status(dataset, threshold=ctx.panel.state.threshold))
-    status["has_embeddings"] = _has_embeddings(dataset)
+    try:
+        status = dict(review.loop_status(dataset, threshold=ctx.panel.state.threshold))
+        status["has_embeddings"] = _has_embeddings(dataset)
+    except Exception as error:  # the panel explains instead of breaking the App
+        logger.exception("dinoprop loop panel")
+        ctx.panel.state.message = "dinoprop cannot read this dataset's loop: %s" % error
+        status = {"has_embeddings": True}
     ctx.panel.state.status = status
 
 

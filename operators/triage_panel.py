@@ -10,8 +10,12 @@ also in the App's Annotate tab) the labels are re-propagated and the panel
 shows what changed. All work is one SDK call of :mod:`dinoprop.review`.
 """
 
+import logging
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+
+logger = logging.getLogger(__name__)
 
 _QUEUES = {"review": "Review queue (least confident first)", "suggested": "Suggested to annotate"}
 _NO_SAMPLE = "Open a sample in the modal to triage it."
@@ -221,14 +225,16 @@ def _refresh(ctx):
         return
     try:
         info = review.sample_triage(ctx.dataset, sample_id, **fields)
-    except DinopropError as error:
+        queue = review.queue_view(
+            ctx.dataset, ctx.panel.state.queue or "review", **fields
+        )
+        info["queue_left"] = queue.count()
+    except Exception as error:  # the panel explains instead of breaking the App
+        if not isinstance(error, DinopropError):
+            logger.exception("dinoprop triage panel")
         ctx.panel.state.sample = None
-        ctx.panel.state.empty = str(error)
+        ctx.panel.state.empty = "dinoprop cannot triage this sample: %s" % error
         return
-    queue = review.queue_view(
-        ctx.dataset, ctx.panel.state.queue or "review", **fields
-    )
-    info["queue_left"] = queue.count()
     ctx.panel.state.sample = info
 
 

@@ -168,3 +168,17 @@ def test_label_selected_samples_labels_and_undoes(embedded_dataset):
 
     execute("label_selected_samples", ds, {"action": "undo", "batch": summary["batch"]})
     assert ds.select(selected).count("label") == 0
+
+
+def test_panels_explain_a_dataset_they_cannot_read(image_dataset):
+    ds = image_dataset
+    ds.delete_sample_fields(["label", "ground_truth"])
+    ds.set_values("label", [fo.Detections(detections=[]) for _ in range(len(ds))])
+    state, triggered = panel_event("dinoprop_loop", ds, "on_load")
+    assert "show_panel_output" in triggered  # rendered, did not fail
+    assert "expected a Classification field" in state["message"]
+    state, triggered = panel_event(
+        "dinoprop_triage", ds, "on_load", current_sample=ds.first().id
+    )
+    assert "show_panel_output" in triggered
+    assert "expected a Classification field" in state["empty"]

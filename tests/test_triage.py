@@ -62,6 +62,13 @@ def test_propagation_gives_the_fields_schemas_and_stores_alternatives(embedded_d
     assert abs(probs[0] - target.confidence) < 1e-4
 
 
+def test_more_classes_than_a_dropdown_holds_get_a_text_box(embedded_dataset):
+    many = ["class%04d" % i for i in range(1001)]
+    schema = review.enable_annotation(embedded_dataset, "label", classes=many)
+    assert schema["component"] == "text" and "classes" not in schema
+    assert len(embedded_dataset.classes["label"]) == 1004  # still recorded
+
+
 def test_an_empty_seed_field_is_created_for_annotation(image_dataset):
     schema = review.enable_annotation(image_dataset, "species", classes=["cat", "dog"])
     assert image_dataset.get_field("species") is not None

@@ -177,7 +177,10 @@ def format_report(model: str, steps: list, scores: dict, summary: dict,
         "Then: Embeddings panel -> brain key 'dinoprop_umap', colour by "
         "'label_propagated.label';",
         "operator browser (press `) -> 'propagate_labels', "
-        "'open_review_queue', 'accept_propagated_labels', 'suggest_seeds'.",
+        "'open_review_queue', 'accept_propagated_labels', 'suggest_seeds';",
+        "triage: '+' beside the Samples tab -> 'dinoprop loop' -> 'Triage in "
+        "the modal', then the modal's 'dinoprop triage' tab labels each sample "
+        "in one click (or edit 'label' in the modal's Annotate tab).",
     ]
     return "\n".join(lines)
 

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 #: (FiftyOne's own heuristic).
 RADIO_MAX_CLASSES = 5
 
+#: FiftyOne's largest class list; with more classes the App gets a text box.
+DROPDOWN_MAX_CLASSES = 1000
+
 
 def label_schemas_supported(dataset: Any) -> bool:
     """Whether this FiftyOne has label schemas (in-App annotation)."""
@@ -103,11 +106,10 @@ def enable_annotation(
     if names != list(dataset.classes.get(label_field) or []):
         dataset.classes[label_field] = names
         dataset.save()
-    component = "radio" if len(names) <= RADIO_MAX_CLASSES else "dropdown"
+    choices = _choices(names)
     schema = {
         "type": "classification",
-        "component": component,
-        "classes": names,
+        **choices,
         "attributes": [
             {
                 "name": CONFIRMED_ATTRIBUTE,
@@ -122,12 +124,7 @@ def enable_annotation(
         _set_schema(
             dataset,
             output_field,
-            {
-                "type": "classification",
-                "component": component,
-                "classes": names,
-                "read_only": True,
-            },
+            {"type": "classification", **choices, "read_only": True},
         )
     active = fields + [f for f in dataset.active_label_schemas if f not in fields]
     if dataset.active_label_schemas != active:
@@ -185,6 +182,32 @@ def known_classes(dataset: Any, label_field: str) -> list:
         if dataset.get_field(f) is not None
     ]
     return task_classes(dataset, label_field, fields)
+
+
+def _choices(names):
+    """How the App offers the classes: radio buttons, a dropdown, or (past
+    FiftyOne's limit of 1000 classes) a text box."""
+    if len(names) > DROPDOWN_MAX_CLASSES:
+        logger.info(
+            "%d classes are more than the App's dropdown holds (%d): the "
+            "Annotate tab gets a text box", len(names), DROPDOWN_MAX_CLASSES
+        )
+        return {"component": "text"}
+    component = "radio" if len(names) <= RADIO_MAX_CLASSES else "dropdown"
+    return {"component": component, "classes": names}
+
+
+def try_enable_annotation(samples: Any, label_field: str, **kwargs: Any) -> None:
+    """:func:`enable_annotation`, where a refusal must not stop the caller.
+
+    :func:`dinoprop.propagate_labels` and :func:`dinoprop.suggest_seeds`
+    call this after their work is written: a label schema FiftyOne refuses
+    is logged as a warning and the results stand.
+    """
+    try:
+        enable_annotation(samples, label_field, **kwargs)
+    except DinopropError as error:
+        logger.warning("In-App annotation of '%s' was not set up: %s", label_field, error)
 
 
 def _set_schema(dataset, field, schema):

@@ -73,7 +73,7 @@ def suggest_seeds(
     import fiftyone.core.labels as fol
 
     from dinoprop.core import require_label_field
-    from dinoprop.label_schema import enable_annotation
+    from dinoprop.label_schema import try_enable_annotation
     from dinoprop.propagation import sample_graph
 
     validate_samples(samples)
@@ -104,7 +104,7 @@ def suggest_seeds(
         if suggested:
             samples.select(suggested).tag_samples(tag)
         if label_field is not None:
-            enable_annotation(samples, label_field)
+            try_enable_annotation(samples, label_field)
         bar.update()
     return suggested
 

@@ -16,7 +16,7 @@ from dinoprop.core import (
     require_label_field,
     validate_samples,
 )
-from dinoprop.label_schema import enable_annotation
+from dinoprop.label_schema import try_enable_annotation
 from dinoprop.propagation.common import (
     DEFAULT_TARGET_PRECISION,
     RUN_TYPE,
@@ -176,7 +176,7 @@ def propagate_labels(
             needs_review, store_scores,
         )
         if not objects:
-            enable_annotation(samples, label_field, output_field=output_field)
+            try_enable_annotation(samples, label_field, output_field=output_field)
         bar.update()
         info = {
             "method": outcome.method,

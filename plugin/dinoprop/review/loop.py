@@ -78,10 +78,17 @@ def loop_status(
 
     Returns:
         a :class:`LoopStatus`
+
+    Raises:
+        DinopropError: if the seed or propagated field holds another label
+            type than Classification
     """
+    from dinoprop.review.triage import _require_classifications
+
     run_key = newest_run_key(samples, label_field)
     summary = _summary(samples, run_key)
     label_field, output_field = task_fields(samples, label_field)
+    _require_classifications(samples, label_field, output_field)
     ids, states, labels, confidences = sample_states(samples, label_field, output_field)
     counts = Counter(states)
     propagated = np.array(

@@ -144,7 +144,7 @@ def label_samples(
     from bson import ObjectId
     from pymongo import UpdateOne
 
-    from dinoprop.label_schema import enable_annotation
+    from dinoprop.label_schema import try_enable_annotation
 
     validate_samples(samples, require_images=False)
     if not isinstance(label, str) or not label.strip():
@@ -152,7 +152,7 @@ def label_samples(
     label = label.strip()
     dataset = samples._root_dataset
     if label not in (dataset.classes.get(label_field) or []):
-        enable_annotation(dataset, label_field, classes=[label], output_field=output_field)
+        try_enable_annotation(dataset, label_field, classes=[label], output_field=output_field)
     ids, current = samples.values(["id", label_field])
     if expected:
         _check_expected(dict(zip(ids, current)), expected)
@@ -336,11 +336,13 @@ def sample_triage(
         class of the task) and ``tags``
 
     Raises:
-        DinopropError: if the sample is not in ``samples``
+        DinopropError: if the sample is not in ``samples``, or a field
+            holds another label type than Classification
     """
     from dinoprop.label_schema import known_classes
 
     output_field = output_field or label_field + "_propagated"
+    _require_classifications(samples, label_field, output_field)
     view = samples.select(sample_id)
     if view.count() == 0:
         raise DinopropError("Sample %s is not in this dataset or view" % sample_id)
@@ -370,6 +372,17 @@ def sample_triage(
         "classes": known_classes(samples._root_dataset, label_field),
         "tags": list(sample.tags),
     }
+
+
+def _require_classifications(samples, *fields):
+    """Raises unless each existing field holds Classification labels."""
+    import fiftyone.core.labels as fol
+
+    from dinoprop.core import require_label_field
+
+    for field in fields:
+        if samples.get_field(field) is not None:
+            require_label_field(samples, field, (fol.Classification,))
 
 
 def _ranked(propagated):
