@@ -157,6 +157,17 @@ class DinopropOperator(foo.Operator):
         return summary_output(self.RESULT_TITLE, self.RESULT_ROWS)
 
 
+class Summary:
+    """Wraps a summary dict that an SDK call returned (e.g. an undo's), so
+    the operator's result panel can show it like any results object."""
+
+    def __init__(self, summary):
+        self._summary = summary
+
+    def summary(self):
+        return self._summary
+
+
 # ----------------------------------------------------------------- the form
 
 

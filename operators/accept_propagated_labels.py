@@ -51,7 +51,7 @@ class AcceptPropagatedLabels(_common.DinopropOperator):
 
         if _is_undo(params):
             batch = params.get("batch") or _ALL_BATCHES
-            return _Undo(
+            return _common.Summary(
                 review.undo_accept(
                     view,
                     params["label_field"],
@@ -85,14 +85,6 @@ class AcceptPropagatedLabels(_common.DinopropOperator):
 
 def _is_undo(params):
     return params.get("action", "accept") == "undo"
-
-
-class _Undo:
-    def __init__(self, summary):
-        self._summary = summary
-
-    def summary(self):
-        return self._summary
 
 
 def _accept_form(ctx, inputs, view, fields):

@@ -47,7 +47,7 @@ class LabelSelectedSamples(_common.DinopropOperator):
 
         if _is_undo(params):
             batch = params.get("batch") or _ALL
-            return _Summary(
+            return _common.Summary(
                 review.undo_labeling(view, batch=None if batch == _ALL else batch)
             )
         return review.label_samples(view, params["label_field"], params["label"].strip())
@@ -66,14 +66,6 @@ class LabelSelectedSamples(_common.DinopropOperator):
                 ],
             )
         return super().resolve_output(ctx)
-
-
-class _Summary:
-    def __init__(self, summary):
-        self._summary = summary
-
-    def summary(self):
-        return self._summary
 
 
 def _is_undo(params):

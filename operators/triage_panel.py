@@ -282,22 +282,30 @@ def _open_next(ctx, current):
 
 def _repropagate_if_due(ctx):
     from dinoprop import review
+    from dinoprop.review.loop import DEFAULT_EVERY
 
-    _repropagate(
+    every = int(ctx.panel.state.every or DEFAULT_EVERY)
+    _report_change(
         ctx,
-        lambda: review.repropagate_if_due(
-            ctx.dataset, ctx.panel.state.label_field, int(ctx.panel.state.every or 10)
-        ),
+        lambda: review.repropagate_if_due(ctx.dataset, ctx.panel.state.label_field, every),
     )
 
 
-def _repropagate(ctx, call=None):
-    """Re-propagates (or runs ``call``) and reports what changed."""
+def _repropagate(ctx):
     from dinoprop import review
+
+    _report_change(
+        ctx, lambda: review.repropagate(ctx.dataset, ctx.panel.state.label_field)
+    )
+
+
+def _report_change(ctx, call):
+    """Runs a re-propagation ``call`` and reports what changed (nothing when
+    no re-run was due)."""
     from dinoprop.core import DinopropError
 
     try:
-        change = (call or (lambda: review.repropagate(ctx.dataset, ctx.panel.state.label_field)))()
+        change = call()
     except DinopropError as error:
         ctx.ops.notify(str(error), variant="warning")
         return

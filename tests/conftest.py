@@ -104,6 +104,29 @@ def image_items(session_dir):
     return _write_images(session_dir / "images", per_class=8)
 
 
+def seeded_dataset(items, seeds_per_class=2):
+    """A fresh non-persistent dataset of ``(filepath, label)`` items.
+
+    ``ground_truth`` holds every label; ``label`` holds the first
+    ``seeds_per_class`` of each class.
+    """
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    samples = []
+    seen = {}
+    for path, label in items:
+        sample = fo.Sample(
+            filepath=str(path), ground_truth=fo.Classification(label=label)
+        )
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= seeds_per_class:
+            sample["label"] = fo.Classification(label=label)
+        samples.append(sample)
+    dataset.add_samples(samples)
+    return dataset
+
+
 @pytest.fixture
 def image_dataset(image_items):
     """A fresh non-persistent dataset of the generated images.
@@ -113,18 +136,7 @@ def image_dataset(image_items):
     """
     import fiftyone as fo
 
-    dataset = fo.Dataset()
-    samples = []
-    seen = {}
-    for path, label in image_items:
-        sample = fo.Sample(
-            filepath=path, ground_truth=fo.Classification(label=label)
-        )
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] <= 2:
-            sample["label"] = fo.Classification(label=label)
-        samples.append(sample)
-    dataset.add_samples(samples)
+    dataset = seeded_dataset(image_items)
     yield dataset
     if fo.dataset_exists(dataset.name):
         dataset.delete()

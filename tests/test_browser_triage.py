@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 import browser_support as bs
-from conftest import random_embeddings
+from conftest import random_embeddings, seeded_dataset
 
 CLOTHING = (
     Path(__file__).resolve().parents[1]
@@ -43,19 +43,12 @@ def clothing_dataset():
     """4 classes x 8 demo photos; 2 seeds per class in ``label``."""
     import fiftyone as fo
 
-    dataset = fo.Dataset()
-    samples = []
+    items = []
     for name in CLASSES:
         paths = sorted((CLOTHING / name).glob("*.jpg"))[:PER_CLASS]
         assert len(paths) == PER_CLASS, "demo images missing for %s" % name
-        for i, path in enumerate(paths):
-            sample = fo.Sample(
-                filepath=str(path), ground_truth=fo.Classification(label=name)
-            )
-            if i < SEEDS_PER_CLASS:
-                sample["label"] = fo.Classification(label=name)
-            samples.append(sample)
-    dataset.add_samples(samples)
+        items += [(path, name) for path in paths]
+    dataset = seeded_dataset(items, SEEDS_PER_CLASS)
     yield dataset
     if fo.dataset_exists(dataset.name):
         dataset.delete()

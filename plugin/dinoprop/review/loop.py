@@ -86,18 +86,16 @@ def loop_status(
     from dinoprop.review.triage import _require_classifications
 
     run_key = newest_run_key(samples, label_field)
-    summary = _summary(samples, run_key)
-    label_field, output_field = task_fields(samples, label_field)
+    results = _results(samples, run_key)
+    summary = results.summary() if results is not None else {}
+    label_field, output_field = _task_fields(samples, run_key, label_field)
     _require_classifications(samples, label_field, output_field)
     ids, states, labels, confidences = sample_states(samples, label_field, output_field)
     counts = Counter(states)
-    propagated = np.array(
-        [c for s, c in zip(states, confidences) if s == PROPAGATED and c is not None],
-        np.float64,
-    )
+    propagated = _propagated_confidences(states, confidences)
     if threshold is None:
-        threshold = (summary or {}).get("recommended_threshold")
-    accepted = propagated[propagated >= threshold] if threshold is not None else propagated[:0]
+        threshold = summary.get("recommended_threshold")
+    preview = _preview(propagated, threshold)
     seeds = [lab for s, lab in zip(states, labels) if s in SEED_STATES]
     status = LoopStatus(
         label_field=label_field,
@@ -105,24 +103,23 @@ def loop_status(
         run_key=run_key,
         counts={
             **{s: counts.get(s, 0) for s in (HUMAN, CONFIRMED, ACCEPTED, PROPAGATED, UNLABELED)},
-            "above_threshold": int(len(accepted)),
-            "in_review": int(len(propagated) - len(accepted)),
+            "above_threshold": preview["num_accepted"],
+            "in_review": int(len(propagated)) - preview["num_accepted"],
             "total": len(ids),
         },
         seeds_per_class=dict(sorted(Counter(seeds).items())),
-        new_seeds=_new_seeds(ids, states, _seed_ids(samples, run_key), run_key),
+        new_seeds=_unused(
+            [sid for sid, s in zip(ids, states) if s in SEED_STATES], results
+        ),
         threshold=threshold,
-        preview={
-            "num_accepted": int(len(accepted)),
-            "estimated_precision": float(accepted.mean()) if len(accepted) else None,
-        },
+        preview=preview,
         curve=precision_curve(propagated),
     )
     for key in (
         "estimated_accuracy", "recommended_threshold", "coverage_at_threshold", "note",
     ):
-        status[key] = (summary or {}).get(key)
-    status["num_seeds_in_run"] = (summary or {}).get("num_seeds")
+        status[key] = summary.get(key)
+    status["num_seeds_in_run"] = summary.get("num_seeds")
     return status
 
 
@@ -142,13 +139,24 @@ def threshold_preview(samples: Any, output_field: str, label_field: str, thresho
         when none)
     """
     _, states, _, confidences = sample_states(samples, label_field, output_field)
-    accepted = [
-        c for s, c in zip(states, confidences)
-        if s == PROPAGATED and c is not None and c >= threshold
-    ]
+    return _preview(_propagated_confidences(states, confidences), threshold)
+
+
+def _propagated_confidences(states, confidences):
+    """The confidences of the samples whose only label is a propagated one."""
+    return np.array(
+        [c for s, c in zip(states, confidences) if s == PROPAGATED and c is not None],
+        np.float64,
+    )
+
+
+def _preview(propagated, threshold):
+    """What accepting those confidences at ``threshold`` gives (none when
+    there is no threshold)."""
+    accepted = propagated[propagated >= threshold] if threshold is not None else propagated[:0]
     return {
-        "num_accepted": len(accepted),
-        "estimated_precision": float(np.mean(accepted)) if accepted else None,
+        "num_accepted": int(len(accepted)),
+        "estimated_precision": float(accepted.mean()) if len(accepted) else None,
     }
 
 
@@ -215,7 +223,7 @@ def repropagate(
             % dataset.name
         )
     config = dataset.get_run_info(run_key).config
-    before = _summary(dataset, run_key)
+    before = _results(dataset, run_key).summary()
     start = time.perf_counter()
     results = propagate_labels(
         dataset.load_run_view(run_key),
@@ -264,7 +272,7 @@ def repropagate_if_due(
     run_key = newest_run_key(samples, label_field)
     if run_key is None:
         return None
-    label_field, _ = task_fields(samples, label_field)
+    label_field, _ = _task_fields(samples, run_key, label_field)
     if new_seed_count(samples, label_field, run_key) < every:
         return None
     return repropagate(samples, run_key=run_key)
@@ -283,7 +291,11 @@ def task_fields(samples: Any, label_field: Optional[str] = None) -> tuple[str, s
         else ``"label"`` if it exists, else the first Classification field
         holding labels (else ``"label"``), and ``"<label_field>_propagated"``
     """
-    run_key = newest_run_key(samples, label_field)
+    return _task_fields(samples, newest_run_key(samples, label_field), label_field)
+
+
+def _task_fields(samples, run_key, label_field):
+    """:func:`task_fields`, the newest run being known."""
     if run_key is not None:
         config = samples._root_dataset.get_run_info(run_key).config
         return config.label_field, config.output_field
@@ -335,28 +347,19 @@ def new_seed_count(samples: Any, label_field: str, run_key: Optional[str] = None
     if samples.get_field(label_field) is None:
         return 0
     seeds = samples.match(seed_expression(label_field)).values("_id", _raw=True)
-    used = set(_seed_ids(samples, run_key))
-    return sum(1 for sid in seeds if str(sid) not in used)
+    return _unused(seeds, _results(samples, run_key))
 
 
-def _new_seeds(ids, states, used, run_key):
-    """Seeds among ``ids`` that the run did not use (all seeds before a run)."""
-    used = set(used)
-    return sum(
-        1 for sid, s in zip(ids, states)
-        if s in SEED_STATES and (run_key is None or sid not in used)
-    )
+def _unused(seed_ids, results):
+    """How many of ``seed_ids`` the run did not use (all of them before a run)."""
+    used = set(results.seed_ids) if results is not None else set()
+    return sum(1 for sid in seed_ids if str(sid) not in used)
 
 
 def _results(samples, run_key):
-    """The run's results as stored now: another process (the App server,
-    a colleague's notebook) may have re-run it, so nothing cached is used."""
+    """The run's results as stored now (None without a run): another
+    process (the App server, a colleague's notebook) may have re-run it,
+    so nothing cached is used."""
+    if run_key is None:
+        return None
     return samples._root_dataset.load_run_results(run_key, cache=False)
-
-
-def _summary(samples, run_key):
-    return None if run_key is None else _results(samples, run_key).summary()
-
-
-def _seed_ids(samples, run_key):
-    return [] if run_key is None else _results(samples, run_key).seed_ids

@@ -197,8 +197,9 @@ def confirm_label(
     """Records that a human agrees with the machine's label of one sample.
 
     The class confirmed is the sample's accepted label if it has one, else
-    its propagated label (:func:`sample_triage`'s ``suggestion``). The seed field then holds it as a confirmed label,
-    a seed (see :mod:`dinoprop.label_states`).
+    its propagated label (:func:`sample_triage`'s ``suggestion``). The
+    seed field then holds it as a confirmed label, a seed (see
+    :mod:`dinoprop.label_states`).
 
     Args:
         samples: a FiftyOne dataset or view holding the sample
@@ -265,9 +266,8 @@ def undo_labeling(samples: Any, batch: Optional[str] = None) -> dict:
 
     dataset = samples._root_dataset
     store = _store(dataset)
-    batches = labeling_batches(dataset)
-    if batch is None and batches:
-        batch = batches[0]["batch"]
+    if batch is None:
+        batch = next((b["batch"] for b in labeling_batches(dataset)), None)
     header = store.get(batch) if batch else None
     if header is None:
         raise DinopropError("No labeling batch %r to undo on dataset '%s'" % (batch, dataset.name))
@@ -426,16 +426,11 @@ def _not_written(dataset, label_field, written):
     """``{sample_id: class now}`` of samples that did not get their label."""
     if not written:
         return {}
-    now = dict(
-        zip(*dataset.select(list(written)).values(["id", label_field + "._id"]))
-    )
-    classes = dict(
-        zip(*dataset.select(list(written)).values(["id", label_field + ".label"]))
-    )
+    rows = zip(*dataset.select(list(written)).values(
+        ["id", label_field + "._id", label_field + ".label"]
+    ))
     return {
-        sid: classes.get(sid)
-        for sid, (new_id, _) in written.items()
-        if str(now.get(sid)) != new_id
+        sid: label for sid, label_id, label in rows if str(label_id) != written[sid][0]
     }
 
 
