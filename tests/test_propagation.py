@@ -607,6 +607,7 @@ def test_the_note_names_what_limits_the_confidence():
     outcome = pm.Propagation(
         probs=np.full((4, 2), 0.5), method="knn",
         oof_probs=np.full((40, 2), 0.5), oof_labels=np.zeros(40, int),
+        shrink=pm.laplace_shrink(40),
     )
     capped = np.array([1 - 0.5 / 42, 0.6])  # at the cap of 40 checked seeds
     assert "40 cross-validated seeds" in _threshold_note(outcome, capped, 0.0, 0.999, None)

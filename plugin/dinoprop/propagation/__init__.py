@@ -35,6 +35,7 @@ from dinoprop.propagation.runs import (
     PropagationResults,
     PropagationRun,
     PropagationRunConfig,
+    newest_run_key,
     propagation_run_key,
     propagation_runs,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "PropagationRunConfig",
     "check_output_field",
     "count_seeds",
+    "newest_run_key",
     "propagate_labels",
     "propagation_run_key",
     "propagation_runs",

@@ -48,6 +48,7 @@ def propagate_labels(
     store_scores: bool = False,
     run_key: Optional[str] = None,
     target_precision: float = DEFAULT_TARGET_PRECISION,
+    target_accuracy: float = pm.DEFAULT_TARGET_ACCURACY,
     overwrite: bool = False,
     progress: Union[None, bool, Callable] = None,
 ) -> PropagationResults:
@@ -87,6 +88,16 @@ def propagate_labels(
     or too hard a problem), every target is marked for review and the
     summary's ``note`` (also logged as a warning) says why.
 
+    The summary's ``stop_plan`` says what finishing the dataset now would
+    take: accept the most confident labels, as many as keep the whole
+    dataset (seeds, accepted and hand-labeled samples) at
+    ``target_accuracy`` by their calibrated confidences, and label the
+    rest by hand; its ``cost`` is the human labels that makes in all.
+    Runs under the same ``run_key`` keep the history of that cost, from
+    which ``stop_plan`` forecasts what the next batch of suggested labels
+    would save and recommends when to stop labeling seeds
+    (:func:`dinoprop.propagation_methods.stopping_forecast`).
+
     Args:
         samples: a FiftyOne dataset or view
         label_field: the Classification (or Detections) field of the seeds
@@ -112,6 +123,8 @@ def propagate_labels(
             the ``logits`` of each propagated label
         run_key: the run key; defaults to ``"dinoprop_<output_field>"``
         target_precision: the precision the recommended threshold aims for
+        target_accuracy: the accuracy the whole labeled dataset must reach
+            when the team stops (the ``stop_plan``)
         overwrite: whether ``output_field`` may replace an existing label
             field that no propagation run wrote
         progress: None (FiftyOne's default), a bool, or a progress callback
@@ -136,6 +149,7 @@ def propagate_labels(
         samples, label_field, embeddings, output_field, method, k,
         confidence_threshold, target_precision, run_key, overwrite,
     )
+    _check_fraction(target_accuracy, "target_accuracy")
     objects = label_type is fol.Detections
     with progress_bar(4, progress, iters_str="steps") as bar:
         if objects:
@@ -169,6 +183,9 @@ def propagate_labels(
         )
         if note:
             logger.warning(note)
+        stop = _stop_plan(
+            samples, run_key, confidence, len(data["seed_idx"]), target_accuracy,
+        ) if calibrated else None
         needs_review = confidence < review_threshold
         writer = _write_objects if objects else _write_samples
         num_review_samples, num_flipped = writer(
@@ -198,6 +215,7 @@ def propagate_labels(
             "label_field": label_field,
             "output_field": output_field,
             "note": note,
+            "stop_plan": stop,
         }
         results = _save_run(
             samples, run_key, info, classes, data, seed_labels, outcome,
@@ -209,6 +227,7 @@ def propagate_labels(
             seed_tag=seed_tag,
             confidence_threshold=confidence_threshold,
             target_precision=target_precision,
+            target_accuracy=target_accuracy,
             label_type="detections" if objects else "classification",
             start=start,
         )
@@ -229,7 +248,7 @@ def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
         return None
     checked = len(outcome.oof_labels)
     top = float(confidence.max(initial=0.0))
-    cap = 1.0 - (1.0 - 1.0 / outcome.probs.shape[1]) * pm.laplace_shrink(checked)
+    cap = 1.0 - (1.0 - 1.0 / outcome.probs.shape[1]) * outcome.shrink
     limit = (
         "the most %d cross-validated seeds can vouch for" % checked
         if top >= cap - 1e-4
@@ -244,6 +263,29 @@ def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
             "" if chosen is not None else "Every target is marked for review. ",
         )
     )
+
+
+def _stop_plan(samples, run_key, confidence, num_seeds, target_accuracy):
+    """The stop plan of this run, with the loop's history and forecast."""
+    plan = pm.stop_plan(confidence, num_seeds, target_accuracy).to_dict()
+    history = _previous_stop_history(samples, run_key) + [[plan["num_human"], plan["cost"]]]
+    forecast = pm.stopping_forecast(history)
+    plan.update(forecast, history=history)
+    plan["advice"] = pm.stop_advice(plan, forecast)
+    return plan
+
+
+def _previous_stop_history(samples, run_key):
+    """The ``[num_human, cost]`` history of the run this one replaces."""
+    dataset = samples._root_dataset
+    if run_key not in dataset.list_runs():
+        return []
+    try:
+        previous = dataset.load_run_results(run_key, cache=False)
+    except Exception:  # an older or broken record: the history restarts
+        return []
+    plan = (getattr(previous, "info", None) or {}).get("stop_plan") or {}
+    return [list(p) for p in plan.get("history", [])]
 
 
 def check_output_field(
@@ -284,6 +326,12 @@ def check_output_field(
         )
 
 
+def _check_fraction(value, name):
+    """Raises unless ``value`` is a number in (0, 1]."""
+    if not isinstance(value, (int, float, np.floating)) or not 0 < value <= 1:
+        raise DinopropError("%s must be in (0, 1]; got %r" % (name, value))
+
+
 def _check_arguments(
     samples, label_field, embeddings, output_field, method, k,
     confidence_threshold, target_precision, run_key, overwrite,
@@ -303,10 +351,7 @@ def _check_arguments(
         raise DinopropError(
             "confidence_threshold must be in [0, 1]; got %r" % confidence_threshold
         )
-    if not 0 < target_precision <= 1:
-        raise DinopropError(
-            "target_precision must be in (0, 1]; got %r" % target_precision
-        )
+    _check_fraction(target_precision, "target_precision")
     if not run_key.isidentifier():
         raise DinopropError(
             "run_key must be a valid Python identifier; got %r" % run_key

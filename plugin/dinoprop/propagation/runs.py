@@ -27,7 +27,7 @@ class PropagationRunConfig(fors.RunConfig):
     ``dataset.get_run_info(run_key).config`` holds ``label_field``,
     ``output_field``, ``embeddings``, ``requested_method``, ``k``,
     ``seed_tag``, ``confidence_threshold``, ``target_precision``,
-    ``label_type`` and ``method`` (the method used).
+    ``target_accuracy``, ``label_type`` and ``method`` (the method used).
     """
 
 
@@ -85,8 +85,17 @@ class PropagationResults(fors.RunResults):
         ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
         which the confidences are averaged over), ``seconds``,
-        ``run_key``, ``output_field``, ``label_field`` and ``note`` (why
-        nothing can be accepted, or None). Estimates are None when the
+        ``run_key``, ``output_field``, ``label_field``, ``note`` (why
+        nothing can be accepted, or None) and ``stop_plan``: what finishing
+        the dataset now would take, as
+        :func:`dinoprop.propagation_methods.stop_plan` computes it
+        (``target_accuracy``, ``threshold``, ``num_accepted``,
+        ``num_to_label``, ``num_human``, ``cost``, ``estimated_errors``,
+        ``estimated_accuracy``), with the loop's ``history`` of
+        ``[num_human, cost]`` pairs, the forecast of
+        :func:`dinoprop.propagation_methods.stopping_forecast`
+        (``next_batch``, ``next_batch_saving``, ``recommend_stop``) and an
+        ``advice`` sentence. Estimates are None when the
         seeds are too few to cross-validate (fewer than 2 per class).
         """
         return dict(self.info, run_key=self.key or self.info.get("run_key"))
@@ -230,6 +239,23 @@ def propagation_runs(dataset: Any, output_field: Optional[str] = None) -> list:
         ):
             keys.append(key)
     return keys
+
+
+def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
+    """The newest propagation run (of ``label_field``, if given), or None.
+
+    The dataset's record is reloaded first, so runs another process made or
+    replaced are seen.
+    """
+    dataset = samples._root_dataset
+    dataset.reload()
+    runs = []
+    for key in propagation_runs(dataset):
+        info = dataset.get_run_info(key)
+        if label_field is None or getattr(info.config, "label_field", None) == label_field:
+            if getattr(info.config, "label_type", "classification") == "classification":
+                runs.append((info.timestamp, key))
+    return max(runs)[1] if runs else None
 
 
 def _newest_run(dataset):

@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dinoprop import propagation_methods as pm
 from dinoprop.core import DinopropError
+from dinoprop.propagation.runs import newest_run_key
 from dinoprop.label_states import (
     ACCEPTED,
     CONFIRMED,
@@ -50,6 +52,11 @@ class LoopStatus(dict):
     - ``estimated_accuracy``, ``recommended_threshold``,
       ``coverage_at_threshold``, ``num_seeds_in_run``, ``note``: the run's
       cross-validated estimates (None before any run)
+    - ``stop_plan``: the run's plan for finishing the dataset now and its
+      forecast of whether another batch of labels pays, with an
+      ``advice`` sentence (see :meth:`PropagationResults.summary
+      <dinoprop.propagation.PropagationResults.summary>`; None before a
+      calibrated run)
     - ``new_seeds``: seeds the newest run did not use yet
     - ``threshold``: the threshold of the preview (the one asked for, else
       the run's recommended one)
@@ -117,6 +124,7 @@ def loop_status(
     )
     for key in (
         "estimated_accuracy", "recommended_threshold", "coverage_at_threshold", "note",
+        "stop_plan",
     ):
         status[key] = summary.get(key)
     status["num_seeds_in_run"] = summary.get("num_seeds")
@@ -208,7 +216,9 @@ def repropagate(
         a dict with ``run_key``, ``seconds``, ``num_flipped`` (labels whose
         class changed), ``before`` and ``after`` (each with
         ``num_seeds``, ``estimated_accuracy``, ``coverage_at_threshold``
-        and ``recommended_threshold``)
+        and ``recommended_threshold``), and ``stop_advice`` (the new run's
+        stop plan in one sentence: stop now, or label more; None when the
+        seeds are too few to calibrate)
 
     Raises:
         DinopropError: if there is no propagation run to repeat
@@ -235,6 +245,8 @@ def repropagate(
         seed_tag=config.seed_tag,
         confidence_threshold=config.confidence_threshold,
         target_precision=config.target_precision,
+        target_accuracy=getattr(config, "target_accuracy", None)
+        or pm.DEFAULT_TARGET_ACCURACY,
         run_key=run_key,
         progress=False,
     )
@@ -246,6 +258,7 @@ def repropagate(
         "num_flipped": after.get("num_flipped"),
         "before": {k: before.get(k) for k in keys},
         "after": {k: after.get(k) for k in keys},
+        "stop_advice": (after.get("stop_plan") or {}).get("advice"),
     }
 
 
@@ -309,25 +322,6 @@ def _task_fields(samples, run_key, label_field):
         ]
         label_field = "label" if "label" in fields or not labeled else labeled[0]
     return label_field, label_field + "_propagated"
-
-
-def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
-    """The newest propagation run (of ``label_field``, if given), or None.
-
-    The dataset's record is reloaded first, so runs another process made or
-    replaced are seen.
-    """
-    from dinoprop.propagation import propagation_runs
-
-    dataset = samples._root_dataset
-    dataset.reload()
-    runs = []
-    for key in propagation_runs(dataset):
-        info = dataset.get_run_info(key)
-        if label_field is None or getattr(info.config, "label_field", None) == label_field:
-            if getattr(info.config, "label_type", "classification") == "classification":
-                runs.append((info.timestamp, key))
-    return max(runs)[1] if runs else None
 
 
 def new_seed_count(samples: Any, label_field: str, run_key: Optional[str] = None) -> int:
