@@ -6,7 +6,10 @@ accuracy, the estimated precision against coverage of the newest run with
 its recommended threshold, and a threshold slider previewing what accepting
 at that threshold gives; its buttons propagate now, accept at the
 threshold, open the review queue, start triage in the modal, and suggest
-the next samples to annotate. Before any run it says what to do first and
+the next samples to annotate. Its "when to stop" line is the run's stop
+plan: what finishing the dataset now would cost in human labels, and
+whether the next batch of suggested labels is forecast to pay; a button
+moves the slider to the plan's threshold. Before any run it says what to do first and
 offers the operators that start it. The numbers come from one SDK call,
 :func:`dinoprop.review.loop_status`.
 """
@@ -53,6 +56,12 @@ class LoopPanel(foo.Panel):
         if isinstance(value, (int, float)):
             ctx.panel.state.threshold = float(value)
             _refresh(ctx)
+
+    def on_stop_threshold(self, ctx):
+        plan = (ctx.panel.state.status or {}).get("stop_plan") or {}
+        if plan.get("num_accepted"):
+            ctx.panel.state.threshold = float(plan["threshold"])
+        _refresh(ctx)
 
     def on_suggest_count(self, ctx):
         value = ctx.params.get("value")
@@ -164,6 +173,8 @@ class LoopPanel(foo.Panel):
         buttons = panel.h_stack("actions", gap=1)
         buttons.btn("propagate", label="Propagate now", variant="contained", on_click=self.on_propagate)
         buttons.btn("accept", label="Accept at this threshold", on_click=self.on_accept)
+        if status.get("stop_plan"):
+            buttons.btn("stop_threshold", label="Use the stop plan's threshold", on_click=self.on_stop_threshold)
         buttons.btn("queue", label="Open the review queue", on_click=self.on_open_queue)
         buttons.btn("triage", label="Triage in the modal", on_click=self.on_start_triage)
         suggest = panel.h_stack("suggest_row", gap=1)
@@ -264,6 +275,10 @@ def _headline(status):
     ]
     if status.get("note"):
         lines += ["", "_%s_" % status["note"]]
+    plan = status.get("stop_plan")
+    if plan:
+        lines += ["", "**When to stop** (whole dataset at %.0f%%): %s"
+                  % (100 * plan["target_accuracy"], plan["advice"])]
     return "\n".join(lines)
 
 

@@ -320,7 +320,7 @@ def _changes_text(change, short=False):
     flips = "%d labels flipped" % (change["num_flipped"] or 0)
     if short:
         return flips
-    return (
+    text = (
         "**Re-propagated** in %.1f s with %s seeds (was %s): %s; auto-accept "
         "coverage %s → %s; estimated accuracy %s → %s"
         % (
@@ -329,6 +329,9 @@ def _changes_text(change, short=False):
             _fmt(before["estimated_accuracy"]), _fmt(after["estimated_accuracy"]),
         )
     )
+    if change.get("stop_advice"):
+        text += "\n\n**When to stop:** " + change["stop_advice"]
+    return text
 
 
 def _fmt(value):

@@ -83,6 +83,22 @@ def test_loop_panel_shows_the_loop_and_accepts_at_the_slider(embedded_dataset):
     assert state["status"]["counts"]["accepted"] == 18
 
 
+def test_loop_panel_says_when_to_stop_and_moves_the_slider_to_the_plan(embedded_dataset):
+    ds = embedded_dataset
+    plan = dinoprop.propagate_labels(ds, "label", progress=False).summary()["stop_plan"]
+    state, triggered = panel_event("dinoprop_loop", ds, "on_load")
+    text = names_in(triggered)
+    assert "When to stop" in text and plan["advice"][:40] in text
+    assert state["status"]["stop_plan"]["cost"] == plan["cost"]
+
+    state, _ = panel_event("dinoprop_loop", ds, "on_threshold", state, params={"value": 1.0})
+    assert state["status"]["preview"]["num_accepted"] == 0
+    state, _ = panel_event("dinoprop_loop", ds, "on_stop_threshold", state)
+    assert plan["num_accepted"] > 0
+    assert state["status"]["threshold"] == plan["threshold"]
+    assert state["status"]["preview"]["num_accepted"] == plan["num_accepted"]
+
+
 def test_triage_panel_labels_and_moves_to_the_next_sample(embedded_dataset):
     ds = embedded_dataset
     dinoprop.propagate_labels(ds, "label", progress=False)
@@ -138,7 +154,11 @@ def test_triage_panel_repropagates_after_k_labels(embedded_dataset):
             params={"label": ds[sample_id].ground_truth.label},
         )
     assert "Re-propagated" in state["changes"]
-    assert ds.load_run_results("dinoprop_label_propagated").summary()["num_seeds"] == 8
+    summary = ds.load_run_results("dinoprop_label_propagated").summary()
+    assert summary["num_seeds"] == 8
+    # it says when to stop, from the new run's plan and the loop's history
+    assert "When to stop:** " + summary["stop_plan"]["advice"] in state["changes"]
+    assert [h[0] for h in summary["stop_plan"]["history"]] == [6, 8]
 
 
 def test_triage_panel_without_a_sample_or_run_never_fails(embedded_dataset):

@@ -95,8 +95,16 @@ def suggest_seeds(
             [i for i, sid in enumerate(sample_ids) if sid in labels], np.int64
         )
         seed_names = [labels[sample_ids[i]] for i in seed_idx]
+        stored = (
+            _stored_probabilities(samples, label_field, sample_ids, seed_idx)
+            if label_field is not None and len(set(seed_names)) >= 2
+            else None
+        )
+        if stored is not None and stored.shape[1] != len(set(seed_names)):
+            stored = None  # the seeds' classes changed since the run
         chosen = suggest(
-            pm.center_and_normalize(vectors), graph, seed_idx, seed_names, count
+            pm.center_and_normalize(vectors), graph, seed_idx, seed_names, count,
+            probs=stored,
         )
         bar.update()
         suggested = [str(sample_ids[i]) for i in chosen]
@@ -115,6 +123,7 @@ def suggest(
     seed_idx: np.ndarray,
     seed_labels: list,
     count: int,
+    probs: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Array-level :func:`suggest_seeds`: node indices to annotate next.
 
@@ -124,6 +133,10 @@ def suggest(
         seed_idx: the nodes labeled so far
         seed_labels: their labels (any hashable values)
         count: how many nodes to suggest
+        probs: the calibrated ``N x C`` class probabilities of a
+            propagation of exactly these seeds (columns in sorted class
+            order), if one was just run; otherwise the seeds are
+            propagated here
 
     Returns:
         up to ``count`` node indices, not seeds, most useful first
@@ -134,7 +147,7 @@ def suggest(
         return np.empty(0, np.int64)
     if len(set(seed_labels)) < 2:
         return k_center_greedy(x, seed_idx, count)
-    return uncertain_dense(x, graph, seed_idx, seed_labels, count)
+    return uncertain_dense(x, graph, seed_idx, seed_labels, count, probs)
 
 
 def k_center_greedy(x: np.ndarray, centers: np.ndarray, count: int) -> np.ndarray:
@@ -172,35 +185,46 @@ def uncertain_dense(
     seed_idx: np.ndarray,
     seed_labels: list,
     count: int,
+    probs: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Uncertain nodes in dense regions, kept apart from each other.
 
     A node's score is its uncertainty under the current propagation
     (``1 - margin`` between its two most likely classes) times its local
     density (mean similarity to its graph neighbours): labeling it both
-    resolves a confusion and settles its many neighbours. The best-scoring
-    nodes form a pool; k-center greedy selection over the pool (weighted by
+    resolves a confusion and settles its many neighbours. Nodes the stop
+    plan would accept now (:func:`dinoprop.propagation_methods.stop_plan`)
+    are left out: a label there costs a human label that stopping would
+    not, while one below the threshold would be labeled by hand anyway.
+    The best-scoring nodes form a pool; k-center greedy selection over the pool (weighted by
     score, the seeds counting as covered) then spreads the batch so it
     does not ask about the same confusion twice. While no class has two
     seeds, the propagation cannot be checked, so the score is density alone
     (coverage of the densest regions).
 
+    ``probs`` are the current propagation's probabilities (as for
+    :func:`suggest`); by default the seeds are propagated with
+    ``graph_linear``.
+
     Returns:
         ``count`` node indices, best first
     """
     classes, labels = np.unique(np.asarray(seed_labels), return_inverse=True)
-    problem = pm.Problem(x, graph, len(classes))
-    probs = pm.propagate(problem, seed_idx, labels, method="graph_linear").probs
+    if probs is None:
+        problem = pm.Problem(x, graph, len(classes))
+        probs = pm.propagate(problem, seed_idx, labels, method="graph_linear").probs
     top2 = np.sort(probs, axis=1)[:, -2:]
     uncertainty = 1.0 - (top2[:, 1] - top2[:, 0])
     density = np.clip(graph.sims, 0.0, None).mean(axis=1)
     if not pm.can_cross_validate(labels):
         score, factor = density, COVERAGE_POOL_FACTOR
+        skip = seed_idx
     else:
         score, factor = uncertainty * density, POOL_FACTOR
+        skip = np.union1d(seed_idx, _accepted_if_stopped(probs, seed_idx, count))
     pool_size = min(factor * count, x.shape[0])
     order = np.argsort(-score, kind="stable")
-    pool = order[~np.isin(order, seed_idx)][:pool_size]
+    pool = order[~np.isin(order, skip)][:pool_size]
     # k-center greedy within the pool, the seeds counting as covered
     pool_x, pool_score = x[pool], score[pool]
     nearest = _distance_to_nearest(pool_x, x[seed_idx])
@@ -213,6 +237,72 @@ def uncertain_dense(
         taken[best] = True
         nearest = np.minimum(nearest, 1.0 - pool_x @ pool_x[best])
     return np.array(picks, np.int64)
+
+
+def _stored_probabilities(samples, label_field, sample_ids, seed_idx):
+    """The newest propagation's class probabilities, if it used these seeds.
+
+    A propagation run stores every target's most likely classes and their
+    calibrated probabilities (:data:`dinoprop.propagation.TOP_LABELS_ATTRIBUTE`);
+    when the newest run of ``label_field`` used exactly the current seeds
+    and labeled every other sample, those give the uncertainty that
+    :func:`uncertain_dense` needs without propagating again (the loop
+    propagates, then suggests). The probability mass beyond the stored
+    classes is spread over the others.
+
+    Returns:
+        an ``N x C`` array aligned with ``sample_ids`` (classes sorted),
+        or None when the newest run is missing or stale
+    """
+    from dinoprop.propagation import (
+        TOP_CONFIDENCES_ATTRIBUTE,
+        TOP_LABELS_ATTRIBUTE,
+        newest_run_key,
+    )
+
+    run_key = newest_run_key(samples, label_field)
+    if run_key is None:
+        return None
+    dataset = samples._root_dataset
+    results = dataset.load_run_results(run_key, cache=False)
+    seed_ids = set(np.asarray(sample_ids)[seed_idx].tolist())
+    if set(results.seed_ids) != seed_ids or len(seed_ids) != len(results.seed_ids):
+        return None
+    output = results.config.output_field
+    view = samples.select(list(sample_ids), ordered=True)
+    tops, confs = view.values(
+        [output + "." + TOP_LABELS_ATTRIBUTE, output + "." + TOP_CONFIDENCES_ATTRIBUTE]
+    )
+    classes = list(results.classes)
+    column = {c: j for j, c in enumerate(classes)}
+    probs = np.zeros((len(sample_ids), len(classes)), np.float32)
+    is_seed = np.zeros(len(sample_ids), bool)
+    is_seed[seed_idx] = True
+    for i, (names, values) in enumerate(zip(tops, confs)):
+        if is_seed[i]:
+            continue
+        if not names or any(n not in column for n in names):
+            return None  # a target the run did not label: stale
+        rest = max(1.0 - float(sum(values)), 0.0)
+        others = len(classes) - len(names)
+        if others:
+            probs[i] = rest / others
+        probs[i, [column[n] for n in names]] = values
+    return probs
+
+
+def _accepted_if_stopped(probs, seed_idx, count):
+    """The nodes the stop plan would accept, unless too few others are left.
+
+    Labeling a node the plan accepts costs a human label that stopping
+    would not; labeling one below its threshold costs nothing extra (it
+    would be labeled by hand anyway), so suggestions come from below.
+    """
+    targets = np.setdiff1d(np.arange(probs.shape[0]), seed_idx)
+    confidence = probs[targets].max(axis=1)
+    plan = pm.stop_plan(confidence, len(np.unique(seed_idx)))
+    accepted = targets[confidence >= plan.threshold] if plan.num_accepted else targets[:0]
+    return accepted if len(targets) - len(accepted) >= count else targets[:0]
 
 
 def _distance_to_nearest(

@@ -1,0 +1,185 @@
+"""When to stop labeling: the stop plan, its forecast, representative
+calibration, and suggestions from below the plan's threshold."""
+
+import numpy as np
+import pytest
+
+import dinoprop
+from dinoprop import propagation_methods as pm
+from dinoprop import seeds as sd
+from dinoprop.core import DinopropError
+from dinoprop.graph import knn_search
+
+
+# ------------------------------------------------------------ the plan
+
+
+def test_stop_plan_accepts_the_most_confident_within_the_error_budget():
+    confidence = np.array([0.99] * 80 + [0.9] * 10 + [0.5] * 10)
+    # 100 targets + 100 human labels: budget 5% of 200 = 10 errors
+    plan = pm.stop_plan(confidence, num_human=100, target_accuracy=0.95, margin_sigmas=0)
+    # 80 x 0.01 + 10 x 0.1 = 1.8 errors fit; the 0.5s would add 5 more: 6.8 fit too
+    assert plan.num_accepted == 100 and plan.threshold == 0.5
+    assert plan.cost == 100 and plan.num_to_label == 0
+    assert plan.estimated_errors == pytest.approx(6.8)
+    assert plan.estimated_accuracy == pytest.approx(1 - 6.8 / 200)
+
+    # with 20 human labels the budget is 6 errors: the 0.5s no longer fit
+    tight = pm.stop_plan(confidence, num_human=20, margin_sigmas=0)
+    assert tight.num_accepted == 90 and tight.threshold == 0.9
+    assert tight.num_to_label == 10 and tight.cost == 30
+
+
+def test_stop_plan_keeps_a_margin_and_never_splits_equal_confidences():
+    confidence = np.full(1000, 0.95)
+    # expected errors 50 = the budget exactly; with a margin, none fit, and
+    # a tie group is never cut in the middle
+    plan = pm.stop_plan(confidence, num_human=0)
+    assert plan.num_accepted == 0 and plan.threshold == 1.0 and plan.cost == 1000
+    loose = pm.stop_plan(confidence, num_human=0, margin_sigmas=0)
+    assert loose.num_accepted == 1000
+    empty = pm.stop_plan(np.array([]), num_human=5)
+    assert empty.num_accepted == 0 and empty.cost == 5
+
+
+def test_forecast_waits_for_a_trend_then_recommends_stopping_when_flat():
+    falling = [[20 + 40 * i, 2000 - 100 * i] for i in range(6)]
+    assert pm.stopping_forecast(falling[:5])["next_batch_saving"] is None
+    forecast = pm.stopping_forecast(falling)
+    assert forecast == {"next_batch": 40, "next_batch_saving": 100.0, "recommend_stop": False}
+
+    # noisy but flat: one low run does not hide that the cost stopped falling
+    flat = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1380, 1520, 1490, 1510, 1500])]
+    assert pm.stopping_forecast(flat)["recommend_stop"] is True
+
+    # a re-run with the same labels replaces that point; fewer labels restart
+    assert pm.stopping_forecast(falling + [[220, 1500]])["next_batch_saving"] == 100.0
+    assert pm.stopping_forecast(falling + [[20, 2000]])["next_batch_saving"] is None
+
+
+def test_advice_names_the_finish_and_the_forecast():
+    plan = pm.stop_plan(np.array([0.99] * 50 + [0.6] * 50), num_human=10).to_dict()
+    keep = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": 12.0, "recommend_stop": False})
+    assert keep.startswith("Keep labeling") and "save 12 labels" in keep
+    assert "accept the %d labels" % plan["num_accepted"] in keep
+    stop = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "recommend_stop": True})
+    assert stop.startswith("Stop labeling seeds")
+
+
+# ------------------------------------------------- representative seeds
+
+
+def test_nearest_seed_counts_split_the_graph_between_seeds():
+    # a chain 0-1-2-...-9: seeds at 0 and 9 share it half and half
+    num = 10
+    neighbors = np.array([[max(i - 1, 0), min(i + 1, num - 1)] for i in range(num)])
+    sims = np.full((num, 2), 0.9, np.float32)
+    graph = pm.Graph(neighbors, sims)
+    assert pm.nearest_seed_counts(graph, np.array([0, 9])).tolist() == [5, 5]
+    assert pm.nearest_seed_counts(graph, np.array([0, 3])).tolist() == [2, 8]
+
+
+def test_weighted_temperature_fit_equals_the_fit_on_the_weighted_seeds():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.3, 200)
+    labels = np.where(rng.random(200) < 0.6, probs.argmax(1), rng.integers(0, 4, 200))
+    weights = np.where(np.arange(200) < 100, 1.0, 0.0)
+    assert pm.fit_temperature(probs, labels, weights) == pytest.approx(
+        pm.fit_temperature(probs[:100], labels[:100]), rel=1e-3
+    )
+    assert pm.effective_count(weights) == pytest.approx(100)
+    # fewer effective seeds leave the temperature looser
+    assert pm.temperature_spread(probs, labels, weights) > pm.temperature_spread(probs, labels)
+
+
+def _crowded_seeds(seed=0):
+    """Two classes; one confused region where most seeds crowd (as
+    uncertainty sampling puts them) and a large easy region with few."""
+    rng = np.random.default_rng(seed)
+    easy = np.concatenate([rng.normal(-3, 0.7, (400, 2)), rng.normal(3, 0.7, (400, 2))])
+    easy_y = np.repeat([0, 1], 400)
+    hard = rng.normal(0, 0.7, (200, 2))
+    hard_y = rng.integers(0, 2, 200)
+    x = np.hstack([np.vstack([easy, hard]), np.zeros((1000, 1)) + 1]).astype(np.float32)
+    y = np.concatenate([easy_y, hard_y])
+    seeds = np.concatenate([rng.choice(400, 4, replace=False), 400 + rng.choice(400, 4, replace=False),
+                            800 + rng.choice(200, 60, replace=False)])
+    return x, y, seeds
+
+
+def test_crowded_seeds_stand_for_less_of_the_data():
+    x, y, seeds = _crowded_seeds()
+    neighbors, sims = knn_search(x, 10)
+    weights = pm.seed_weights(pm.Graph(neighbors, sims), seeds)
+    assert weights[:8].mean() > 3 * weights[8:].mean()
+
+
+# ------------------------------------------------------------ suggestions
+
+
+def test_suggestions_skip_what_the_stop_plan_would_accept():
+    x, y, seeds = _crowded_seeds(1)
+    xn = pm.center_and_normalize(x)
+    neighbors, sims = knn_search(x, 10)
+    graph = pm.Graph(neighbors, sims)
+    probs = pm.propagate(pm.Problem(xn, graph, 2), seeds, y[seeds], method="graph_linear").probs
+    accepted = set(sd._accepted_if_stopped(probs, seeds, 20).tolist())
+    assert len(accepted) > 100  # in the easy clusters
+    picks = sd.suggest(xn, graph, seeds, list(y[seeds]), 20)
+    assert len(picks) == 20 and not accepted & set(picks.tolist())
+
+
+# ------------------------------------------------------------ the SDK
+
+
+def test_summary_plans_the_stop_and_the_history_grows(embedded_dataset):
+    dataset = embedded_dataset
+    summary = dinoprop.propagate_labels(dataset, "label").summary()
+    plan = summary["stop_plan"]
+    assert plan["num_human"] == 6 and plan["num_accepted"] + plan["num_to_label"] == 18
+    assert plan["cost"] == 6 + plan["num_to_label"]
+    assert plan["history"] == [[6, plan["cost"]]]
+    assert plan["next_batch_saving"] is None and plan["recommend_stop"] is False
+    assert plan["advice"].startswith("Stopping now would")
+
+    # the plan's threshold accepts exactly the plan's labels
+    confidences = [c for c in dataset.values("label_propagated.confidence") if c is not None]
+    assert sum(c >= plan["threshold"] for c in confidences) == plan["num_accepted"]
+
+    # more human labels: the history carries over under the same run key
+    truth = dataset.values("ground_truth")
+    unlabeled = [s.id for s in dataset.select_fields("label") if s.label is None][:3]
+    dataset.select(unlabeled).set_values(
+        "label", [t for s, t in zip(dataset.values("id"), truth) if s in unlabeled]
+    )
+    again = dinoprop.propagate_labels(dataset, "label").summary()["stop_plan"]
+    assert [h[0] for h in again["history"]] == [6, 9]
+    reloaded = dataset.load_run_results(summary["run_key"], cache=False).summary()
+    assert reloaded["stop_plan"]["history"] == again["history"]
+
+
+def test_target_accuracy_is_checked(embedded_dataset):
+    with pytest.raises(DinopropError, match="target_accuracy"):
+        dinoprop.propagate_labels(embedded_dataset, "label", target_accuracy=1.5)
+    assert "label_propagated" not in embedded_dataset.get_field_schema()
+
+
+def test_suggestions_reuse_a_fresh_propagation_and_skip_its_accepted_labels(
+    embedded_dataset, monkeypatch
+):
+    dataset = embedded_dataset
+    plan = dinoprop.propagate_labels(dataset, "label").summary()["stop_plan"]
+    calls = []
+    real = pm.propagate
+    monkeypatch.setattr(sd.pm, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    picks = dinoprop.suggest_seeds(dataset, 4, "label")
+    assert calls == []  # the run had just propagated these seeds
+    ids, confs = dataset.values(["id", "label_propagated.confidence"])
+    accepted = {i for i, c in zip(ids, confs) if c is not None and c >= plan["threshold"]}
+    assert plan["num_accepted"] > 0 and len(picks) == 4 and not accepted & set(picks)
+
+    # a new label makes the run stale: the seeds are propagated anew
+    dataset.select(picks[:1]).set_values("label", dataset.select(picks[:1]).values("ground_truth"))
+    assert len(dinoprop.suggest_seeds(dataset, 4, "label")) == 4
+    assert calls == [1]
