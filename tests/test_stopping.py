@@ -1,5 +1,5 @@
 """When to stop labeling: the stop plan, its forecast, representative
-calibration, and suggestions from below the plan's threshold."""
+calibration, and suggestions that reuse a fresh propagation."""
 
 import numpy as np
 import pytest
@@ -114,21 +114,6 @@ def test_crowded_seeds_stand_for_less_of_the_data():
     assert weights[:8].mean() > 3 * weights[8:].mean()
 
 
-# ------------------------------------------------------------ suggestions
-
-
-def test_suggestions_skip_what_the_stop_plan_would_accept():
-    x, y, seeds = _crowded_seeds(1)
-    xn = pm.center_and_normalize(x)
-    neighbors, sims = knn_search(x, 10)
-    graph = pm.Graph(neighbors, sims)
-    probs = pm.propagate(pm.Problem(xn, graph, 2), seeds, y[seeds], method="graph_linear").probs
-    accepted = set(sd._accepted_if_stopped(probs, seeds, 20).tolist())
-    assert len(accepted) > 100  # in the easy clusters
-    picks = sd.suggest(xn, graph, seeds, list(y[seeds]), 20)
-    assert len(picks) == 20 and not accepted & set(picks.tolist())
-
-
 # ------------------------------------------------------------ the SDK
 
 
@@ -164,22 +149,23 @@ def test_target_accuracy_is_checked(embedded_dataset):
     assert "label_propagated" not in embedded_dataset.get_field_schema()
 
 
-def test_suggestions_reuse_a_fresh_propagation_and_skip_its_accepted_labels(
-    embedded_dataset, monkeypatch
-):
+def test_suggestions_reuse_a_fresh_propagation(embedded_dataset, monkeypatch):
     dataset = embedded_dataset
-    plan = dinoprop.propagate_labels(dataset, "label").summary()["stop_plan"]
+    dinoprop.propagate_labels(dataset, "label")
     calls = []
     real = pm.propagate
     monkeypatch.setattr(sd.pm, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     picks = dinoprop.suggest_seeds(dataset, 4, "label")
     assert calls == []  # the run had just propagated these seeds
-    ids, confs = dataset.values(["id", "label_propagated.confidence"])
-    accepted = {i for i, c in zip(ids, confs) if c is not None and c >= plan["threshold"]}
-    assert plan["num_accepted"] > 0 and len(picks) == 4 and not accepted & set(picks)
+    # the stored probabilities suggest what a fresh propagation suggests
+    monkeypatch.setattr(sd, "_stored_probabilities", lambda *a: None)
+    assert dinoprop.suggest_seeds(dataset, 4, "label") == picks
+    assert calls == [1]
 
     # a new label makes the run stale: the seeds are propagated anew
     dataset.select(picks[:1]).set_values("label", dataset.select(picks[:1]).values("ground_truth"))
+    monkeypatch.undo()
+    monkeypatch.setattr(sd.pm, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert len(dinoprop.suggest_seeds(dataset, 4, "label")) == 4
-    assert calls == [1]
+    assert calls == [1, 1]

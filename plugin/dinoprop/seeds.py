@@ -192,14 +192,11 @@ def uncertain_dense(
     A node's score is its uncertainty under the current propagation
     (``1 - margin`` between its two most likely classes) times its local
     density (mean similarity to its graph neighbours): labeling it both
-    resolves a confusion and settles its many neighbours. Nodes the stop
-    plan would accept now (:func:`dinoprop.propagation_methods.stop_plan`)
-    are left out: a label there costs a human label that stopping would
-    not, while one below the threshold would be labeled by hand anyway.
-    The best-scoring nodes form a pool; k-center greedy selection over the pool (weighted by
+    resolves a confusion and settles its many neighbours. The best-scoring
+    nodes form a pool; k-center greedy selection over the pool (weighted by
     score, the seeds counting as covered) then spreads the batch so it
-    does not ask about the same confusion twice. While no class has two
-    seeds, the propagation cannot be checked, so the score is density alone
+    does not ask about the same confusion twice. While no class has two seeds, the
+    propagation cannot be checked, so the score is density alone
     (coverage of the densest regions).
 
     ``probs`` are the current propagation's probabilities (as for
@@ -218,13 +215,11 @@ def uncertain_dense(
     density = np.clip(graph.sims, 0.0, None).mean(axis=1)
     if not pm.can_cross_validate(labels):
         score, factor = density, COVERAGE_POOL_FACTOR
-        skip = seed_idx
     else:
         score, factor = uncertainty * density, POOL_FACTOR
-        skip = np.union1d(seed_idx, _accepted_if_stopped(probs, seed_idx, count))
     pool_size = min(factor * count, x.shape[0])
     order = np.argsort(-score, kind="stable")
-    pool = order[~np.isin(order, skip)][:pool_size]
+    pool = order[~np.isin(order, seed_idx)][:pool_size]
     # k-center greedy within the pool, the seeds counting as covered
     pool_x, pool_score = x[pool], score[pool]
     nearest = _distance_to_nearest(pool_x, x[seed_idx])
@@ -289,20 +284,6 @@ def _stored_probabilities(samples, label_field, sample_ids, seed_idx):
             probs[i] = rest / others
         probs[i, [column[n] for n in names]] = values
     return probs
-
-
-def _accepted_if_stopped(probs, seed_idx, count):
-    """The nodes the stop plan would accept, unless too few others are left.
-
-    Labeling a node the plan accepts costs a human label that stopping
-    would not; labeling one below its threshold costs nothing extra (it
-    would be labeled by hand anyway), so suggestions come from below.
-    """
-    targets = np.setdiff1d(np.arange(probs.shape[0]), seed_idx)
-    confidence = probs[targets].max(axis=1)
-    plan = pm.stop_plan(confidence, len(np.unique(seed_idx)))
-    accepted = targets[confidence >= plan.threshold] if plan.num_accepted else targets[:0]
-    return accepted if len(targets) - len(accepted) >= count else targets[:0]
 
 
 def _distance_to_nearest(
