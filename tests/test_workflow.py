@@ -88,6 +88,7 @@ def test_demo_workflow_end_to_end(tiny_dinov2_dir):
         )
         assert "fiftyone app launch %s" % demo.DATASET_NAME in report
         assert "accuracy" in report
+        assert "when to stop        " + results.summary()["stop_plan"]["advice"] in report
     finally:
         fo.delete_dataset(name)
 

@@ -167,6 +167,10 @@ def format_report(model: str, steps: list, scores: dict, summary: dict,
         % summary.get("num_needs_review"),
         "  annotate next       %d samples (tag dinoprop:annotate_next)"
         % len(suggested),
+        "  when to stop        %s" % (
+            (summary.get("stop_plan") or {}).get("advice")
+            or "too few seeds to plan the finish"
+        ),
         "",
         tabulate(class_rows, headers=["class", "accuracy", "samples"],
                  tablefmt="github"),
