@@ -38,12 +38,13 @@ class PropagateLabels(_common.DinopropOperator):
         ("ece", "Calibration error (ECE)", "float"),
         ("seconds", "Seconds", "float"),
         ("note", "Note", "str"),
+        ("stop_advice", "When to stop", "str"),
     ]
 
     def form(self, ctx, inputs, view):
         from dinoprop.core import TAG_PREFIX
         from dinoprop.propagation import DEFAULT_TARGET_PRECISION, NEEDS_REVIEW_TAG
-        from dinoprop.propagation_methods import METHODS
+        from dinoprop.propagation_methods import DEFAULT_TARGET_ACCURACY, METHODS
 
         fields = _common.label_fields(view, LABEL_TYPES)
         label_field = _common.field_dropdown(
@@ -131,6 +132,16 @@ class PropagateLabels(_common.DinopropOperator):
             "threshold aims for among the samples above it",
         )
         inputs.float(
+            "target_accuracy",
+            default=DEFAULT_TARGET_ACCURACY,
+            min=0.5,
+            max=1.0,
+            label="Dataset accuracy target",
+            description="The share of correct labels the whole dataset "
+            "must reach when you stop labeling (the stop plan: accept the "
+            "most confident labels, label the rest by hand)",
+        )
+        inputs.float(
             "confidence_threshold",
             min=0.0,
             max=1.0,
@@ -154,6 +165,7 @@ class PropagateLabels(_common.DinopropOperator):
     def call(self, view, params, progress):
         import dinoprop
         from dinoprop.propagation import DEFAULT_TARGET_PRECISION
+        from dinoprop.propagation_methods import DEFAULT_TARGET_ACCURACY
 
         return dinoprop.propagate_labels(
             view,
@@ -165,6 +177,7 @@ class PropagateLabels(_common.DinopropOperator):
             seed_tag=params.get("seed_tag") or None,
             confidence_threshold=params.get("confidence_threshold"),
             target_precision=params.get("target_precision") or DEFAULT_TARGET_PRECISION,
+            target_accuracy=params.get("target_accuracy") or DEFAULT_TARGET_ACCURACY,
             progress=progress,
         )
 

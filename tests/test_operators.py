@@ -605,3 +605,15 @@ def test_propagate_form_sets_the_target_precision(embedded_dataset):
     )
     assert ds.get_run_info("dinoprop_label_propagated").config.target_precision == 0.8
     assert shown_summary(triggered)["note"] is None  # 0.8 is reachable here
+
+
+def test_propagate_form_sets_the_dataset_accuracy_target_and_says_when_to_stop(embedded_dataset):
+    ds = embedded_dataset
+    form = resolve_form("propagate_labels", ds, {"label_field": "label"})
+    assert form["target_accuracy"].default == 0.95
+    triggered = execute(
+        "propagate_labels", ds, {"label_field": "label", "target_accuracy": 0.9}
+    )
+    summary = ds.load_run_results("dinoprop_label_propagated").summary()
+    assert summary["stop_plan"]["target_accuracy"] == 0.9
+    assert shown_summary(triggered)["stop_advice"] == summary["stop_plan"]["advice"]

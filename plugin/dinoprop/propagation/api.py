@@ -216,6 +216,7 @@ def propagate_labels(
             "output_field": output_field,
             "note": note,
             "stop_plan": stop,
+            "stop_advice": stop["advice"] if stop else None,
         }
         results = _save_run(
             samples, run_key, info, classes, data, seed_labels, outcome,

@@ -95,7 +95,8 @@ class PropagationResults(fors.RunResults):
         ``[num_human, cost]`` pairs, the forecast of
         :func:`dinoprop.propagation_methods.stopping_forecast`
         (``next_batch``, ``next_batch_saving``, ``recommend_stop``) and an
-        ``advice`` sentence. Estimates are None when the
+        ``advice`` sentence, also the top-level ``stop_advice`` (None when
+        the seeds are too few to calibrate). Estimates are None when the
         seeds are too few to cross-validate (fewer than 2 per class).
         """
         return dict(self.info, run_key=self.key or self.info.get("run_key"))

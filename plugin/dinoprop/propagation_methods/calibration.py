@@ -86,7 +86,7 @@ def _weight_shares(weights, num: int) -> np.ndarray:
     return weights / weights.sum()
 
 
-def effective_count(weights) -> float:
+def effective_count(weights: np.ndarray) -> float:
     """Kish's effective sample size of weighted observations,
     ``(sum w)^2 / sum w^2``: how many equally weighted ones they are worth."""
     weights = np.asarray(weights, np.float64)
