@@ -74,6 +74,17 @@ def app_server():
         server.stop()
 
 
+#: Errors the FiftyOne App itself raises now and then, not the plugin's:
+#: "entry is loading" comes from the App's grid while it reloads the view
+#: (after a modal closes, or an operator sets a new view).
+KNOWN_APP_ERRORS = {"entry is loading"}
+
+
+def plugin_errors(page):
+    """The page errors collected so far, less the App's known transient ones."""
+    return [e for e in page.errors if e not in KNOWN_APP_ERRORS]
+
+
 @contextmanager
 def browser_page(width=1400, height=900):
     """A fresh headless Chromium page; collects page errors in ``.errors``."""

@@ -69,4 +69,5 @@ def test_propagate_labels_from_the_operator_browser(
         plot = bs.screenshot(page, "05-embeddings-plot", element=scene)
         bs.screenshot(page, "04-embeddings-panel")
         assert bs.colored_pixels(plot) > 24, "the UMAP points were not drawn"
-        assert not page.errors, page.errors
+        errors = bs.plugin_errors(page)
+        assert not errors, errors

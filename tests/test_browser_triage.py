@@ -243,7 +243,5 @@ def test_triage_loop_in_the_app(clothing_dataset):
         assert bs.appears(panel.get_by_text("0 new seeds since the last run"))
         panel.get_by_text("Human-labeled (seeds)").scroll_into_view_if_needed()
         bs.screenshot(page, "triage-06-loop-panel-after")
-        # "entry is loading": the App's grid, sometimes, while it reloads
-        # the view behind the closing modal; harmless, and not the plugin's
-        errors = [e for e in page.errors if e != "entry is loading"]
+        errors = bs.plugin_errors(page)
         assert not errors, errors
