@@ -96,12 +96,10 @@ def suggest_seeds(
         )
         seed_names = [labels[sample_ids[i]] for i in seed_idx]
         stored = (
-            _stored_probabilities(samples, label_field, sample_ids, seed_idx)
+            _stored_probabilities(samples, label_field, sample_ids, seed_idx, seed_names)
             if label_field is not None and len(set(seed_names)) >= 2
             else None
         )
-        if stored is not None and stored.shape[1] != len(set(seed_names)):
-            stored = None  # the seeds' classes changed since the run
         chosen = suggest(
             pm.center_and_normalize(vectors), graph, seed_idx, seed_names, count,
             probs=stored,
@@ -234,13 +232,13 @@ def uncertain_dense(
     return np.array(picks, np.int64)
 
 
-def _stored_probabilities(samples, label_field, sample_ids, seed_idx):
+def _stored_probabilities(samples, label_field, sample_ids, seed_idx, seed_names):
     """The newest propagation's class probabilities, if it used these seeds.
 
     A propagation run stores every target's most likely classes and their
     calibrated probabilities (:data:`dinoprop.propagation.TOP_LABELS_ATTRIBUTE`);
-    when the newest run of ``label_field`` used exactly the current seeds
-    and labeled every other sample, those give the uncertainty that
+    when the newest run of ``label_field`` used exactly the current seeds,
+    with the same classes, and labeled every other sample, those give the uncertainty that
     :func:`uncertain_dense` needs without propagating again (the loop
     propagates, then suggests). The probability mass beyond the stored
     classes is spread over the others.
@@ -261,21 +259,22 @@ def _stored_probabilities(samples, label_field, sample_ids, seed_idx):
     dataset = samples._root_dataset
     results = dataset.load_run_results(run_key, cache=False)
     seed_ids = set(np.asarray(sample_ids)[seed_idx].tolist())
-    if set(results.seed_ids) != seed_ids or len(seed_ids) != len(results.seed_ids):
-        return None
-    output = results.config.output_field
-    view = samples.select(list(sample_ids), ordered=True)
-    tops, confs = view.values(
-        [output + "." + TOP_LABELS_ATTRIBUTE, output + "." + TOP_CONFIDENCES_ATTRIBUTE]
-    )
     classes = list(results.classes)
+    if set(results.seed_ids) != seed_ids or classes != sorted(set(seed_names)):
+        return None  # the seeds, or their classes, changed since the run
+    output = results.config.output_field
+    ids, tops, confs = samples.values(
+        ["id", output + "." + TOP_LABELS_ATTRIBUTE, output + "." + TOP_CONFIDENCES_ATTRIBUTE]
+    )
+    stored = {sid: (names, values) for sid, names, values in zip(ids, tops, confs)}
     column = {c: j for j, c in enumerate(classes)}
     probs = np.zeros((len(sample_ids), len(classes)), np.float32)
     is_seed = np.zeros(len(sample_ids), bool)
     is_seed[seed_idx] = True
-    for i, (names, values) in enumerate(zip(tops, confs)):
+    for i, sid in enumerate(sample_ids):
         if is_seed[i]:
             continue
+        names, values = stored.get(sid, (None, None))
         if not names or any(n not in column for n in names):
             return None  # a target the run did not label: stale
         rest = max(1.0 - float(sum(values)), 0.0)

@@ -95,7 +95,8 @@ def propagate(
     if folds:
         cv_problem, cv_seeds = _cv_problem(problem, seed_idx, cv_max_nodes)
         oof = _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, candidates)
-    held_out = seed_labels[np.concatenate(folds)] if folds else seed_labels
+    held_out_idx = np.concatenate(folds) if folds else np.arange(len(seed_labels))
+    held_out = seed_labels[held_out_idx]
     chosen = _choose(oof, held_out, candidates)
     probs = problem.scores(chosen, seed_idx, seed_labels)
     result = Propagation(probs=probs, method=chosen, num_folds=len(folds))
@@ -104,7 +105,7 @@ def propagate(
             name: float((p.argmax(1) == held_out).mean())
             for name, p in oof.items()
         }
-        weights = seed_weights(problem.graph, seed_idx)[np.concatenate(folds)]
+        weights = seed_weights(problem.graph, seed_idx)[held_out_idx]
         result.temperature = fit_temperature(oof[chosen], held_out, weights)
         result.temperature_spread = temperature_spread(oof[chosen], held_out, weights)
         result.shrink = laplace_shrink(effective_count(weights))
