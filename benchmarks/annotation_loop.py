@@ -95,16 +95,19 @@ class Team:
             key_field="id",
         )
 
-    def outcome(self, threshold):
-        """Cost and truth of stopping now: accept at ``threshold``, label the rest."""
+    def outcomes(self, *thresholds):
+        """Cost and truth of stopping now at each threshold: accept the
+        propagated labels at or above it, label the rest."""
         preds, confs = self.dataset.values(
             ["label_propagated.label", "label_propagated.confidence"]
         )
         target = ~self.labeled
         conf = np.array([c if c is not None else -1.0 for c in confs])
-        accepted = target & (conf >= threshold)
         right = np.array([p == t for p, t in zip(preds, self.truth)])
-        return _stop_outcome(len(self.ids), int(self.labeled.sum()), accepted, right)
+        return [
+            _stop_outcome(len(self.ids), int(self.labeled.sum()), target & (conf >= t), right)
+            for t in thresholds
+        ]
 
     def delete(self):
         self.dataset.delete()
@@ -138,8 +141,10 @@ def dinoprop_loop(name, raw, labels, start):
             results = dinoprop.propagate_labels(team.dataset, "label", progress=False)
             summary = results.summary()
             plan = summary["stop_plan"]
-            row = team.outcome(plan["threshold"] if plan["num_accepted"] else 2.0)
-            precision_rule = team.outcome(summary["recommended_threshold"] or 2.0)
+            row, precision_rule = team.outcomes(
+                plan["threshold"] if plan["num_accepted"] else 2.0,
+                summary["recommended_threshold"] or 2.0,
+            )
             row.update(
                 round=round_,
                 threshold=plan["threshold"],
