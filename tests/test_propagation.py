@@ -9,6 +9,7 @@ import pytest
 
 import dinoprop
 from dinoprop import propagation_methods as pm
+from dinoprop import review
 from dinoprop.core import DinopropError, l2_normalize
 from dinoprop.graph import knn_search
 
@@ -501,6 +502,15 @@ def _assert_untouched(dataset):
         (lambda d: None, {"method": "magic"}, "Unknown method"),
         (lambda d: None, {"embeddings": "missing"}, "does not exist"),
         (lambda d: None, {"seed_tag": "nobody"}, "No seeds"),
+        (lambda d: None, {"k": True}, "k must be a positive integer; got True"),
+        (lambda d: None, {"target_precision": True}, "target_precision must be"),
+        (
+            lambda d: d.exists("label", False).limit(3).set_values(
+                "dinoprop_embedding", [np.full(16, np.nan)] * 3
+            ),
+            {},
+            r"3 of the 24 embeddings in 'dinoprop_embedding' hold NaN or infinite",
+        ),
     ],
 )
 def test_bad_input_raises_and_writes_nothing(embedded_dataset, prepare, kwargs, message):
@@ -615,3 +625,84 @@ def test_the_note_names_what_limits_the_confidence():
     note = _threshold_note(outcome, unsure, 0.0, 0.95, None)
     assert "do not separate the classes" in note and "70.0%" in note
     assert _threshold_note(outcome, unsure, 0.5, 0.95, None) is None
+
+
+_KILLED_WHILE_WRITING = """
+import os, signal
+import fiftyone as fo
+import dinoprop
+import dinoprop.label_writes as writes
+
+original = writes.write_classifications
+
+def write_half_then_die(samples, field, ids, labels, confidences, attributes, **kwargs):
+    half = len(ids) // 2
+    original(samples, field, list(ids)[:half], list(labels)[:half],
+             list(confidences)[:half], {n: v[:half] for n, v in attributes.items()})
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writes.write_classifications = write_half_then_die
+dinoprop.propagate_labels(fo.load_dataset(%r), "label", method=%r)
+"""
+
+
+def _propagate_and_die_while_writing(dataset, method):
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_WRITING % (dataset.name, method)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == -9, child.stderr
+    dataset.reload()
+
+
+def _labels(dataset, field):
+    return dataset.values(field + ".label"), dataset.values(field + ".confidence")
+
+
+@pytest.mark.parametrize("earlier_method", [None, "knn"])
+def test_a_propagation_killed_while_writing_says_so_and_a_rerun_completes_it(
+    embedded_dataset, earlier_method
+):
+    dataset = embedded_dataset
+    dataset.persistent = True  # the child process must see it
+    try:
+        if earlier_method:  # the field already holds another method's labels
+            first = dinoprop.propagate_labels(dataset, "label", method=earlier_method)
+        _propagate_and_die_while_writing(dataset, "linear")
+        key = "dinoprop_label_propagated"
+        assert dataset.list_runs() == [key]  # recorded before any label was written
+        assert dataset.get_run_info(key).config.method == "linear"
+        results = dataset.load_run_results(key, cache=False)
+        assert results.summary()["status"] == "writing"
+        # readers of the mixed field refuse it, or flag it
+        with pytest.raises(DinopropError, match="interrupted"):
+            review.accept_propagated_labels(dataset, "label_propagated", "label")
+        with pytest.raises(DinopropError, match="interrupted"):
+            results.evaluate(gt_field="ground_truth")
+        assert "interrupted" in review.loop_status(dataset, "label")["note"]
+        # a plain rerun (no overwrite) completes it: the labels of a clean run
+        rerun = dinoprop.propagate_labels(dataset, "label", method="linear")
+        assert rerun.summary()["status"] == "complete"
+        dinoprop.propagate_labels(dataset, "label", method="linear", output_field="clean")
+        assert _labels(dataset, "label_propagated") == _labels(dataset, "clean")
+        review.accept_propagated_labels(dataset, "label_propagated", "label", 0.99)
+        # the interrupted run's cost point is measured again, not counted twice
+        history = rerun.summary()["stop_plan"]["history"]
+        assert len(history) == (2 if earlier_method else 1)
+        if earlier_method:
+            assert history[0] == first.summary()["stop_plan"]["history"][0]
+    finally:
+        dataset.persistent = False
+
+
+def test_deleting_an_interrupted_run_removes_what_it_wrote(embedded_dataset):
+    dataset = embedded_dataset
+    dataset.persistent = True
+    try:
+        _propagate_and_die_while_writing(dataset, "knn")
+        assert dataset.count("label_propagated") == 9  # half of the 18 targets
+        dataset.delete_run("dinoprop_label_propagated")
+        assert dataset.get_field("label_propagated") is None
+        assert dataset.list_runs() == []
+    finally:
+        dataset.persistent = False

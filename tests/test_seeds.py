@@ -102,9 +102,22 @@ def test_suggest_seeds_asks_for_at_most_the_unlabeled(embedded_dataset):
         ({"count": 3, "label_field": "filepath"}, "expected a"),
         ({"count": 3, "embeddings": "missing"}, "does not exist"),
         ({"count": 3, "k": 0}, "k must"),
+        ({"count": True}, "count must be a positive integer; got True"),
+        ({"count": 3, "k": True}, "k must be a positive integer; got True"),
     ],
 )
 def test_suggest_seeds_bad_input(embedded_dataset, kwargs, message):
     with pytest.raises(DinopropError, match=message):
         dinoprop.suggest_seeds(embedded_dataset, **kwargs)
     assert len(embedded_dataset.match_tags(ANNOTATE_NEXT_TAG)) == 0
+
+
+def test_suggest_seeds_names_non_finite_embeddings(embedded_dataset):
+    dataset = embedded_dataset
+    broken = dataset.limit(2)
+    dim = len(dataset.first().dinoprop_embedding)
+    broken.set_values("dinoprop_embedding", [np.full(dim, np.nan), np.full(dim, np.inf)])
+    with pytest.raises(DinopropError, match=r"2 of the 24 embeddings .* NaN or infinite") as e:
+        dinoprop.suggest_seeds(dataset, count=3)
+    assert broken.first().id in str(e.value)
+    assert len(dataset.match_tags(ANNOTATE_NEXT_TAG)) == 0

@@ -40,6 +40,74 @@ def check_field_name(name: Any, what: str) -> None:
         )
 
 
+def check_int(value: Any, name: str, minimum: int = 1) -> None:
+    """Checks that ``value`` is an integer of at least ``minimum``.
+
+    Booleans are refused: ``k=True`` is a mistake, not ``k=1``.
+
+    Args:
+        value: the argument
+        name: its name, for the message
+        minimum: the smallest value allowed
+
+    Raises:
+        DinopropError: if ``value`` is not an integer (or is a bool) or is
+            below ``minimum``
+    """
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        wanted = "a positive integer" if minimum == 1 else "an integer >= %d" % minimum
+        raise DinopropError("%s must be %s; got %r" % (name, wanted, value))
+
+
+def check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> None:
+    """Checks that ``value`` is a real number in ``[low, high]`` (or
+    ``(low, high]`` with ``low_open``); booleans and NaN are refused.
+
+    Raises:
+        DinopropError: if it is not
+    """
+    ok = (
+        not isinstance(value, (bool, np.bool_))
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and (low < value if low_open else low <= value)
+        and value <= high
+    )
+    if not ok:
+        raise DinopropError(
+            "%s must be a number in %s%g, %g]; got %r"
+            % (name, "(" if low_open else "[", low, high, value)
+        )
+
+
+def check_finite(vectors: np.ndarray, ids: Any, field: str) -> None:
+    """Raises when some embeddings hold NaN or infinite values.
+
+    Args:
+        vectors: a ``num x dim`` array
+        ids: the ``num`` sample (or label) IDs of its rows
+        field: the embeddings field, for the message
+
+    Raises:
+        DinopropError: naming how many samples are affected, the first few
+            IDs, and how to fix them
+    """
+    bad = ~np.isfinite(vectors).all(axis=1) if len(vectors) else np.zeros(0, bool)
+    if not bad.any():
+        return
+    first = [str(i) for i in np.asarray(ids)[bad][:5]]
+    raise DinopropError(
+        "%d of the %d embeddings in '%s' hold NaN or infinite values (first "
+        "IDs: %s). Recompute them, e.g. dinoprop.compute_embeddings("
+        "dataset.select(ids), embeddings_field=%r, overwrite=True), or clear "
+        "them (set the field to None) to leave those samples out"
+        % (int(bad.sum()), len(vectors), field, ", ".join(first), field)
+    )
+
+
 def check_brain_key(
     samples: Any, brain_key: Any, run_type: str, overwrite: bool = True
 ) -> bool:
@@ -243,7 +311,7 @@ def load_embeddings(
     Raises:
         DinopropError: if the field is missing, has another type, holds no
             embedding (unless ``allow_empty``), or the vectors have
-            inconsistent dimensions
+            inconsistent dimensions or hold NaN or infinite values
     """
     require_field(
         samples,
@@ -269,7 +337,9 @@ def load_embeddings(
                 "with overwrite=True" % (field, sorted(dims))
             )
         embeddings = np.stack(vectors)
-    return sample_ids, embeddings.astype(np.float32, copy=False)
+    embeddings = embeddings.astype(np.float32, copy=False)
+    check_finite(embeddings, sample_ids, field)
+    return sample_ids, embeddings
 
 
 def read_embeddings(
@@ -294,7 +364,8 @@ def read_embeddings(
 
     Raises:
         DinopropError: if the embeddings cannot be read, have mixed
-            dimensions, or (unless ``allow_empty``) there are none
+            dimensions, hold NaN or infinite values, or (unless
+            ``allow_empty``) there are none
     """
     if patches_field is None:
         sample_ids, vectors = load_embeddings(samples, field, allow_empty=allow_empty)
@@ -312,7 +383,9 @@ def read_embeddings(
         ) from e
     if len(vectors) == 0 and not allow_empty:
         raise no_embeddings_error(field)
-    return np.asarray(vectors, dtype=np.float32), np.asarray(sample_ids), label_ids
+    vectors = np.asarray(vectors, dtype=np.float32)
+    check_finite(vectors, label_ids, field)
+    return vectors, np.asarray(sample_ids), label_ids
 
 
 def no_embeddings_error(field: str) -> DinopropError:

@@ -20,6 +20,7 @@ from dinoprop import propagation_methods as pm
 from dinoprop.core import (
     TAG_PREFIX,
     DinopropError,
+    check_int,
     progress_bar,
     validate_samples,
 )
@@ -77,10 +78,8 @@ def suggest_seeds(
     from dinoprop.propagation import sample_graph
 
     validate_samples(samples)
-    if not isinstance(count, (int, np.integer)) or count < 1:
-        raise DinopropError("count must be a positive integer; got %r" % (count,))
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise DinopropError("k must be a positive integer; got %r" % (k,))
+    check_int(count, "count")
+    check_int(k, "k")
     if not tag or not isinstance(tag, str):
         raise DinopropError("tag must be a non-empty string; got %r" % (tag,))
     labels = {}
@@ -250,6 +249,7 @@ def _stored_probabilities(samples, label_field, sample_ids, seed_idx, seed_names
     from dinoprop.propagation import (
         TOP_CONFIDENCES_ATTRIBUTE,
         TOP_LABELS_ATTRIBUTE,
+        WRITING,
         newest_run_key,
     )
 
@@ -258,6 +258,8 @@ def _stored_probabilities(samples, label_field, sample_ids, seed_idx, seed_names
         return None
     dataset = samples._root_dataset
     results = dataset.load_run_results(run_key, cache=False)
+    if results is None or results.info.get("status") == WRITING:
+        return None  # interrupted: its stored probabilities are partial
     seed_ids = set(np.asarray(sample_ids)[seed_idx].tolist())
     classes = list(results.classes)
     if set(results.seed_ids) != seed_ids or classes != sorted(set(seed_names)):

@@ -24,7 +24,14 @@ import numpy as np
 
 import fiftyone.brain.visualization as fbv
 
-from dinoprop.core import DinopropError, check_brain_key, l2_normalize, progress_bar
+from dinoprop.core import (
+    DinopropError,
+    check_brain_key,
+    check_int,
+    check_number,
+    l2_normalize,
+    progress_bar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +143,8 @@ def _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite)
         )
     if num_dims not in (2, 3):
         raise DinopropError("num_dims must be 2 or 3; got %r" % (num_dims,))
-    if not isinstance(k, (int, np.integer)) or k < 2:
-        raise DinopropError("k must be an integer >= 2; got %r" % (k,))
-    if not isinstance(min_dist, (int, float, np.number)) or not 0 <= min_dist <= 1:
-        raise DinopropError("min_dist must be a number in [0, 1]; got %r" % (min_dist,))
+    check_int(k, "k", minimum=2)
+    check_number(min_dist, "min_dist", 0, 1)
     check_brain_key(samples, brain_key, "visualization", overwrite)
 
 

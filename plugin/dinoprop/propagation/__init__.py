@@ -32,16 +32,23 @@ from dinoprop.propagation.common import (
     TOP_LABELS_ATTRIBUTE,
 )
 from dinoprop.propagation.runs import (
+    COMPLETE,
+    WRITING,
     PropagationResults,
     PropagationRun,
     PropagationRunConfig,
+    check_run_complete,
     newest_run_key,
     propagation_run_key,
     propagation_runs,
+    run_is_complete,
+    unfinished_run_message,
 )
 from dinoprop.propagation.samples import count_seeds, sample_graph
 
 __all__ = [
+    "COMPLETE",
+    "WRITING",
     "DEFAULT_TARGET_PRECISION",
     "NEEDS_REVIEW_TAG",
     "NUM_TOP_CLASSES",
@@ -53,10 +60,13 @@ __all__ = [
     "PropagationRun",
     "PropagationRunConfig",
     "check_output_field",
+    "check_run_complete",
     "count_seeds",
     "newest_run_key",
     "propagate_labels",
     "propagation_run_key",
     "propagation_runs",
+    "run_is_complete",
     "sample_graph",
+    "unfinished_run_message",
 ]

@@ -12,6 +12,8 @@ from dinoprop import propagation_methods as pm
 from dinoprop.core import (
     DinopropError,
     check_field_name,
+    check_int,
+    check_number,
     progress_bar,
     require_label_field,
     validate_samples,
@@ -25,10 +27,13 @@ from dinoprop.propagation.common import (
 )
 from dinoprop.propagation.objects import _object_data, _write_objects
 from dinoprop.propagation.runs import (
+    WRITING,
     PropagationResults,
+    _begin_run,
     _cv_accuracy,
     _cv_ece,
-    _save_run,
+    _finish_run,
+    _results_fields,
     propagation_run_key,
 )
 from dinoprop.propagation.samples import _sample_data, _write_samples
@@ -98,6 +103,15 @@ def propagate_labels(
     would save and recommends when to stop labeling seeds
     (:func:`dinoprop.propagation_methods.stopping_forecast`).
 
+    The run is recorded, with ``summary()["status"] == "writing"``, before
+    any label is written, and marked ``"complete"`` once every label is.
+    A run that is interrupted (killed, or failing while writing) therefore
+    still owns its output field: :func:`dinoprop.review.accept_propagated_labels`
+    and :meth:`PropagationResults.evaluate` refuse the half-written field,
+    :func:`dinoprop.review.loop_status` says so in its ``note``, repeating
+    the call completes it (no ``overwrite`` needed), and
+    ``dataset.delete_run(run_key)`` removes it.
+
     Args:
         samples: a FiftyOne dataset or view
         label_field: the Classification (or Detections) field of the seeds
@@ -134,7 +148,8 @@ def propagate_labels(
 
     Raises:
         DinopropError: for invalid input (no seeds, a single class, seeds
-            without embeddings, a wrong field type, an ``output_field``
+            without embeddings, embeddings holding NaN or infinite values,
+            a non-integer ``k``, a wrong field type, an ``output_field``
             equal to ``label_field``, nested, or holding other labels, a
             ``run_key`` of another kind of run); nothing is written then
     """
@@ -187,21 +202,13 @@ def propagate_labels(
             samples, run_key, confidence, len(data["seed_idx"]), target_accuracy,
         ) if calibrated else None
         needs_review = confidence < review_threshold
-        writer = _write_objects if objects else _write_samples
-        num_review_samples, num_flipped = writer(
-            samples, data, output_field, targets, classes, probs,
-            needs_review, store_scores,
-        )
-        if not objects:
-            try_enable_annotation(samples, label_field, output_field=output_field)
-        bar.update()
         info = {
             "method": outcome.method,
             "num_seeds": int(len(data["seed_idx"])),
             "num_classes": int(len(classes)),
             "num_propagated": int(len(targets)),
-            "num_needs_review": int(num_review_samples),
-            "num_flipped": num_flipped,
+            "num_needs_review": None,
+            "num_flipped": None,
             "estimated_accuracy": _cv_accuracy(outcome),
             "recommended_threshold": float(recommended) if calibrated else None,
             "coverage_at_threshold": float(coverage) if calibrated else None,
@@ -218,8 +225,10 @@ def propagate_labels(
             "stop_plan": stop,
             "stop_advice": stop["advice"] if stop else None,
         }
-        results = _save_run(
-            samples, run_key, info, classes, data, seed_labels, outcome,
+        fields = _results_fields(classes, data, outcome)
+        config = _begin_run(
+            samples, run_key, info, fields,
+            method=outcome.method,
             label_field=label_field,
             embeddings=embeddings,
             output_field=output_field,
@@ -230,8 +239,16 @@ def propagate_labels(
             target_precision=target_precision,
             target_accuracy=target_accuracy,
             label_type="detections" if objects else "classification",
-            start=start,
         )
+        writer = _write_objects if objects else _write_samples
+        info["num_needs_review"], info["num_flipped"] = writer(
+            samples, data, output_field, targets, classes, probs,
+            needs_review, store_scores,
+        )
+        if not objects:
+            try_enable_annotation(samples, label_field, output_field=output_field)
+        bar.update()
+        results = _finish_run(samples, run_key, config, info, fields, start)
         bar.update()
     return results
 
@@ -285,8 +302,10 @@ def _previous_stop_history(samples, run_key):
         previous = dataset.load_run_results(run_key, cache=False)
     except Exception:  # an older or broken record: the history restarts
         return []
-    plan = (getattr(previous, "info", None) or {}).get("stop_plan") or {}
-    return [list(p) for p in plan.get("history", [])]
+    info = getattr(previous, "info", None) or {}
+    history = [list(p) for p in (info.get("stop_plan") or {}).get("history", [])]
+    # an interrupted run's own point is the one this run measures again
+    return history[:-1] if info.get("status") == WRITING else history
 
 
 def check_output_field(
@@ -329,8 +348,7 @@ def check_output_field(
 
 def _check_fraction(value, name):
     """Raises unless ``value`` is a number in (0, 1]."""
-    if not isinstance(value, (int, float, np.floating)) or not 0 < value <= 1:
-        raise DinopropError("%s must be in (0, 1]; got %r" % (name, value))
+    check_number(value, name, 0, 1, low_open=True)
 
 
 def _check_arguments(
@@ -342,16 +360,13 @@ def _check_arguments(
         raise DinopropError(
             "Unknown method %r; choose one of %s" % (method, ", ".join(pm.METHODS))
         )
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise DinopropError("k must be a positive integer; got %r" % (k,))
+    check_int(k, "k")
     if output_field == embeddings:
         raise DinopropError(
             "output_field must differ from the embeddings field '%s'" % embeddings
         )
-    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-        raise DinopropError(
-            "confidence_threshold must be in [0, 1]; got %r" % confidence_threshold
-        )
+    if confidence_threshold is not None:
+        check_number(confidence_threshold, "confidence_threshold", 0, 1)
     _check_fraction(target_precision, "target_precision")
     if not run_key.isidentifier():
         raise DinopropError(

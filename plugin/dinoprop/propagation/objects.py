@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError, decode_vector
+from dinoprop.core import DinopropError, check_finite, decode_vector
 from dinoprop.propagation.common import _check_seeds, _flatten, _fol, _is_seed
 from dinoprop.propagation.samples import _mark_for_review
 
@@ -50,6 +50,7 @@ def _object_data(samples, label_field, embeddings, seed_tag, k):
             "propagate to"
         )
     matrix = np.stack([np.asarray(vectors[i], np.float32) for i in keep])
+    check_finite(matrix, np.array(det_ids)[keep], embeddings)
     neighbors, sims = knn_search(matrix, k)
     seed_idx = np.flatnonzero(is_seed[keep])
     return {

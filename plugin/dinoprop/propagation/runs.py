@@ -10,7 +10,7 @@ import numpy as np
 import fiftyone.core.runs as fors
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError, require_label_field
+from dinoprop.core import DinopropError, check_number, require_label_field
 from dinoprop.propagation.common import (
     DEFAULT_TARGET_PRECISION,
     NEEDS_REVIEW_TAG,
@@ -19,6 +19,14 @@ from dinoprop.propagation.common import (
     _flatten,
     _fol,
 )
+
+
+#: ``summary()["status"]`` of a run still writing its labels, or whose
+#: writing was interrupted (the output field may mix old and new labels)
+WRITING = "writing"
+
+#: ``summary()["status"]`` of a run that wrote all its labels
+COMPLETE = "complete"
 
 
 class PropagationRunConfig(fors.RunConfig):
@@ -85,7 +93,9 @@ class PropagationResults(fors.RunResults):
         ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
         which the confidences are averaged over), ``seconds``,
-        ``run_key``, ``output_field``, ``label_field``, ``note`` (why
+        ``run_key``, ``output_field``, ``label_field``, ``status``
+        (:data:`COMPLETE`, or :data:`WRITING` while the labels are being
+        written or after an interruption), ``note`` (why
         nothing can be accepted, or None) and ``stop_plan``: what finishing
         the dataset now would take, as
         :func:`dinoprop.propagation_methods.stop_plan` computes it
@@ -139,10 +149,8 @@ class PropagationResults(fors.RunResults):
             DinopropError: if the seeds were too few to cross-validate and
                 no ``gt_field`` is given, or ``gt_field`` is invalid
         """
-        if not 0 < target_precision <= 1:
-            raise DinopropError(
-                "target_precision must be in (0, 1]; got %r" % target_precision
-            )
+        check_number(target_precision, "target_precision", 0, 1, low_open=True)
+        check_run_complete(self.samples, self.config.output_field)
         if gt_field is None:
             if not self.oof_probs:
                 raise DinopropError(
@@ -242,6 +250,55 @@ def propagation_runs(dataset: Any, output_field: Optional[str] = None) -> list:
     return keys
 
 
+def run_is_complete(dataset: Any, run_key: str) -> bool:
+    """Whether a propagation run finished writing its labels.
+
+    Runs recorded before dinoprop tracked this count as complete.
+    """
+    results = dataset.load_run_results(run_key, cache=False)
+    info = getattr(results, "info", None)
+    return info is not None and info.get("status", COMPLETE) == COMPLETE
+
+
+def unfinished_run_message(samples: Any, output_field: str) -> Optional[str]:
+    """Why ``output_field`` cannot be trusted yet, or None.
+
+    Args:
+        samples: a FiftyOne dataset or view
+        output_field: a field propagated labels are written to
+
+    Returns:
+        a sentence naming the propagation run writing ``output_field``
+        that is still running or was interrupted, and how to complete or
+        remove it; None when every such run finished
+    """
+    dataset = samples._root_dataset
+    for key in propagation_runs(dataset, output_field):
+        if not run_is_complete(dataset, key):
+            return (
+                "The propagation run '%s' has not finished writing its labels "
+                "into '%s' (it is still running, or it was interrupted), so "
+                "the field may mix its labels with older ones. Run "
+                "dinoprop.propagate_labels again to complete it, or "
+                "dataset.delete_run('%s') to remove them"
+                % (key, output_field, key)
+            )
+    return None
+
+
+def check_run_complete(samples: Any, output_field: str) -> None:
+    """Refuses to read an output field whose propagation run did not finish.
+
+    Raises:
+        DinopropError: with :func:`unfinished_run_message`, if a
+            propagation run writing ``output_field`` is still running or
+            was interrupted
+    """
+    message = unfinished_run_message(samples, output_field)
+    if message:
+        raise DinopropError(message)
+
+
 def newest_run_key(samples: Any, label_field: Optional[str] = None) -> Optional[str]:
     """The newest propagation run (of ``label_field``, if given), or None.
 
@@ -279,30 +336,48 @@ def _cv_ece(outcome):
     )
 
 
-def _save_run(
-    samples, run_key, info, classes, data, seed_labels, outcome, start, **params
-):
-    """Records the run and its results on the dataset."""
-    config = PropagationRunConfig(method=outcome.method, run_type=RUN_TYPE, **params)
+def _begin_run(samples, run_key, info, results_fields, **params):
+    """Records the run as :data:`WRITING` before any label is written.
+
+    An interruption then leaves a run that says so: the output field may
+    be re-written by a re-run (no ``overwrite`` needed), readers of the
+    field refuse it (:func:`check_run_complete`), and ``delete_run``
+    removes it all. Returns the recorded config.
+    """
+    config = PropagationRunConfig(run_type=RUN_TYPE, **params)
     dataset = samples._root_dataset
     if run_key in dataset.list_runs() and not isinstance(
         dataset.get_run_info(run_key).config, PropagationRunConfig
     ):  # recorded by an older dinoprop: same run, older config class
         fors.Run.delete_run(dataset, run_key, cleanup=False)
-    # the outputs were just written: replacing the record must not clean up
+    # replacing the record must not clean up: the outputs are rewritten next
     samples.register_run(run_key, config, overwrite=True, cleanup=False)
-    oof = outcome.oof_probs
+    _save_results(samples, run_key, config, dict(info, status=WRITING), results_fields)
+    return config
+
+
+def _finish_run(samples, run_key, config, info, results_fields, start):
+    """Records the run as :data:`COMPLETE`; returns its results."""
     info["seconds"] = round(time.time() - start, 3)
-    results = PropagationResults(
-        samples,
-        config,
-        run_key,
-        info=info,
+    return _save_results(
+        samples, run_key, config, dict(info, status=COMPLETE), results_fields
+    )
+
+
+def _results_fields(classes, data, outcome):
+    """What the results store besides ``info``: the classes, the seeds and
+    their cross-validated scores."""
+    oof = outcome.oof_probs
+    return dict(
         classes=[str(c) for c in classes],
         seed_ids=[str(i) for i in data["ids"][data["seed_idx"]]],
         oof_labels=[] if oof is None else [int(v) for v in outcome.oof_labels],
         oof_probs=[] if oof is None else np.round(oof, 5).tolist(),
     )
+
+
+def _save_results(samples, run_key, config, info, fields):
+    results = PropagationResults(samples, config, run_key, info=info, **fields)
     samples.save_run_results(run_key, results, overwrite=True)
     return results
 

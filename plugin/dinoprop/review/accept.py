@@ -130,14 +130,19 @@ def accept_propagated_labels(
 
     Raises:
         DinopropError: if the view is empty, a field is missing or has the
-            wrong type, the two fields are the same, or the threshold is out
-            of range; nothing is written then
+            wrong type, the two fields are the same, the threshold is out
+            of range, or the propagation run writing ``output_field`` did
+            not finish (it is running, or was interrupted); nothing is
+            written then
     """
     import fiftyone as fo
     from fiftyone import ViewField as F
 
+    from dinoprop.propagation.runs import check_run_complete
+
     _check_fields(samples, output_field, label_field)
     min_confidence = _check_confidence(min_confidence)
+    check_run_complete(samples, output_field)
 
     if samples.get_field(label_field) is None:
         unlabeled, num_labeled, num_machine = samples.exists(output_field), 0, 0

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError
-from dinoprop.propagation.runs import newest_run_key
+from dinoprop.core import DinopropError, check_int
+from dinoprop.propagation.runs import newest_run_key, unfinished_run_message
 from dinoprop.label_states import (
     ACCEPTED,
     CONFIRMED,
@@ -51,7 +51,9 @@ class LoopStatus(dict):
     - ``seeds_per_class``: ``{class: seeds}``
     - ``estimated_accuracy``, ``recommended_threshold``,
       ``coverage_at_threshold``, ``num_seeds_in_run``, ``note``: the run's
-      cross-validated estimates (None before any run)
+      cross-validated estimates (None before any run); ``note`` says so
+      when the run has not finished writing its labels (still running, or
+      interrupted)
     - ``stop_plan``: the run's plan for finishing the dataset now and its
       forecast of whether another batch of labels pays, with an
       ``advice`` sentence (see :meth:`PropagationResults.summary
@@ -128,6 +130,8 @@ def loop_status(
     ):
         status[key] = summary.get(key)
     status["num_seeds_in_run"] = summary.get("num_seeds")
+    if run_key is not None:
+        status["note"] = unfinished_run_message(samples, output_field) or status["note"]
     return status
 
 
@@ -280,8 +284,7 @@ def repropagate_if_due(
         :func:`repropagate`'s dict, or None when no re-run was due (or
         there is no run to repeat)
     """
-    if not isinstance(every, (int, np.integer)) or every < 1:
-        raise DinopropError("every must be a positive integer; got %r" % (every,))
+    check_int(every, "every")
     run_key = newest_run_key(samples, label_field)
     if run_key is None:
         return None
