@@ -26,53 +26,18 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from embedding_common import (
+    VIT_SIZES,
+    decode_rate,
+    image_paths,
+    machine,
+    model_only_rate,
+    save_random_dinov2,
+)
 from private_db import use_private_database
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CLOTHING = REPO_ROOT.parent / "shared" / "datasets" / "clothing-small"
-
-#: ViT sizes: (hidden size, layers, heads), as in DINOv2's ViT-S/B/L/g.
-VIT_SIZES = {
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "giant": (1536, 40, 24),
-}
-
-
-def _save_model(directory: str, size: str) -> None:
-    """Saves a random DINOv2-shaped model and its image processor."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    from dinoprop.models import dinov2_image_processor
-
-    hidden, layers, heads = VIT_SIZES[size]
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        patch_size=14,
-        image_size=518,
-        use_swiglu_ffn=size == "giant",
-    )
-    Dinov2Model(config).save_pretrained(directory)
-    dinov2_image_processor().save_pretrained(directory)
-
-
-def _image_paths(limit: int | None) -> list:
-    paths = sorted(str(p) for p in CLOTHING.glob("*/*/*.jpg"))
-    if not paths:
-        sys.exit("No images found under %s" % CLOTHING)
-    if limit:
-        step = max(1, len(paths) // limit)
-        paths = paths[::step][:limit]
-    return paths
 
 
 def _fiftyone_model(model_dir: str, device: str):
@@ -124,42 +89,6 @@ def _measure(run, num_images) -> tuple:
     return num_images / wall, 1000 * cpu / num_images
 
 
-def _model_only_rate(model, paths, batch_size, repeats=2) -> float:
-    import torch
-
-    from dinoprop.models import open_image, preprocess_image
-
-    images = [preprocess_image(open_image(p, model.preprocessing), model.preprocessing)
-              for p in paths[:batch_size]]
-    batch = torch.stack(images)
-    if model.device.type == "cuda":
-        batch = batch.pin_memory()
-    model.embed(batch)  # warm-up
-    _sync(model.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        model.embed(batch)
-    _sync(model.device)
-    return repeats * len(batch) / (time.perf_counter() - start)
-
-
-def _decode_rate(model, paths, batch_size, num_workers) -> float:
-    from dinoprop.embeddings_data import ImageItems, make_loader
-
-    loader = make_loader(ImageItems(paths, model.preprocessing), batch_size,
-                         num_workers, model.device)
-    start = time.perf_counter()
-    count = sum(len(indices) for indices, *_ in loader)
-    return count / (time.perf_counter() - start)
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _agreement(dataset) -> float:
     """Mean cosine between dinoprop's and FiftyOne's vectors per image.
 
@@ -176,14 +105,6 @@ def _agreement(dataset) -> float:
         x -= x.mean(0)
         vectors.append(x / np.linalg.norm(x, axis=1, keepdims=True))
     return float((vectors[0] * vectors[1]).sum(1).mean())
-
-
-def _machine(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return "%s, %d CPU cores" % (torch.cuda.get_device_name(device), os.cpu_count())
-    return "%d-core CPU, no GPU" % len(os.sched_getaffinity(0))
 
 
 def main(argv=None) -> dict:
@@ -218,9 +139,9 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()[0]
     limit = args.images or (48 if args.quick else None)
     rounds = args.rounds or 3
-    paths = _image_paths(limit)
+    paths = image_paths(limit=limit)
     model_dir = os.path.join(tmp, "dinov2-%s-random" % args.size)
-    _save_model(model_dir, args.size)
+    save_random_dinov2(model_dir, args.size)
     model = load_model(model_dir, device=str(device))
     batch_size = args.batch_size or default_batch_size(device, model.hidden_dim)
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
@@ -247,7 +168,7 @@ def main(argv=None) -> dict:
     dataset = fo.Dataset(persistent=True)
     try:
         dataset.add_samples([fo.Sample(filepath=p) for p in paths], progress=False)
-        _model_only_rate(model, paths, batch_size, repeats=1)  # warm-up, untimed
+        model_only_rate(model, paths, batch_size, repeats=1)  # warm-up, untimed
         rates = {name: [] for name in pipelines}
         cpu_ms = {name: [] for name in pipelines}
         names = list(pipelines)
@@ -259,8 +180,8 @@ def main(argv=None) -> dict:
                 print("round %d %-14s %7.1f img/s %8.1f CPU ms/img"
                       % (r + 1, name, rate, cpu), flush=True)
         agreement = _agreement(dataset)
-        model_only = {name: _model_only_rate(m, paths, batch_size) for name, m in models.items()}
-        decode = _decode_rate(model, paths, batch_size, num_workers)
+        model_only = {name: model_only_rate(m, paths, batch_size) for name, m in models.items()}
+        decode = decode_rate(model, paths, batch_size, num_workers)
     finally:
         dataset.delete()
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -286,7 +207,7 @@ def main(argv=None) -> dict:
         result["fp32_ratio"] = round(result["dinoprop_fp32_img_s"] / result["fiftyone_img_s"], 3)
     result["cpu_ratio"] = round(result["fiftyone_cpu_ms"] / result["dinoprop_cpu_ms"], 3)
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    table = _markdown(result, rates, _machine(device))
+    table = _markdown(result, rates, machine(device))
     print(table)
     if args.output:
         Path(args.output).write_text(table)
