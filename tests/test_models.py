@@ -347,8 +347,9 @@ def test_auto_precision_on_cpu_uses_bf16_only_where_native(monkeypatch, native):
     import torch
 
     from dinoprop import models
+    from dinoprop.models import devices
 
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
     expected = torch.bfloat16 if native else torch.float32
     assert models.compute_dtype(torch.device("cpu")) == expected
     assert models.compute_dtype(torch.device("cpu"), "auto") == expected
