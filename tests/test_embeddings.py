@@ -360,8 +360,8 @@ def test_device_decoding_matches_the_cpu_pipeline(image_items, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 broken")
     paths = [image_items[0][0], image_items[9][0], str(png), str(corrupt), str(tmp_path / "gone.jpg")]
-    items = EncodedItems(paths)
     preprocessing = Preprocessing(crop_size=56, resize_size=64)
+    items = EncodedItems(paths, preprocessing)
     indices, encoded, _, failures = collate_encoded([items[i] for i in range(len(paths))])
     kept, batch, more = decode_on_device(indices, encoded, paths, preprocessing, torch.device("cpu"))
 

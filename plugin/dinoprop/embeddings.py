@@ -429,7 +429,7 @@ class _Runner:
             return
         self._declare_vector_field(field_name)
         if self.gpu_decode:
-            items = EncodedItems(filepaths)
+            items = EncodedItems(filepaths, self.backbone.preprocessing)
         else:
             items = ImageItems(filepaths, self.backbone.preprocessing)
         self._run(items, ids, batch_size, num_workers, progress, field_name, ids, False)

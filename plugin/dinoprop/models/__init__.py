@@ -34,7 +34,7 @@ from dinoprop.models.devices import (
     cpu_has_native_bf16,
     resolve_device,
 )
-from dinoprop.models.images import open_image
+from dinoprop.models.images import MAX_ASPECT_RATIO, UnsupportedImage, open_image, to_rgb
 from dinoprop.models.loading import (
     EFFICIENTNET_LITE0,
     HF_MODEL_IDS,
@@ -60,10 +60,12 @@ __all__ = [
     "HF_MODEL_IDS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_ASPECT_RATIO",
     "MODEL_CHOICES",
     "POOLINGS",
     "PRECISIONS",
     "Preprocessing",
+    "UnsupportedImage",
     "center_crop_to_tensor",
     "check_pooling",
     "compute_dtype",
@@ -77,4 +79,5 @@ __all__ = [
     "preprocess_image",
     "resolve_device",
     "safe_torch_load",
+    "to_rgb",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dinoprop.core import DinopropError
+from dinoprop.models.images import check_image_size, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +50,10 @@ def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
     The shorter side is resized to ``preprocessing.resize_size`` with bicubic
     resampling, then the centre ``crop_size`` square is kept: DINOv2's
     evaluation transform (normalisation happens on the device).
+    High-bit-depth images are scaled to 8 bits first
+    (:func:`~dinoprop.models.images.to_rgb`), and images with an aspect
+    ratio over :data:`~dinoprop.models.images.MAX_ASPECT_RATIO` are refused
+    (their resize would allocate gigabytes for a sliver of content).
 
     Args:
         image: a ``PIL.Image.Image``
@@ -56,11 +61,15 @@ def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
 
     Returns:
         a ``3 x crop_size x crop_size`` uint8 tensor
+
+    Raises:
+        UnsupportedImage: for an extreme aspect ratio
     """
     from PIL import Image
 
-    image = image.convert("RGB")
     width, height = image.size
+    check_image_size(width, height)
+    image = to_rgb(image)
     short = preprocessing.resize_size
     if width <= height:
         size = (short, int(short * height / width))
