@@ -201,6 +201,46 @@ def test_unreadable_images_are_skipped_and_reported(image_dataset, tiny_dinov2_d
     assert image_dataset.count(FIELD) == 24
 
 
+def _add_unreadable_samples(dataset, directory):
+    """A missing file, a corrupt JPEG and a 20000x1 sliver; returns the paths."""
+    import fiftyone as fo
+    from PIL import Image
+
+    corrupt = directory / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    sliver = directory / "sliver.png"
+    Image.new("RGB", (20000, 1)).save(sliver)
+    paths = [str(directory / "missing.jpg"), str(corrupt), str(sliver)]
+    dataset.add_samples([fo.Sample(filepath=p) for p in paths])
+    return paths
+
+
+def test_failures_are_counted_by_reason_and_logged(image_dataset, tiny_dinov2_dir, tmp_path, caplog):
+    import logging
+
+    paths = _add_unreadable_samples(image_dataset, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dinoprop.embeddings"):
+        results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (results.num_embedded, results.num_failed) == (24, 3)
+    assert results.failure_counts == {
+        "file not found": 1, "unreadable image": 1, "extreme aspect ratio": 1,
+    }
+    assert [e.split(" (")[0] for e in results.failure_examples] == paths
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "3 images could not be embedded" in message
+    assert "1 file not found" in message and "1 extreme aspect ratio" in message
+    assert all(path in message for path in paths)
+    assert results.summary()["failure_report"] == results.failure_report()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinoprop.embeddings"):
+        clean = de.compute_embeddings(image_dataset.limit(24), model=tiny_dinov2_dir)
+    assert clean.num_failed == 0 and not caplog.records
+    assert clean.summary()["failure_report"] == "none"
+
+
 def test_progress_callable_is_called(image_dataset, tiny_dinov2_dir):
     calls = []
     de.compute_embeddings(

@@ -41,6 +41,9 @@ DEFAULT_CHUNK_SIZE = 1024
 #: Buffered results are also committed after this many seconds.
 FLUSH_SECONDS = 30.0
 
+#: Failed images named in the warning and the result panel.
+FAILURE_EXAMPLES = 5
+
 #: Settings that must match for stored embeddings to be reused.
 _FINGERPRINT_KEYS = ("fingerprint", "pooling", "normalize", "flip_average", "patches_field")
 
@@ -66,7 +69,11 @@ class EmbeddingsResults:
         num_skipped: images (or boxes) that already had an embedding from
             the same model and settings
         num_failed: images that could not be read or embedded
-        failures: ``(sample_id, reason)`` for every failure
+        failures: ``(sample_id, reason)`` for every failure; reasons read
+            ``"<kind>: <detail>"``
+        failure_counts: ``{kind: count}`` of the failures, e.g.
+            ``{"file not found": 2, "extreme aspect ratio": 1}``
+        failure_examples: ``"filepath (reason)"`` of the first few failures
         seconds: wall-clock duration of the call
         images_per_second: throughput over the embedded images
         run_key: the run recording this field's model and settings
@@ -85,6 +92,8 @@ class EmbeddingsResults:
     num_skipped: int = 0
     num_failed: int = 0
     failures: list = field(default_factory=list)
+    failure_counts: dict = field(default_factory=dict)
+    failure_examples: list = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
     run_key: str = ""
@@ -93,9 +102,28 @@ class EmbeddingsResults:
         """JSON-serialisable numbers for an App result panel."""
         summary = asdict(self)
         summary["failures"] = [list(f) for f in self.failures[:100]]
+        summary["failure_report"] = self.failure_report() or "none"
         summary["seconds"] = round(self.seconds, 3)
         summary["images_per_second"] = round(self.images_per_second, 2)
         return summary
+
+    def failure_report(self) -> str:
+        """How many images failed, by reason, and the first few; "" if none.
+
+        For example ``"2 images could not be embedded (1 file not found, 1
+        unreadable image); first: a.jpg (file not found: a.jpg), b.jpg
+        (unreadable image: ...)"``.
+        """
+        if not self.num_failed:
+            return ""
+        counts = ", ".join(
+            "%d %s" % (n, kind)
+            for kind, n in sorted(self.failure_counts.items(), key=lambda kv: -kv[1])
+        )
+        return "%d image%s could not be embedded (%s); first: %s" % (
+            self.num_failed, "s" if self.num_failed > 1 else "", counts,
+            ", ".join(self.failure_examples),
+        )
 
 
 def compute_embeddings(
@@ -225,6 +253,8 @@ def compute_embeddings(
         raise
     _finish(results, start)
     _record_run(samples, run_key, settings, backbone, status="completed", results=results)
+    if results.num_failed:
+        logger.warning("compute_embeddings: %s", results.failure_report())
     return results
 
 
@@ -464,7 +494,7 @@ class _Runner:
                         indices, tensors, items.filepaths, self.backbone.preprocessing, device
                     )
                     failures, counts = failures + more, [1] * len(indices)
-                self._record_failures(failures, sample_ids, path, labels)
+                self._record_failures(failures, sample_ids, items.filepaths, path, labels)
                 if indices:
                     vectors = _embed_in_batches(embed, tensors, batch_size, options)
                     self._buffer_vectors(indices, counts, vectors, keys, labels)
@@ -483,11 +513,18 @@ class _Runner:
             offset += count
         self.results.num_embedded += offset
 
-    def _record_failures(self, failures, sample_ids, path, labels) -> None:
+    def _record_failures(self, failures, sample_ids, filepaths, path, labels) -> None:
+        from dinoprop.embeddings_data import failure_kind
+
+        results = self.results
         for index, reason in failures:
             failure = (sample_ids[index], reason)
-            self.results.failures.append(failure)
-            self.results.num_failed += 1
+            results.failures.append(failure)
+            results.num_failed += 1
+            kind = failure_kind(reason)
+            results.failure_counts[kind] = results.failure_counts.get(kind, 0) + 1
+            if len(results.failure_examples) < FAILURE_EXAMPLES:
+                results.failure_examples.append("%s (%s)" % (filepaths[index], reason))
             if not self.skip_failures:
                 self._flush(path, labels)
                 raise DinopropError(
