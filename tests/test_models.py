@@ -211,6 +211,19 @@ def test_pickled_checkpoint_carrying_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_model_folder_with_pickled_weights_is_refused_clearly(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    marker = tmp_path / "code-ran"
+    model_dir = tmp_path / "pickled-model"
+    Dinov2Config(**TINY).save_pretrained(model_dir)
+    state = Dinov2Model(Dinov2Config(**TINY)).state_dict()
+    torch.save({**state, "payload": _RunsCode(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(DinopropError, match="Refusing to load checkpoint .*pytorch_model.bin"):
+        load_model(str(model_dir), device="cpu")
+    assert not marker.exists()
+
+
 def test_remote_code_is_not_run_unless_trusted(tmp_path):
     marker = tmp_path / "remote-code-ran"
     model_dir = tmp_path / "remote-model"

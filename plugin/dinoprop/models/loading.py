@@ -163,16 +163,24 @@ def safe_torch_load(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DinopropError(
-            "Refusing to load checkpoint '%s': it holds more than weights "
-            "(pickled objects can run code), so it was not unpickled. "
-            "Details: %s" % (path, str(e).splitlines()[0])
-        ) from None
+        raise _refused_pickle(path, e) from None
     except (OSError, RuntimeError, EOFError) as e:
         raise DinopropError("Cannot read checkpoint '%s': %s" % (path, e)) from None
 
 
+def _refused_pickle(path: str, error: Exception) -> DinopropError:
+    """The error for a checkpoint that ``weights_only`` loading refused."""
+    return DinopropError(
+        "Refusing to load checkpoint '%s': it holds more than weights "
+        "(pickled objects can run code), so it was not unpickled. If you "
+        "trust its source, re-save it as safetensors (save_pretrained) or "
+        "as a plain state dict. Details: %s" % (path, str(error).splitlines()[0])
+    )
+
+
 def _load_transformers(name: str, trust_remote_code: bool):
+    import pickle
+
     from transformers import AutoConfig, AutoModel
 
     source = HF_MODEL_IDS.get(name, name)
@@ -203,6 +211,9 @@ def _load_transformers(name: str, trust_remote_code: bool):
         )
     except DinopropError:
         raise
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin with pickled objects
+        weights = os.path.join(source, "pytorch_model.bin") if is_local else source
+        raise _refused_pickle(weights, e) from None
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "custom code" in reason and not trust_remote_code:
