@@ -336,6 +336,8 @@ def _video_dataset(tmp_path):
         (dict(batch_size=-3), "batch_size"),
         (dict(num_workers=-1), "num_workers"),
         (dict(pooling="max"), "pooling"),
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=False), "image_size"),
         (dict(patches_field="label"), "Detections or Polylines"),
         (dict(patches_field="missing"), "does not exist"),
     ],
@@ -349,6 +351,17 @@ def test_bad_input_raises_one_clear_error_and_changes_nothing(
         de.compute_embeddings(image_dataset, **kwargs)
     assert _snapshot(image_dataset) == before
     assert not image_dataset.has_field(FIELD)
+
+
+def test_image_size_a_loaded_model_would_ignore_is_refused(image_dataset, tiny_dinov2_dir):
+    model = load_model(tiny_dinov2_dir, device="cpu")
+    with pytest.raises(DinopropError, match="image_size=112 differs from the loaded model's 224"):
+        de.compute_embeddings(image_dataset, model=model, image_size=112)
+    with pytest.raises(DinopropError, match="image_size must be a positive integer"):
+        de.compute_embeddings(image_dataset, model=model, image_size=0)
+    assert not image_dataset.has_field(FIELD)
+    results = de.compute_embeddings(image_dataset, model=model, image_size=224, num_workers=0)
+    assert results.num_embedded == 24
 
 
 def test_empty_view_and_video_dataset_are_rejected(image_dataset, tiny_dinov2_dir, tmp_path):

@@ -305,6 +305,12 @@ def test_image_size_scales_preprocessing(tiny_dinov2_dir):
     assert model.fingerprint != load_model(tiny_dinov2_dir, device="cpu").fingerprint
 
 
+@pytest.mark.parametrize("image_size", [0, -224, True, 224.0, "224"])
+def test_invalid_image_size_is_refused(tiny_dinov2_dir, image_size):
+    with pytest.raises(DinopropError, match="image_size must be a positive integer"):
+        load_model(tiny_dinov2_dir, device="cpu", image_size=image_size)
+
+
 def test_jpeg_draft_decodes_large_photos_smaller(tmp_path):
     from PIL import Image
 

@@ -205,10 +205,14 @@ def compute_embeddings(
     _check_arguments(batch_size, num_workers, chunk_size, embeddings_field)
     dm.check_pooling(pooling)
     label_path = _check_target(samples, embeddings_field, patches_field)
-    backbone = model if isinstance(model, dm.EmbeddingModel) else dm.load_model(
-        model, device=device, image_size=image_size,
-        trust_remote_code=trust_remote_code, compile=compile, precision=precision,
-    )
+    if isinstance(model, dm.EmbeddingModel):
+        backbone = model
+        _check_loaded_image_size(backbone, image_size)
+    else:
+        backbone = dm.load_model(
+            model, device=device, image_size=image_size,
+            trust_remote_code=trust_remote_code, compile=compile, precision=precision,
+        )
     settings = {
         "model": backbone.name,
         "fingerprint": backbone.fingerprint,
@@ -325,6 +329,21 @@ def _check_arguments(batch_size, num_workers, chunk_size, embeddings_field) -> N
                 "%s must be an integer >= %d; got %r" % (name, minimum, value)
             )
     check_field_name(embeddings_field, "embeddings_field")
+
+
+def _check_loaded_image_size(backbone: Any, image_size: int | None) -> None:
+    """Refuses an ``image_size`` that an already loaded model would ignore."""
+    from dinoprop.models import Preprocessing
+
+    if image_size is None:
+        return
+    crop = Preprocessing.for_size(image_size).crop_size
+    if crop != backbone.preprocessing.crop_size:
+        raise DinopropError(
+            "image_size=%d differs from the loaded model's %d; load the model "
+            "with load_model(..., image_size=%d), or leave image_size unset"
+            % (crop, backbone.preprocessing.crop_size, crop)
+        )
 
 
 def _check_target(samples: Any, embeddings_field: str, patches_field: str | None) -> str | None:

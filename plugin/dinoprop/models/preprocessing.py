@@ -37,10 +37,25 @@ class Preprocessing:
 
     @classmethod
     def for_size(cls, crop_size: int | None, **kwargs) -> "Preprocessing":
-        """DINOv2's preprocessing scaled to a ``crop_size`` crop."""
-        crop = int(crop_size or DEFAULT_CROP_SIZE)
-        if crop <= 0:
-            raise DinopropError("image_size must be positive; got %d" % crop)
+        """DINOv2's preprocessing scaled to a ``crop_size`` crop.
+
+        Args:
+            crop_size: the crop side in pixels, or None for
+                :data:`DEFAULT_CROP_SIZE`
+
+        Raises:
+            DinopropError: unless ``crop_size`` is None or a positive int
+                (``0``, ``True``, ``224.0`` and ``"224"`` are refused)
+        """
+        if crop_size is None:
+            crop_size = DEFAULT_CROP_SIZE
+        if isinstance(crop_size, bool) or not isinstance(crop_size, (int, np.integer)) or crop_size <= 0:
+            raise DinopropError(
+                "image_size must be a positive integer (the side in pixels of "
+                "the square crop fed to the model, e.g. 224), or None for %d; "
+                "got %r" % (DEFAULT_CROP_SIZE, crop_size)
+            )
+        crop = int(crop_size)
         return cls(crop, int(round(crop * _RESIZE_RATIO)), **kwargs)
 
 
