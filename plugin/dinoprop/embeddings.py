@@ -174,8 +174,12 @@ def compute_embeddings(
         num_workers: DataLoader decoding processes; default 1 on small CPU
             hosts, one per spare core on GPUs; 0 decodes in this process
         device: None (CUDA, else MPS, else CPU) or e.g. ``"cuda:1"``
-        skip_failures: whether unreadable images are skipped and reported
-            (True) or raise on the first one (False)
+        skip_failures: whether images that cannot be embedded are skipped
+            and reported (True) or raise on the first one (False): missing
+            or unreadable files, images over ``PIL.Image.MAX_IMAGE_PIXELS``
+            once decoded (JPEGs after draft downscaling) or decompression
+            bombs, and aspect ratios over 20:1
+            (:data:`dinoprop.models.MAX_ASPECT_RATIO`)
         overwrite: whether to recompute embeddings that already exist
         progress: None (FiftyOne's default), a bool, or a callable receiving
             the progress bar
