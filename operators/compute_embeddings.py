@@ -27,6 +27,7 @@ class ComputeEmbeddings(_common.DinopropOperator):
         ("num_embedded", "Samples embedded", "int"),
         ("num_skipped", "Skipped (already embedded)", "int"),
         ("num_failed", "Failed", "int"),
+        ("failure_report", "Failures", "str"),
         ("model", "Model", "str"),
         ("device", "Device", "str"),
         ("dim", "Dimension", "int"),
@@ -128,6 +129,12 @@ class ComputeEmbeddings(_common.DinopropOperator):
             "else CPU",
         )
         return True
+
+    def follow_up(self, ctx, results):
+        """Reloads the dataset, and warns when some images failed."""
+        if results.num_failed:
+            yield ctx.ops.notify(results.failure_report(), variant="warning")
+        yield from super().follow_up(ctx, results)
 
     def call(self, view, params, progress):
         import dinoprop

@@ -201,6 +201,46 @@ def test_unreadable_images_are_skipped_and_reported(image_dataset, tiny_dinov2_d
     assert image_dataset.count(FIELD) == 24
 
 
+def _add_unreadable_samples(dataset, directory):
+    """A missing file, a corrupt JPEG and a 20000x1 sliver; returns the paths."""
+    import fiftyone as fo
+    from PIL import Image
+
+    corrupt = directory / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    sliver = directory / "sliver.png"
+    Image.new("RGB", (20000, 1)).save(sliver)
+    paths = [str(directory / "missing.jpg"), str(corrupt), str(sliver)]
+    dataset.add_samples([fo.Sample(filepath=p) for p in paths])
+    return paths
+
+
+def test_failures_are_counted_by_reason_and_logged(image_dataset, tiny_dinov2_dir, tmp_path, caplog):
+    import logging
+
+    paths = _add_unreadable_samples(image_dataset, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dinoprop.embeddings"):
+        results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (results.num_embedded, results.num_failed) == (24, 3)
+    assert results.failure_counts == {
+        "file not found": 1, "unreadable image": 1, "extreme aspect ratio": 1,
+    }
+    assert [e.split(" (")[0] for e in results.failure_examples] == paths
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "3 images could not be embedded" in message
+    assert "1 file not found" in message and "1 extreme aspect ratio" in message
+    assert all(path in message for path in paths)
+    assert results.summary()["failure_report"] == results.failure_report()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinoprop.embeddings"):
+        clean = de.compute_embeddings(image_dataset.limit(24), model=tiny_dinov2_dir)
+    assert clean.num_failed == 0 and not caplog.records
+    assert clean.summary()["failure_report"] == "none"
+
+
 def test_progress_callable_is_called(image_dataset, tiny_dinov2_dir):
     calls = []
     de.compute_embeddings(
@@ -296,6 +336,8 @@ def _video_dataset(tmp_path):
         (dict(batch_size=-3), "batch_size"),
         (dict(num_workers=-1), "num_workers"),
         (dict(pooling="max"), "pooling"),
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=False), "image_size"),
         (dict(patches_field="label"), "Detections or Polylines"),
         (dict(patches_field="missing"), "does not exist"),
     ],
@@ -309,6 +351,17 @@ def test_bad_input_raises_one_clear_error_and_changes_nothing(
         de.compute_embeddings(image_dataset, **kwargs)
     assert _snapshot(image_dataset) == before
     assert not image_dataset.has_field(FIELD)
+
+
+def test_image_size_a_loaded_model_would_ignore_is_refused(image_dataset, tiny_dinov2_dir):
+    model = load_model(tiny_dinov2_dir, device="cpu")
+    with pytest.raises(DinopropError, match="image_size=112 differs from the loaded model's 224"):
+        de.compute_embeddings(image_dataset, model=model, image_size=112)
+    with pytest.raises(DinopropError, match="image_size must be a positive integer"):
+        de.compute_embeddings(image_dataset, model=model, image_size=0)
+    assert not image_dataset.has_field(FIELD)
+    results = de.compute_embeddings(image_dataset, model=model, image_size=224, num_workers=0)
+    assert results.num_embedded == 24
 
 
 def test_empty_view_and_video_dataset_are_rejected(image_dataset, tiny_dinov2_dir, tmp_path):
@@ -360,8 +413,8 @@ def test_device_decoding_matches_the_cpu_pipeline(image_items, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 broken")
     paths = [image_items[0][0], image_items[9][0], str(png), str(corrupt), str(tmp_path / "gone.jpg")]
-    items = EncodedItems(paths)
     preprocessing = Preprocessing(crop_size=56, resize_size=64)
+    items = EncodedItems(paths, preprocessing)
     indices, encoded, _, failures = collate_encoded([items[i] for i in range(len(paths))])
     kept, batch, more = decode_on_device(indices, encoded, paths, preprocessing, torch.device("cpu"))
 
@@ -429,6 +482,101 @@ def test_killed_process_resumes_in_a_fresh_one(image_dataset, tiny_dinov2_dir, c
 
     results = de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0)
     assert (results.num_embedded, results.num_skipped, sum(count_forward)) == (16, 8, 16)
+
+
+def _many_samples(image_items, n):
+    """A persistent dataset of ``n`` samples cycling over the generated images."""
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    dataset.add_samples([fo.Sample(filepath=image_items[i % len(image_items)][0]) for i in range(n)])
+    dataset.persistent = True  # so a child process can load it
+    return dataset
+
+
+_SLOW_CHILD = (
+    "import sys, time, fiftyone as fo, dinoprop.embeddings as de\n"
+    "from dinoprop.models import EmbeddingModel\n"
+    "log = open(sys.argv[1], 'a', buffering=1)\n"
+    "original, done = EmbeddingModel.embed, [0]\n"
+    "def slow(self, images, **kwargs):\n"
+    "    time.sleep(0.08)\n"
+    "    out = original(self, images, **kwargs)\n"
+    "    done[0] += len(images)\n"
+    "    log.write('%d %f\\n' % (done[0], time.time()))\n"
+    "    return out\n"
+    "EmbeddingModel.embed = slow\n"
+    "de.compute_embeddings(fo.load_dataset(sys.argv[2]), model=sys.argv[3], batch_size=4,\n"
+    "                      num_workers=0, progress=False)\n"
+)
+
+
+def _embedded_log(path):
+    """``[(images embedded so far, time)]`` as the slow child logged them."""
+    lines = path.read_text().split("\n") if path.exists() else []
+    return [(int(n), float(t)) for n, t in (line.split() for line in lines if line)]
+
+
+def test_kill_9_loses_at_most_a_few_seconds_of_work(image_items, tiny_dinov2_dir, tmp_path, count_forward):
+    """Killed 4.5 s into embedding 300 images: all but the last 3 s are stored."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dataset = _many_samples(image_items, 300)
+    log = tmp_path / "embedded.log"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHILD, str(log), dataset.name, tiny_dinov2_dir],
+        env=dict(os.environ),
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            embedded = _embedded_log(log)
+            if embedded and embedded[-1][1] - embedded[0][1] >= 4.5:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the child finished before it could be killed"
+        killed_at = time.time()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(30)
+    embedded = _embedded_log(log)
+    assert 0 < embedded[-1][0] < 300  # killed mid-run
+    committed_by_then = max(n for n, t in embedded if t <= killed_at - 3.0)
+    dataset.reload()
+    stored = dataset.count(FIELD)
+    assert committed_by_then <= stored <= embedded[-1][0]
+
+    results = de.compute_embeddings(dataset, model=tiny_dinov2_dir, num_workers=0)
+    assert (results.num_embedded, results.num_skipped) == (300 - stored, stored)
+    assert sum(count_forward) == 300 - stored
+    dataset.delete()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_run_commits_what_it_computed_and_records_it(
+    image_dataset, tiny_dinov2_dir, monkeypatch, error
+):
+    """Ctrl-C (or a crash) after 5 batches: the 20 vectors are stored, the record says 20."""
+    original, calls = EmbeddingModel.embed, []
+
+    def interrupted(self, images, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 6:
+            raise error("interrupted")
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModel, "embed", interrupted)
+    with pytest.raises(error):
+        de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, batch_size=4, num_workers=0)
+    image_dataset.reload()
+    assert image_dataset.count(FIELD) == 20
+    run = de.get_embeddings_run(image_dataset, FIELD)
+    recorded = image_dataset.load_run_results(de.run_key_for(FIELD))
+    assert run["status"] == "failed" and recorded.num_embedded == 20
 
 
 def test_group_dataset_without_image_slices_is_rejected(tmp_path, tiny_dinov2_dir):

@@ -211,6 +211,19 @@ def test_pickled_checkpoint_carrying_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_model_folder_with_pickled_weights_is_refused_clearly(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    marker = tmp_path / "code-ran"
+    model_dir = tmp_path / "pickled-model"
+    Dinov2Config(**TINY).save_pretrained(model_dir)
+    state = Dinov2Model(Dinov2Config(**TINY)).state_dict()
+    torch.save({**state, "payload": _RunsCode(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(DinopropError, match="Refusing to load checkpoint .*pytorch_model.bin"):
+        load_model(str(model_dir), device="cpu")
+    assert not marker.exists()
+
+
 def test_remote_code_is_not_run_unless_trusted(tmp_path):
     marker = tmp_path / "remote-code-ran"
     model_dir = tmp_path / "remote-model"
@@ -292,6 +305,12 @@ def test_image_size_scales_preprocessing(tiny_dinov2_dir):
     assert model.fingerprint != load_model(tiny_dinov2_dir, device="cpu").fingerprint
 
 
+@pytest.mark.parametrize("image_size", [0, -224, True, 224.0, "224"])
+def test_invalid_image_size_is_refused(tiny_dinov2_dir, image_size):
+    with pytest.raises(DinopropError, match="image_size must be a positive integer"):
+        load_model(tiny_dinov2_dir, device="cpu", image_size=image_size)
+
+
 def test_jpeg_draft_decodes_large_photos_smaller(tmp_path):
     from PIL import Image
 
@@ -347,8 +366,9 @@ def test_auto_precision_on_cpu_uses_bf16_only_where_native(monkeypatch, native):
     import torch
 
     from dinoprop import models
+    from dinoprop.models import devices
 
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
     expected = torch.bfloat16 if native else torch.float32
     assert models.compute_dtype(torch.device("cpu")) == expected
     assert models.compute_dtype(torch.device("cpu"), "auto") == expected

@@ -286,6 +286,19 @@ def test_compute_embeddings_immediate(image_dataset, tiny_dinov2_dir):
     assert "reload_dataset" in triggered
 
 
+def test_compute_embeddings_shows_failures_in_the_result(image_dataset, tiny_dinov2_dir, tmp_path):
+    missing = str(tmp_path / "missing.jpg")
+    image_dataset.add_sample(fo.Sample(filepath=missing))
+    triggered = execute("compute_embeddings", image_dataset, {"model": tiny_dinov2_dir})
+
+    summary = shown_summary(triggered)
+    assert (summary["num_embedded"], summary["num_failed"]) == (24, 1)
+    report = summary["failure_report"]
+    assert "1 image could not be embedded (1 file not found)" in report and missing in report
+    warnings = [n for n in triggered["notify"] if n["variant"] == "warning"]
+    assert len(warnings) == 1 and missing in warnings[0]["message"]
+
+
 def test_compute_embeddings_on_selected_samples(image_dataset, tiny_dinov2_dir):
     ds = image_dataset
     ids = ds.take(5, seed=1).values("id")

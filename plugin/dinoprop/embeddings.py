@@ -38,8 +38,13 @@ RUN_KEY_PREFIX = "dinoprop_embeddings_"
 #: Default number of samples committed to the database per write.
 DEFAULT_CHUNK_SIZE = 1024
 
-#: Buffered results are also committed after this many seconds.
-FLUSH_SECONDS = 30.0
+#: Buffered results are also committed after this many seconds, so an
+#: interruption (even ``kill -9``) loses at most about this much work plus
+#: one batch. One bulk write every 2 s costs well under 1% of the run time.
+FLUSH_SECONDS = 2.0
+
+#: Failed images named in the warning and the result panel.
+FAILURE_EXAMPLES = 5
 
 #: Settings that must match for stored embeddings to be reused.
 _FINGERPRINT_KEYS = ("fingerprint", "pooling", "normalize", "flip_average", "patches_field")
@@ -62,11 +67,15 @@ class EmbeddingsResults:
         flip_average: whether vectors average the image and its mirror image
         embeddings_field: the field (or label attribute) holding vectors
         patches_field: the label field whose boxes were embedded, if any
-        num_embedded: images (or boxes) embedded by this call
+        num_embedded: images (or boxes) embedded and committed by this call
         num_skipped: images (or boxes) that already had an embedding from
             the same model and settings
         num_failed: images that could not be read or embedded
-        failures: ``(sample_id, reason)`` for every failure
+        failures: ``(sample_id, reason)`` for every failure; reasons read
+            ``"<kind>: <detail>"``
+        failure_counts: ``{kind: count}`` of the failures, e.g.
+            ``{"file not found": 2, "extreme aspect ratio": 1}``
+        failure_examples: ``"filepath (reason)"`` of the first few failures
         seconds: wall-clock duration of the call
         images_per_second: throughput over the embedded images
         run_key: the run recording this field's model and settings
@@ -85,6 +94,8 @@ class EmbeddingsResults:
     num_skipped: int = 0
     num_failed: int = 0
     failures: list = field(default_factory=list)
+    failure_counts: dict = field(default_factory=dict)
+    failure_examples: list = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
     run_key: str = ""
@@ -93,9 +104,28 @@ class EmbeddingsResults:
         """JSON-serialisable numbers for an App result panel."""
         summary = asdict(self)
         summary["failures"] = [list(f) for f in self.failures[:100]]
+        summary["failure_report"] = self.failure_report() or "none"
         summary["seconds"] = round(self.seconds, 3)
         summary["images_per_second"] = round(self.images_per_second, 2)
         return summary
+
+    def failure_report(self) -> str:
+        """How many images failed, by reason, and the first few; "" if none.
+
+        For example ``"2 images could not be embedded (1 file not found, 1
+        unreadable image); first: a.jpg (file not found: a.jpg), b.jpg
+        (unreadable image: ...)"``.
+        """
+        if not self.num_failed:
+            return ""
+        counts = ", ".join(
+            "%d %s" % (n, kind)
+            for kind, n in sorted(self.failure_counts.items(), key=lambda kv: -kv[1])
+        )
+        return "%d image%s could not be embedded (%s); first: %s" % (
+            self.num_failed, "s" if self.num_failed > 1 else "", counts,
+            ", ".join(self.failure_examples),
+        )
 
 
 def compute_embeddings(
@@ -124,7 +154,13 @@ def compute_embeddings(
     Samples that already hold an embedding from the same model and settings
     are skipped, so rerunning after an interruption resumes where it
     stopped. Results are committed to the database every ``chunk_size``
-    samples (or every 30 seconds).
+    samples or every :data:`FLUSH_SECONDS` (2 s), whichever comes first, so
+    even ``kill -9`` loses at most a few seconds of work; on Ctrl-C or an
+    error, everything computed is committed before the error propagates,
+    and the run record's ``num_embedded`` counts only committed vectors.
+    Images that cannot be embedded are reported: one logged warning with
+    their count by reason and the first paths, and
+    :attr:`EmbeddingsResults.failure_counts` / ``failures``.
 
     Args:
         samples: a FiftyOne dataset or view of images
@@ -138,8 +174,12 @@ def compute_embeddings(
         num_workers: DataLoader decoding processes; default 1 on small CPU
             hosts, one per spare core on GPUs; 0 decodes in this process
         device: None (CUDA, else MPS, else CPU) or e.g. ``"cuda:1"``
-        skip_failures: whether unreadable images are skipped and reported
-            (True) or raise on the first one (False)
+        skip_failures: whether images that cannot be embedded are skipped
+            and reported (True) or raise on the first one (False): missing
+            or unreadable files, images over ``PIL.Image.MAX_IMAGE_PIXELS``
+            once decoded (JPEGs after draft downscaling) or decompression
+            bombs, and aspect ratios over 20:1
+            (:data:`dinoprop.models.MAX_ASPECT_RATIO`)
         overwrite: whether to recompute embeddings that already exist
         progress: None (FiftyOne's default), a bool, or a callable receiving
             the progress bar
@@ -166,9 +206,9 @@ def compute_embeddings(
 
     Raises:
         DinopropError: for invalid input (nothing is written), or with
-            ``skip_failures=False`` on the first unreadable image (chunks
-            already embedded stay committed, and the run is recorded with
-            status ``"failed"`` and what it committed; a rerun resumes)
+            ``skip_failures=False`` on the first unreadable image (what was
+            embedded is committed, and the run is recorded with status
+            ``"failed"`` and what it committed; a rerun resumes)
     """
     from dinoprop import models as dm
 
@@ -177,10 +217,14 @@ def compute_embeddings(
     _check_arguments(batch_size, num_workers, chunk_size, embeddings_field)
     dm.check_pooling(pooling)
     label_path = _check_target(samples, embeddings_field, patches_field)
-    backbone = model if isinstance(model, dm.EmbeddingModel) else dm.load_model(
-        model, device=device, image_size=image_size,
-        trust_remote_code=trust_remote_code, compile=compile, precision=precision,
-    )
+    if isinstance(model, dm.EmbeddingModel):
+        backbone = model
+        _check_loaded_image_size(backbone, image_size)
+    else:
+        backbone = dm.load_model(
+            model, device=device, image_size=image_size,
+            trust_remote_code=trust_remote_code, compile=compile, precision=precision,
+        )
     settings = {
         "model": backbone.name,
         "fingerprint": backbone.fingerprint,
@@ -225,6 +269,8 @@ def compute_embeddings(
         raise
     _finish(results, start)
     _record_run(samples, run_key, settings, backbone, status="completed", results=results)
+    if results.num_failed:
+        logger.warning("compute_embeddings: %s", results.failure_report())
     return results
 
 
@@ -295,6 +341,21 @@ def _check_arguments(batch_size, num_workers, chunk_size, embeddings_field) -> N
                 "%s must be an integer >= %d; got %r" % (name, minimum, value)
             )
     check_field_name(embeddings_field, "embeddings_field")
+
+
+def _check_loaded_image_size(backbone: Any, image_size: int | None) -> None:
+    """Refuses an ``image_size`` that an already loaded model would ignore."""
+    from dinoprop.models import Preprocessing
+
+    if image_size is None:
+        return
+    crop = Preprocessing.for_size(image_size).crop_size
+    if crop != backbone.preprocessing.crop_size:
+        raise DinopropError(
+            "image_size=%d differs from the loaded model's %d; load the model "
+            "with load_model(..., image_size=%d), or leave image_size unset"
+            % (crop, backbone.preprocessing.crop_size, crop)
+        )
 
 
 def _check_target(samples: Any, embeddings_field: str, patches_field: str | None) -> str | None:
@@ -429,7 +490,7 @@ class _Runner:
             return
         self._declare_vector_field(field_name)
         if self.gpu_decode:
-            items = EncodedItems(filepaths)
+            items = EncodedItems(filepaths, self.backbone.preprocessing)
         else:
             items = ImageItems(filepaths, self.backbone.preprocessing)
         self._run(items, ids, batch_size, num_workers, progress, field_name, ids, False)
@@ -449,28 +510,36 @@ class _Runner:
         self._run(items, sample_ids, batch_size, num_workers, progress, path, label_ids, True)
 
     def _run(self, items, sample_ids, batch_size, num_workers, progress, path, keys, labels):
-        from dinoprop.embeddings_data import collate_encoded, decode_on_device, make_loader
+        from dinoprop.embeddings_data import collate_encoded, make_loader
 
-        device = self.backbone.device
-        encoded = self.gpu_decode and not labels
-        collate_fn = collate_encoded if encoded else None
-        loader = make_loader(items, batch_size, num_workers, device, collate_fn)
-        embed = self.backbone.embed
-        options = {k: self.settings[k] for k in ("pooling", "normalize", "flip_average")}
+        collate_fn = collate_encoded if self.gpu_decode and not labels else None
+        loader = make_loader(items, batch_size, num_workers, self.backbone.device, collate_fn)
         with progress_bar(len(items), progress=progress, iters_str="images") as pb:
-            for indices, tensors, counts, failures in loader:
-                if encoded:
-                    indices, tensors, more = decode_on_device(
-                        indices, tensors, items.filepaths, self.backbone.preprocessing, device
-                    )
-                    failures, counts = failures + more, [1] * len(indices)
-                self._record_failures(failures, sample_ids, path, labels)
-                if indices:
-                    vectors = _embed_in_batches(embed, tensors, batch_size, options)
-                    self._buffer_vectors(indices, counts, vectors, keys, labels)
-                self._maybe_flush(path, labels)
-                pb.update(len(indices) + len(failures))
+            try:
+                for batch in loader:
+                    pb.update(self._embed_batch(batch, items, sample_ids, batch_size, keys, labels))
+                    self._maybe_flush(path, labels)
+            except BaseException:  # Ctrl-C or an error: keep what was computed
+                self._flush_after_error(path, labels)
+                raise
         self._flush(path, labels)
+
+    def _embed_batch(self, batch, items, sample_ids, batch_size, keys, labels) -> int:
+        """Embeds one loader batch into the buffer; returns the images it held."""
+        from dinoprop.embeddings_data import decode_on_device
+
+        indices, tensors, counts, failures = batch
+        if self.gpu_decode and not labels:
+            indices, tensors, more = decode_on_device(
+                indices, tensors, items.filepaths, self.backbone.preprocessing, self.backbone.device
+            )
+            failures, counts = failures + more, [1] * len(indices)
+        self._record_failures(failures, sample_ids, items.filepaths)
+        if indices:
+            options = {k: self.settings[k] for k in ("pooling", "normalize", "flip_average")}
+            vectors = _embed_in_batches(self.backbone.embed, tensors, batch_size, options)
+            self._buffer_vectors(indices, counts, vectors, keys, labels)
+        return len(indices) + len(failures)
 
     def _buffer_vectors(self, indices, counts, vectors, keys, labels) -> None:
         offset = 0
@@ -481,15 +550,20 @@ class _Runner:
             else:
                 self._buffer[keys[index]] = vectors[offset]
             offset += count
-        self.results.num_embedded += offset
 
-    def _record_failures(self, failures, sample_ids, path, labels) -> None:
+    def _record_failures(self, failures, sample_ids, filepaths) -> None:
+        from dinoprop.embeddings_data import failure_kind
+
+        results = self.results
         for index, reason in failures:
             failure = (sample_ids[index], reason)
-            self.results.failures.append(failure)
-            self.results.num_failed += 1
+            results.failures.append(failure)
+            results.num_failed += 1
+            kind = failure_kind(reason)
+            results.failure_counts[kind] = results.failure_counts.get(kind, 0) + 1
+            if len(results.failure_examples) < FAILURE_EXAMPLES:
+                results.failure_examples.append("%s (%s)" % (filepaths[index], reason))
             if not self.skip_failures:
-                self._flush(path, labels)
                 raise DinopropError(
                     "Cannot embed sample %s: %s (pass skip_failures=True to "
                     "skip such samples)" % failure
@@ -501,10 +575,22 @@ class _Runner:
             self._flush(path, labels)
 
     def _flush(self, path, labels) -> None:
+        """Commits the buffered vectors; ``num_embedded`` counts committed ones."""
         if self._buffer:
             _write_chunk(self.dataset, path, self._buffer, labels)
+            self.results.num_embedded += len(self._buffer)
             self._buffer = {}
         self._last_flush = time.monotonic()
+
+    def _flush_after_error(self, path, labels) -> None:
+        """Commits what was computed before an error, which is then re-raised."""
+        try:
+            self._flush(path, labels)
+        except Exception:  # the database may be what failed
+            logger.warning(
+                "Could not commit the %d vectors computed before the error",
+                len(self._buffer), exc_info=True,
+            )
 
     def _declare_vector_field(self, field_name) -> None:
         import fiftyone as fo

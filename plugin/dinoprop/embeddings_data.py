@@ -2,8 +2,12 @@
 
 DataLoader worker processes open images (PIL ``draft()`` lets the JPEG
 decoder downsample early), resize and centre-crop them, and hand uint8
-tensors to the main process, which normalises them on the device. Failures
-travel with the batch as ``(index, reason)`` pairs instead of crashing it.
+tensors to the main process, which normalises them on the device. Every
+path decodes files with :func:`dinoprop.models.open_image` (EXIF
+orientation, size limits) and :func:`dinoprop.models.to_rgb` (bit depth).
+Failures travel with the batch as ``(index, reason)`` pairs instead of
+crashing it; reasons read ``"<kind>: <detail>"`` (see
+:func:`describe_failure`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,15 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from dinoprop.models import Preprocessing, center_crop_to_tensor, open_image, preprocess_image
+from dinoprop.models import (
+    Preprocessing,
+    UnsupportedImage,
+    center_crop_to_tensor,
+    open_image,
+    preprocess_image,
+    to_rgb,
+)
+from dinoprop.models.images import check_image_size, needs_cpu_decode
 
 
 class ImageItems:
@@ -59,11 +71,9 @@ class PatchItems:
 
     def __getitem__(self, index: int):
         import torch
-        from PIL import Image
 
         try:
-            with Image.open(self.filepaths[index]) as f:
-                image = f.convert("RGB")
+            image = to_rgb(open_image(self.filepaths[index]))
             crops = [
                 crop_box(image, box, self.preprocessing.crop_size, self.min_box_pixels)
                 for box in self.boxes[index]
@@ -97,11 +107,27 @@ def crop_box(image: Any, box: Sequence[float], size: int, min_pixels: int) -> An
 
 
 def describe_failure(error: Exception) -> str:
-    """A one-line reason for a per-sample failure."""
+    """A one-line ``"<kind>: <detail>"`` reason for a per-sample failure.
+
+    The kind (:func:`failure_kind`) is shared by failures with the same
+    cause: ``"file not found"``, ``"unreadable image"`` (not an image,
+    truncated, no permission), the kinds of
+    :class:`~dinoprop.models.UnsupportedImage` (``"image too large"``,
+    ``"extreme aspect ratio"``), else the exception's type.
+    """
     if isinstance(error, FileNotFoundError):
         return "file not found: %s" % (error.filename or error)
     text = str(error).strip().splitlines()
-    return "%s: %s" % (type(error).__name__, text[0] if text else "")
+    detail = text[0] if text else ""
+    if isinstance(error, UnsupportedImage):
+        return detail  # "<kind>: <detail>" already
+    kind = "unreadable image" if isinstance(error, OSError) else type(error).__name__
+    return "%s: %s" % (kind, detail)
+
+
+def failure_kind(reason: str) -> str:
+    """The kind of a :func:`describe_failure` reason: the part before ':'."""
+    return reason.split(":", 1)[0]
 
 
 def collate(items: list) -> tuple:
@@ -174,20 +200,31 @@ class EncodedItems:
 
     Workers only read files; :func:`decode_on_device` decodes whole batches
     with nvJPEG (``torchvision.io.decode_jpeg(..., device="cuda")``) and
-    resizes on the GPU, leaving the CPU almost idle.
+    resizes on the GPU, leaving the CPU almost idle. Files nvJPEG would get
+    wrong (see :func:`dinoprop.models.images.needs_cpu_decode`: not JPEG,
+    EXIF-rotated, too large) are decoded by the worker with PIL like the CPU
+    path, and arrive already preprocessed.
     """
 
-    def __init__(self, filepaths: Sequence[str]):
+    def __init__(self, filepaths: Sequence[str], preprocessing: Preprocessing):
         self.filepaths = filepaths
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.filepaths)
 
     def __getitem__(self, index: int):
-        from torchvision.io import read_file
+        import io
+
+        import torch
 
         try:
-            return index, read_file(self.filepaths[index]), None
+            with open(self.filepaths[index], "rb") as f:
+                data = f.read()
+            if needs_cpu_decode(data):
+                image = open_image(io.BytesIO(data), self.preprocessing)
+                return index, preprocess_image(image, self.preprocessing), None
+            return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
         except Exception as e:  # reported per sample, never fatal here
             return index, None, describe_failure(e)
 
@@ -204,32 +241,23 @@ def decode_on_device(
 ) -> tuple:
     """Decodes, resizes and crops a batch of encoded images on ``device``.
 
-    JPEGs are decoded in one batched call; anything the device decoder
-    rejects (PNG, CMYK or corrupt JPEGs) falls back to PIL on the CPU, and
-    images PIL cannot read either are reported as failures.
+    JPEGs are decoded in one batched call; items the workers already
+    decoded (``3 x S x S`` tensors) are only moved; anything the device
+    decoder rejects (CMYK or corrupt JPEGs) falls back to PIL on the CPU,
+    and images PIL cannot read either are reported as failures.
 
     Returns:
         ``(indices, B x 3 x S x S uint8 tensor or None, failures)``
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        images = []
-        for data in encoded:
-            try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                images.append(None)
+    raw = [data for data in encoded if data.dim() == 1]
+    decoded = iter(_decode_jpegs(raw, device))
     kept, tensors, failures = [], [], []
-    for index, image in zip(indices, images):
+    for index, data in zip(indices, encoded):
         try:
-            if image is None:
-                pil = open_image(filepaths[index], preprocessing)
-                tensor = preprocess_image(pil, preprocessing).to(device)
+            if data.dim() == 3:  # decoded by the worker
+                tensor = data.to(device)
             else:
-                tensor = resize_crop_tensor(image, preprocessing)
+                tensor = _resize_or_fall_back(next(decoded), filepaths[index], preprocessing, device)
         except Exception as e:  # reported per sample, never fatal here
             failures.append((index, describe_failure(e)))
             continue
@@ -242,15 +270,45 @@ def decode_on_device(
     return kept, torch.stack(tensors), failures
 
 
+def _decode_jpegs(encoded: list, device: Any) -> list:
+    """nvJPEG-decoded ``3 x H x W`` tensors, None for each one it rejects."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not encoded:
+        return []
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(None)
+        return images
+
+
+def _resize_or_fall_back(image: Any, path: str, preprocessing: Preprocessing, device: Any) -> Any:
+    if image is None:
+        pil = open_image(path, preprocessing)
+        return preprocess_image(pil, preprocessing).to(device)
+    return resize_crop_tensor(image, preprocessing)
+
+
 def resize_crop_tensor(image: Any, preprocessing: Preprocessing) -> Any:
     """DINOv2's resize + centre crop of a ``3 x H x W`` uint8 tensor.
 
     Bicubic with antialiasing, like PIL; results match the CPU path within a
     few grey levels.
+
+    Raises:
+        UnsupportedImage: for sizes :func:`dinoprop.models.open_image`
+            refuses
     """
     import torch
 
     _, height, width = image.shape
+    check_image_size(width, height)
     short = preprocessing.resize_size
     if width <= height:
         size = (int(short * height / width), short)

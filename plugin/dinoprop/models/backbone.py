@@ -1,0 +1,156 @@
+"""The loaded backbone: :class:`EmbeddingModel` maps uint8 image batches to
+pooled float32 vectors."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dinoprop.core import DinopropError
+from dinoprop.models.preprocessing import Preprocessing
+
+#: Supported ways of pooling a ViT's tokens into one vector.
+POOLINGS = ("cls", "mean", "cls+mean")
+
+
+@dataclass
+class EmbeddingModel:
+    """A loaded backbone on a device, mapping image batches to vectors.
+
+    Attributes:
+        name: the name the model was loaded by
+        module: the underlying ``torch.nn.Module``
+        kind: ``"vit"`` (token outputs) or ``"cnn"`` (feature maps)
+        device: the ``torch.device`` the model runs on
+        dtype: the compute dtype (see :func:`compute_dtype`)
+        hidden_dim: the width of one token or feature-map channel
+        patch_size: the ViT patch size in pixels (CNN: its total stride)
+        num_prefix_tokens: class + register tokens before the patch tokens
+        preprocessing: the :class:`Preprocessing` the model expects
+        fingerprint: a short hash identifying the weights and architecture
+    """
+
+    name: str
+    module: Any
+    kind: str
+    device: Any
+    dtype: Any
+    hidden_dim: int
+    patch_size: int
+    num_prefix_tokens: int
+    preprocessing: Preprocessing
+    fingerprint: str
+    _scale: Any = field(default=None, repr=False)
+    _shift: Any = field(default=None, repr=False)
+
+    def output_dim(self, pooling: str = "cls") -> int:
+        """The length of the vectors :meth:`embed` returns for ``pooling``."""
+        check_pooling(pooling)
+        if self.kind == "vit" and pooling == "cls+mean":
+            return 2 * self.hidden_dim
+        return self.hidden_dim
+
+    def effective_pooling(self, pooling: str) -> str:
+        """The pooling actually applied: CNNs always average their map."""
+        check_pooling(pooling)
+        return pooling if self.kind == "vit" else "mean"
+
+    def embed(
+        self,
+        images: Any,
+        pooling: str = "cls",
+        normalize: bool = True,
+        flip_average: bool = False,
+    ) -> np.ndarray:
+        """Embeds a batch of preprocessed images.
+
+        Args:
+            images: a ``B x 3 x H x W`` uint8 tensor (see
+                :func:`preprocess_image`), on any device
+            pooling: ``"cls"``, ``"mean"`` (of the patch tokens) or
+                ``"cls+mean"`` (their concatenation, DINOv2's linear-probe
+                feature); CNNs always use global average pooling
+            normalize: whether to scale every vector to unit L2 norm
+            flip_average: whether each vector is the mean of the image's
+                and its mirror image's (test-time augmentation: twice the
+                model compute, one forward pass of ``2B`` images)
+
+        Returns:
+            a ``B x output_dim(pooling)`` float32 numpy array
+        """
+        import torch
+
+        pooling = self.effective_pooling(pooling)
+        with torch.inference_mode():
+            if flip_average:  # mirrored on the device: one transfer
+                images = images.to(self.device, non_blocking=True)
+                images = torch.cat([images, images.flip(-1)])
+            features = self._pool(self.forward_features(images), pooling)
+            features = features.float()
+            if flip_average:
+                features = features.view(2, -1, features.shape[1]).mean(0)
+            if normalize:
+                features = torch.nn.functional.normalize(features, dim=1)
+            return features.cpu().numpy()
+
+    def forward_features(self, images: Any) -> Any:
+        """Runs the backbone on uint8 images.
+
+        Returns:
+            ``B x T x D`` tokens (ViT) or a ``B x C x h x w`` map (CNN)
+        """
+        import torch
+
+        x = images.to(self.device, non_blocking=True)
+        if self._scale is None:
+            mean = torch.tensor(self.preprocessing.mean, device=self.device)
+            std = torch.tensor(self.preprocessing.std, device=self.device)
+            self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+            self._shift = (-mean / std).view(1, 3, 1, 1)
+        x = x.float() * self._scale + self._shift
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            precision = torch.autocast("cpu", dtype=self.dtype)  # fp32 weights
+        else:
+            x, precision = x.to(self.dtype), contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            if getattr(self.module, "config", None) is None:  # efficientnet
+                return self.module.extract_features(x)
+            return self.module(pixel_values=x).last_hidden_state
+
+    def _pool(self, features: Any, pooling: str) -> Any:
+        import torch
+
+        if features.dim() == 4:
+            return features.mean((2, 3))
+        patch_mean = features[:, self.num_prefix_tokens :].mean(1)
+        if pooling == "mean":
+            return patch_mean
+        if pooling == "cls+mean":
+            return torch.cat([features[:, 0], patch_mean], dim=1)
+        return features[:, 0]
+
+
+def check_pooling(pooling: str) -> None:
+    """Raises a DinopropError unless ``pooling`` is one of :data:`POOLINGS`."""
+    if pooling not in POOLINGS:
+        raise DinopropError(
+            "Unknown pooling %r; choose one of %s" % (pooling, list(POOLINGS))
+        )
+
+
+def model_summary(model: EmbeddingModel) -> dict:
+    """JSON-friendly facts about a loaded model (recorded with runs)."""
+    return {
+        "model": model.name,
+        "fingerprint": model.fingerprint,
+        "kind": model.kind,
+        "hidden_dim": model.hidden_dim,
+        "patch_size": model.patch_size,
+        "image_size": model.preprocessing.crop_size,
+        "resize_size": model.preprocessing.resize_size,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
