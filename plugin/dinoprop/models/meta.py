@@ -1,9 +1,51 @@
-"""Meta's original DINOv2 checkpoints mapped into ``transformers``' layout."""
+"""Meta's original checkpoints mapped into ``transformers``' layout: DINOv2
+here, DINOv3 in :mod:`~dinoprop.models.meta_dinov3`."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from dinoprop.models import meta_dinov3
+
+
+def convert_meta_checkpoint(state: dict) -> tuple:
+    """The ``transformers`` class, config and state dict of a Meta checkpoint.
+
+    Recognises DINOv2 ViTs (learned ``pos_embed``, with or without
+    registers), DINOv3 ViTs (RoPE) and DINOv3 ConvNeXts by their tensors.
+
+    Args:
+        state: the checkpoint's ``{name: tensor}`` mapping, prefixes removed
+
+    Returns:
+        ``(model_class, config, state_dict)``
+
+    Raises:
+        KeyError, ValueError: if the tensors fit none of these architectures
+    """
+    import transformers
+
+    if meta_dinov3.is_dinov3_convnext(state):
+        return (
+            transformers.DINOv3ConvNextModel,
+            meta_dinov3.dinov3_convnext_config(state),
+            meta_dinov3.dinov3_convnext_state_dict(state),
+        )
+    if meta_dinov3.is_dinov3_vit(state):
+        return (
+            transformers.DINOv3ViTModel,
+            meta_dinov3.dinov3_vit_config(state),
+            meta_dinov3.dinov3_vit_state_dict(state),
+        )
+    if "cls_token" not in state or "pos_embed" not in state:
+        raise KeyError(
+            "no cls_token and pos_embed (DINOv2), rope_embed.periods (DINOv3 "
+            "ViT) or downsample_layers (DINOv3 ConvNeXt)"
+        )
+    registers = "register_tokens" in state
+    model_cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    return model_cls, meta_checkpoint_config(state), meta_to_transformers_state_dict(state)
 
 
 _META_BLOCK_KEYS = {

@@ -3,6 +3,7 @@ settings, and the Hugging Face processor configured the same way."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,3 +128,30 @@ def dinov2_image_processor(preprocessing: Preprocessing | None = None) -> Any:
         image_std=list(p.std),
         do_convert_rgb=True,
     )
+
+
+def fit_to_patches(crop_size: int, patch_size: int, model: str = "the model") -> int:
+    """``crop_size`` rounded to a whole number of patches, with a warning.
+
+    A token model (ViT, DINOv3 ConvNeXt) silently drops the pixels past its
+    last whole patch, so a crop that is not a multiple of the patch size
+    (the total stride, 32, for ConvNeXt) is rounded to the nearest one
+    instead of being cropped.
+
+    Args:
+        crop_size: the requested crop side in pixels
+        patch_size: the model's patch size or total stride
+        model: the model's name, for the warning
+
+    Returns:
+        the nearest positive multiple of ``patch_size``
+    """
+    if crop_size % patch_size == 0:
+        return crop_size
+    rounded = max(patch_size, int(crop_size / patch_size + 0.5) * patch_size)
+    warnings.warn(
+        "image_size=%d is not a multiple of %s's patch size %d; using %d"
+        % (crop_size, model, patch_size, rounded),
+        stacklevel=3,
+    )
+    return rounded
