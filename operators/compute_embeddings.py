@@ -36,11 +36,11 @@ class ComputeEmbeddings(_common.DinopropOperator):
     ]
 
     def form(self, ctx, inputs, view):
-        from dinoprop.models import MODEL_CHOICES, POOLINGS
+        from dinoprop.models import MODEL_CHOICES, POOLINGS, model_label
 
         models = types.AutocompleteView()
         for name in MODEL_CHOICES:
-            models.add_choice(name, label=name)
+            models.add_choice(name, label=model_label(name))
         model = ctx.params.get("model") or DEFAULT_MODEL
         model_error = _model_error(model)
         inputs.str(
@@ -48,9 +48,10 @@ class ComputeEmbeddings(_common.DinopropOperator):
             default=DEFAULT_MODEL,
             label="Model",
             description=(
-                "A built-in name, a Hugging Face model id or a local model "
-                "directory. Offline? efficientnet-lite0 ships with the "
-                "'offline' extra"
+                "A built-in name, a Hugging Face model id, a local model "
+                "directory or a Meta .pth checkpoint. DINOv3 models are gated: "
+                "accept their licence on Hugging Face and set HF_TOKEN. "
+                "Offline? efficientnet-lite0 ships with the 'offline' extra"
             ),
             view=models,
             invalid=model_error is not None,

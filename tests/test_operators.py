@@ -157,6 +157,10 @@ def test_embeddings_form_models_and_field_validation(image_dataset):
     form = resolve_form("compute_embeddings", image_dataset)
     choices = [c.value for c in form["model"].view.choices]
     assert choices == MODEL_CHOICES
+    labels = {c.value: c.label for c in form["model"].view.choices}
+    assert labels["dinov3-vits16"] == "dinov3-vits16 (21M params, gated: DINOv3 licence)"
+    assert labels["dinov3-convnext-large"].startswith("dinov3-convnext-large (198M params")
+    assert labels["dinov2-small"] == "dinov2-small (22M params)"
     assert form["model"].default == "dinov2-small"
     assert form["embeddings_field"].default == "dinoprop_embedding"
     assert blocking_errors(form) == []
