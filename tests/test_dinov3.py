@@ -421,3 +421,34 @@ def test_large_models_load_straight_in_the_compute_dtype(tmp_path, vit_dir, monk
     seven_b = DINOv3ViTConfig(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
                               intermediate_size=8192, use_gated_mlp=True)
     assert 6.0e9 < loading._config_params(seven_b) < 7.5e9
+
+
+def test_gpu_batch_size_fits_the_memory_the_weights_leave(vit_dir, monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dinoprop.models import Preprocessing
+
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 2**40))
+    loaded = load_model(str(vit_dir), device="cpu")
+    assert loaded.default_batch_size() == 16  # CPUs
+
+    def on_gpu(hidden, mlp, heads, crop=224):
+        config = SimpleNamespace(intermediate_size=mlp, num_attention_heads=heads)
+        return dataclasses.replace(
+            loaded, device=torch.device("cuda"), dtype=torch.bfloat16, hidden_dim=hidden,
+            module=SimpleNamespace(config=config), preprocessing=Preprocessing.for_size(crop))
+
+    vit_s, vit_7b = on_gpu(384, 1536, 6), on_gpu(4096, 8192, 32)
+    free["bytes"] = 120 * 2**30
+    assert vit_s.default_batch_size() == vit_7b.default_batch_size() == 512  # H100/H200
+    free["bytes"] = 10 * 2**30  # a 24 GB card holding the 7B's 13 GB of weights
+    for model in (vit_s, vit_7b, on_gpu(1024, 4096, 16, crop=518)):
+        batch = model.default_batch_size()
+        assert batch & (batch - 1) == 0 and 8 <= batch <= 512
+        assert batch * model.activation_bytes_per_image() <= 0.5 * free["bytes"]
+        assert 2 * batch * model.activation_bytes_per_image() > 0.5 * free["bytes"] or batch == 512
+    assert vit_7b.default_batch_size() < vit_s.default_batch_size()
+    free["bytes"] = 2**20
+    assert vit_7b.default_batch_size() == 8  # never below 8

@@ -134,6 +134,40 @@ class EmbeddingModel:
                 return self.module.extract_features(x)
             return self.module(pixel_values=x).last_hidden_state
 
+    def default_batch_size(self) -> int:
+        """Images per forward pass: 16 on CPUs; on GPUs as many as half the
+        memory left free by the loaded weights holds (8 to 512, a power of 2).
+
+        One image needs about one layer's activations at a time (inference
+        frees them layer by layer): see :meth:`activation_bytes_per_image`.
+        """
+        if self.device.type != "cuda":
+            return 16
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        fits = int(0.5 * free_bytes / self.activation_bytes_per_image())
+        return min(512, max(8, 2 ** max(0, fits.bit_length() - 1)))
+
+    def activation_bytes_per_image(self) -> int:
+        """About the peak activation memory one image needs in a forward pass.
+
+        ViTs: the tokens times the residual stream, its norm, q/k/v and the
+        attention output (6 widths) plus the MLP's hidden units (2 of
+        them), plus one head's worth of attention scores per head. CNNs:
+        the same estimate on their final feature map, a lower bound.
+        """
+        import torch
+
+        config = getattr(self.module, "config", None)
+        width = self.hidden_dim
+        mlp = getattr(config, "intermediate_size", None) or 4 * width
+        heads = getattr(config, "num_attention_heads", None) or 1
+        side = self.preprocessing.crop_size // self.patch_size
+        tokens = side * side + self.num_prefix_tokens
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return element * (tokens * (6 * width + 2 * int(mlp)) + heads * tokens * tokens)
+
     def patch_tokens(self, images: Any) -> Any:
         """The patch tokens of a batch, on their grid.
 
