@@ -185,6 +185,34 @@ def test_patch_tokens_lie_on_the_image_grid(vit_dir, tiny_dinov2_dir, convnext_d
     assert convnext.patch_tokens(_images(1, side=96, height=64)).shape == (1, 2, 3, 32)
 
 
+def test_boxes_pool_the_patch_tokens_under_them(vit_dir):
+    model = load_model(str(vit_dir), device="cpu", precision="fp32")
+    images = _images(2, side=64, height=48, seed=9)  # 3 x 4 tokens of 16 px
+    grid = model.patch_tokens(images)
+    boxes = [
+        [[0.0, 1 / 3, 0.5, 2 / 3], [0.8, 0.7, 0.05, 0.05]],  # 2 x 2 tokens; inside token (2, 3)
+        [[0.0, 0.0, 1.0, 1.0]],  # the whole image
+    ]
+    vectors = model.embed_boxes(images, boxes, normalize=False)
+    assert vectors.shape == (3, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors[0], grid[0, 1:3, 0:2].mean((0, 1)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(vectors[1], grid[0, 2, 3].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        vectors[2], model.embed(images[1:], pooling="mean", normalize=False)[0], atol=1e-4
+    )
+    unit = model.embed_boxes(images, boxes)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+
+    mirrored = [[[1 - x - w, y, w, h] for x, y, w, h in image_boxes] for image_boxes in boxes]
+    averaged = model.embed_boxes(images, boxes, normalize=False, flip_average=True)
+    np.testing.assert_allclose(
+        model.embed_boxes(images.flip(-1), mirrored, normalize=False, flip_average=True),
+        averaged, atol=1e-5,
+    )
+    assert np.abs(averaged - vectors).max() > 1e-3
+    assert model.embed_boxes(images, [[], []]).shape == (0, 64)
+
+
 # --- preprocessing ------------------------------------------------------------
 
 

@@ -4,8 +4,9 @@ pooled float32 vectors."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -193,6 +194,49 @@ class EmbeddingModel:
             patches = features[:, self.num_prefix_tokens :]
             return patches.reshape(len(patches), rows, cols, -1).float()
 
+    def embed_boxes(
+        self,
+        images: Any,
+        boxes: Sequence[Sequence[Sequence[float]]],
+        normalize: bool = True,
+        flip_average: bool = False,
+    ) -> np.ndarray:
+        """Embeds boxes from one forward pass per image: each box's vector is
+        the mean of the patch tokens whose centres lie inside it (a box
+        smaller than a patch takes the patch nearest its centre).
+
+        Args:
+            images: a ``B x 3 x H x W`` uint8 tensor of whole images
+            boxes: per image, its relative ``[x, y, w, h]`` boxes (in the
+                coordinates of ``images``)
+            normalize: whether to scale every vector to unit L2 norm
+            flip_average: whether each box's vector averages the image's
+                tokens and its mirror image's (mirrored back into place)
+
+        Returns:
+            a ``sum(len(b) for b in boxes) x hidden_dim`` float32 array, the
+            boxes of each image one after another
+        """
+        import torch
+
+        if flip_average:
+            both = self.patch_tokens(torch.cat([images, images.flip(-1)]))
+            grid = (both[: len(images)] + both[len(images) :].flip(2)) / 2
+        else:
+            grid = self.patch_tokens(images)
+        rows, cols = grid.shape[1:3]
+        vectors = [
+            grid[i, top:bottom, left:right].mean((0, 1))
+            for i, image_boxes in enumerate(boxes)
+            for left, right, top, bottom in (_token_span(b, rows, cols) for b in image_boxes)
+        ]
+        if not vectors:
+            return np.zeros((0, self.hidden_dim), dtype=np.float32)
+        stacked = torch.stack(vectors)
+        if normalize:
+            stacked = torch.nn.functional.normalize(stacked, dim=1)
+        return stacked.cpu().numpy()
+
     def _pool(self, features: Any, pooling: str) -> Any:
         import torch
 
@@ -204,6 +248,25 @@ class EmbeddingModel:
         if pooling == "cls+mean":
             return torch.cat([features[:, 0], patch_mean], dim=1)
         return features[:, 0]
+
+
+def _token_span(box: Sequence[float], rows: int, cols: int) -> tuple:
+    """``(left, right, top, bottom)`` slice bounds of the tokens whose
+    centres lie in a relative ``[x, y, w, h]`` box; the token nearest the
+    box's centre when none does."""
+    x, y, w, h = box
+    left, right = _axis_span(x, w, cols)
+    top, bottom = _axis_span(y, h, rows)
+    return left, right, top, bottom
+
+
+def _axis_span(start: float, length: float, count: int) -> tuple:
+    # token k's centre is at (k + 0.5) / count
+    first = max(0, math.ceil(start * count - 0.5))
+    last = min(count - 1, math.floor((start + length) * count - 0.5))
+    if first > last:
+        first = last = min(count - 1, max(0, math.floor((start + length / 2) * count)))
+    return first, last + 1
 
 
 def check_pooling(pooling: str) -> None:
