@@ -104,10 +104,14 @@ def test_builtin_names_cover_every_dinov3_checkpoint():
 
 
 def test_gated_repo_refusal_says_accept_the_licence(monkeypatch):
-    from huggingface_hub.errors import GatedRepoError
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
 
-    def refuse(repo_id, *args, **kwargs):
-        raise GatedRepoError("401 Client Error. Cannot access gated repo %s" % repo_id)
+    def refuse(repo_id, filename=None, *args, **kwargs):
+        """The hub's answer to a download without an accepted licence."""
+        url = "https://huggingface.co/%s/resolve/main/%s" % (repo_id, filename or "config.json")
+        hf_raise_for_status(httpx2.Response(
+            401, headers={"X-Error-Code": "GatedRepo"}, request=httpx2.Request("GET", url)))
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -118,6 +122,7 @@ def test_gated_repo_refusal_says_accept_the_licence(monkeypatch):
     with pytest.raises(DinopropError) as info:
         load_model("dinov3-vits16", device="cpu")
     message = str(info.value)
+    assert "gated repo" in message  # the hub's refusal, as transformers reports it
     assert "facebook/dinov3-vits16-pretrain-lvd1689m" in message
     assert "accept it" in message and "HF_TOKEN" in message and "local directory" in message
 

@@ -152,6 +152,6 @@ def fit_to_patches(crop_size: int, patch_size: int, model: str = "the model") ->
     warnings.warn(
         "image_size=%d is not a multiple of %s's patch size %d; using %d"
         % (crop_size, model, patch_size, rounded),
-        stacklevel=3,
+        stacklevel=4,  # the caller of load_model
     )
     return rounded
