@@ -248,6 +248,19 @@ def _copy_tree(src, dst):
     return str(dst)
 
 
+def test_whole_image_preprocessing_keeps_every_pixel_in_view():
+    from PIL import Image
+
+    from dinoprop.models import Preprocessing, preprocess_whole_image
+
+    pixels = np.zeros((40, 120, 3), dtype=np.uint8)
+    pixels[:, :10] = (255, 0, 0)  # a strip a centre crop would cut off
+    pixels[:, 10:] = (0, 0, 255)
+    tensor = preprocess_whole_image(Image.fromarray(pixels), Preprocessing.for_size(96))
+    assert tensor.shape == (3, 96, 96) and tensor.dtype == torch.uint8
+    assert tensor[0, :, :6].float().mean() > 200 and tensor[2, :, 10:].float().mean() > 200
+
+
 def test_lvd_checkpoints_keep_imagenet_normalisation(vit_dir):
     assert load_model(str(vit_dir), device="cpu").preprocessing.mean == IMAGENET_MEAN
 

@@ -95,6 +95,25 @@ def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
     return center_crop_to_tensor(image, preprocessing.crop_size)
 
 
+def preprocess_whole_image(image: Any, preprocessing: Preprocessing) -> Any:
+    """Resizes a whole PIL image, uncropped, to a ``crop_size`` square tensor.
+
+    For pooling patch tokens under boxes (``patch_mode="tokens"``): every
+    box must stay in the picture, so the image is resized (bicubic) to
+    ``crop_size x crop_size`` without keeping its aspect ratio, and a
+    relative box covers the same relative part of the model's input.
+
+    Raises:
+        UnsupportedImage: for an extreme aspect ratio
+    """
+    from PIL import Image
+
+    check_image_size(*image.size)
+    side = preprocessing.crop_size
+    resized = to_rgb(image).resize((side, side), Image.BICUBIC)
+    return center_crop_to_tensor(resized, side)
+
+
 def center_crop_to_tensor(image: Any, crop: int) -> Any:
     """The centre ``crop x crop`` square of a PIL image as a uint8 tensor."""
     import torch
