@@ -1,5 +1,5 @@
-"""What the embedding benchmarks share: random DINOv2-shaped models, the
-clothing photos, and the model-only and decode-only rates.
+"""What the embedding benchmarks share: random DINOv2- and DINOv3-shaped
+models, the clothing photos, and the model-only and decode-only rates.
 
 Nothing here imports FiftyOne, so ``gpu_check.py`` can use it on a bare
 CUDA machine.
@@ -44,6 +44,33 @@ def save_random_dinov2(directory: str, size: str) -> None:
         use_swiglu_ffn=size == "giant",
     )
     Dinov2Model(config).save_pretrained(directory)
+    dinov2_image_processor().save_pretrained(directory)
+
+
+#: DINOv3 ViT/16 sizes: (hidden size, layers, heads), as in ViT-S/B/L/16.
+DINOV3_SIZES = {"small": VIT_SIZES["small"], "base": VIT_SIZES["base"], "large": VIT_SIZES["large"]}
+
+
+def save_random_dinov3(directory: str, size: str) -> None:
+    """Saves a random DINOv3-shaped ViT/16 of ``size`` (4 register tokens,
+    RoPE, layer scale) and the image processor dinoprop's preprocessing
+    matches, the way Hugging Face does."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from dinoprop.models import dinov2_image_processor
+
+    hidden, layers, heads = DINOV3_SIZES[size]
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        patch_size=16,
+        num_register_tokens=4,
+    )
+    DINOv3ViTModel(config).save_pretrained(directory)
     dinov2_image_processor().save_pretrained(directory)
 
 

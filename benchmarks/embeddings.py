@@ -8,7 +8,9 @@ workers. FiftyOne runs its transformers integration
 its own pipeline. Runs are interleaved over several rounds (alternating who
 goes first) and the median images/s of each is reported, with the model-only
 rate (pre-decoded tensors) and the decode-only rate (DataLoader, no model)
-to show where time goes.
+to show where time goes. For ViT-S/B/L, dinoprop also embeds with a
+DINOv3-shaped ViT/16 of the same size (random weights, 4 registers, RoPE):
+the DINOv3 row beside DINOv2's.
 
 Usage::
 
@@ -30,12 +32,14 @@ import time
 from pathlib import Path
 
 from embedding_common import (
+    DINOV3_SIZES,
     VIT_SIZES,
     decode_rate,
     image_paths,
     machine,
     model_only_rate,
     save_random_dinov2,
+    save_random_dinov3,
 )
 from private_db import use_private_database
 
@@ -158,6 +162,14 @@ def main(argv=None) -> dict:
             dataset, models["dinoprop_fp32"], batch_size, num_workers,
             field="dinoprop_fp32_embedding")
 
+    if args.size in DINOV3_SIZES:
+        dinov3_dir = os.path.join(tmp, "dinov3-%s-random" % args.size)
+        save_random_dinov3(dinov3_dir, args.size)
+        models["dinoprop_dinov3"] = load_model(dinov3_dir, device=str(device))
+        pipelines["dinoprop_dinov3"] = lambda: _run_dinoprop(
+            dataset, models["dinoprop_dinov3"], batch_size, num_workers,
+            field="dinoprop_dinov3_embedding")
+
     if args.flip_average:
         pipelines["dinoprop_flip"] = lambda: _run_dinoprop(
             dataset, model, batch_size, num_workers,
@@ -185,6 +197,7 @@ def main(argv=None) -> dict:
     finally:
         dataset.delete()
         shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(tmp, "dinov3-%s-random" % args.size), ignore_errors=True)
 
     result = {
         "device": str(device),
@@ -202,6 +215,8 @@ def main(argv=None) -> dict:
         result["%s_img_s" % name] = round(statistics.median(rates[name]), 2)
         result["%s_cpu_ms" % name] = round(statistics.median(cpu_ms[name]), 1)
     result["ratio"] = round(result["dinoprop_img_s"] / result["fiftyone_img_s"], 3)
+    if "dinoprop_dinov3" in pipelines:
+        result["model_only_dinov3_img_s"] = round(model_only["dinoprop_dinov3"], 2)
     if "dinoprop_fp32" in pipelines:
         result["model_only_fp32_img_s"] = round(model_only["dinoprop_fp32"], 2)
         result["fp32_ratio"] = round(result["dinoprop_fp32_img_s"] / result["fiftyone_img_s"], 3)
@@ -214,7 +229,8 @@ def main(argv=None) -> dict:
     print(json.dumps({k: result[k] for k in (
         "device", "model", "precision", "dinoprop_img_s", "fiftyone_img_s", "ratio",
         "model_only_img_s", "decode_img_s", "cpu_ratio", "dinoprop_fp32_img_s",
-        "fp32_ratio", "dinoprop_flip_img_s")
+        "fp32_ratio", "dinoprop_flip_img_s", "dinoprop_dinov3_img_s",
+        "model_only_dinov3_img_s")
         if k in result}))
     return result
 
@@ -224,6 +240,7 @@ _LABELS = {
     "fiftyone": "FiftyOne `compute_embeddings` (transformers integration, float32)",
     "dinoprop_fp32": "dinoprop, `precision='fp32'`",
     "dinoprop_flip": "dinoprop, `flip_average=True` (%s)",
+    "dinoprop_dinov3": "dinoprop, DINOv3-shaped ViT/16 of the same size (4 registers; %s)",
 }
 
 
@@ -257,6 +274,9 @@ def _markdown(result: dict, rates: dict, machine: str) -> str:
     if "model_only_fp32_img_s" in result:
         lines.append("| model only, float32 | %.1f | | | | |"
                      % result["model_only_fp32_img_s"])
+    if "model_only_dinov3_img_s" in result:
+        lines.append("| model only, DINOv3-shaped ViT/16 (%s) | %.1f | | | | |"
+                     % (result["precision"], result["model_only_dinov3_img_s"]))
     lines += [
         "| decode + resize only (DataLoader, no model) | %.1f | | | | |" % result["decode_img_s"],
         "",
