@@ -1,339 +1,46 @@
-"""A faiss similarity backend for FiftyOne Brain.
+"""The faiss similarity index of a dinoprop FiftyOne Brain run.
 
-``dinoprop.compute_similarity()`` creates a regular FiftyOne Brain similarity
-run whose config, method and index classes live here, so everything FiftyOne
-does with similarity runs works with it: ``dataset.sort_by_similarity()``,
-the App's "sort by similarity" (by selected samples or by vector),
-``dataset.load_brain_results()`` in any process, duplicates and uniqueness.
-
-Registration: ``import dinoprop`` registers this backend with FiftyOne Brain
-under the name ``"dinoprop"`` (see :func:`dinoprop.register_backend`), so
-``fob.compute_similarity(..., backend="dinoprop")`` works without editing any
-config file. Loading an existing run needs no registration at all: FiftyOne
-imports :class:`DinopropSimilarityConfig` by its class path.
-
-Index types (``index_type``):
-
--   ``"flat"``: exact search; inner product on L2-normalised vectors for the
-    cosine metric, squared L2 for the euclidean metric
--   ``"ivf"``: an inverted file (``IndexIVFFlat``); the number of probed lists
-    is calibrated when the index is built so that recall@10 against exact
-    search is at least :data:`TARGET_RECALL`
--   ``"hnsw"``: a HNSW graph (``IndexHNSWFlat``), calibrated the same way
--   ``"auto"`` (default): ``"flat"`` up to ``exact_threshold`` vectors,
-    ``"ivf"`` beyond
-
-Storage: each index is one file,
-``<index dir>/<dataset id>/<index id>.npz``, where ``<index dir>`` is
-``$DINOPROP_INDEX_DIR`` when set, else a ``dinoprop/indexes`` folder beside
-FiftyOne's database directory (``fo.config.database_dir``), by default
-``~/.fiftyone/var/lib/dinoprop/indexes``. The file holds the serialized faiss
-index, the sample/label IDs of its rows and the cached kNN graph. It is
-written to a temporary file and renamed into place while holding a file lock,
-so a crash or concurrent writers never leave a half-written index. When the
-file is missing or corrupt, the index is rebuilt from the embeddings (with a
-warning) and written again. When the embeddings live in a dataset field,
-loading the index also drops samples deleted since and adds samples embedded
-since.
+The index (:class:`DinopropSimilarityIndex`) builds and updates a faiss
+index, keeps it in its file (:mod:`dinoprop.similarity.files`) and in sync
+with the embeddings field; searching is in :mod:`dinoprop.similarity.search`.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import json
 import logging
 import os
-import uuid
-from typing import Any
 
 import numpy as np
 
 import eta.core.utils as etau
 
-import fiftyone as fo
-import fiftyone.brain as fob
 import fiftyone.core.utils as fou
-from fiftyone.brain.similarity import (
-    DuplicatesMixin,
-    Similarity,
-    SimilarityConfig,
-    SimilarityIndex,
-)
+from fiftyone.brain.similarity import DuplicatesMixin, SimilarityIndex
 import fiftyone.brain.internal.core.utils as fbu
 
 from dinoprop.core import DinopropError, l2_normalize, progress_bar, read_embeddings
-from dinoprop.graph import (
-    CALIBRATION_QUERIES,
-    ivf_index,
-    neighbors_to_csr,
-    nprobe_options,
-    tune_recall,
-)
+from dinoprop.graph import CALIBRATION_QUERIES, ivf_index, nprobe_options, tune_recall
+from dinoprop.similarity import files
+from dinoprop.similarity.brain import config_index_path
+from dinoprop.similarity.search import IndexSearchMixin
 
 logger = logging.getLogger(__name__)
 
-#: Indexes up to this many vectors use exact search when ``index_type="auto"``.
-EXACT_THRESHOLD = 10000
 #: Minimum recall@10 against exact search that approximate indexes are tuned to.
 TARGET_RECALL = 0.95
-#: Environment variable overriding where index files are stored.
-INDEX_DIR_ENV = "DINOPROP_INDEX_DIR"
-
-#: The supported distance metrics (``metric``).
-METRICS = ("cosine", "euclidean")
-#: The supported index types (``index_type``), described above.
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 #: Stored vectors compared with the embeddings field when an index loads:
 #: a change to more than about 2% of the vectors is caught with near
 #: certainty (a re-embedding, another model) and the index is rebuilt.
 STALE_PROBES = 256
 _FILE_VERSION = 1
 _COMPACT_FRACTION = 0.3
-_QUERY_CHUNK = 1024
 _ADD_CHUNK = 20000
 #: The ``progress`` argument of the compute_similarity() call in progress
-_PROGRESS = contextvars.ContextVar("dinoprop_similarity_progress", default=None)
+PROGRESS = contextvars.ContextVar("dinoprop_similarity_progress", default=None)
 
 
-def index_dir() -> str:
-    """Returns the directory under which dinoprop stores its faiss indexes.
-
-    ``$DINOPROP_INDEX_DIR`` when set, else ``dinoprop/indexes`` beside
-    ``fo.config.database_dir``.
-    """
-    root = os.environ.get(INDEX_DIR_ENV)
-    if root:
-        return root
-    parent = os.path.dirname(os.path.abspath(fo.config.database_dir))
-    return os.path.join(parent, "dinoprop", "indexes")
-
-
-def prune_index_files() -> list:
-    """Deletes the index files of datasets that no longer exist.
-
-    Deleting a similarity run deletes its index file, but deleting a whole
-    dataset (``dataset.delete()``, or a non-persistent dataset going away)
-    does not run FiftyOne Brain's cleanup, so its files stay under
-    :func:`index_dir`, one folder per dataset. This removes the folders of
-    datasets absent from the current FiftyOne database. If several
-    databases share one ``$DINOPROP_INDEX_DIR``, run it only with that
-    directory pointing at this database's indexes.
-
-    Returns:
-        the removed folders
-    """
-    import shutil
-
-    import fiftyone.core.odm as foo
-
-    root = index_dir()
-    if not os.path.isdir(root):
-        return []
-    existing = {str(d["_id"]) for d in foo.get_db_conn().datasets.find({}, {"_id": 1})}
-    removed = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and _is_object_id(name) and name not in existing:
-            shutil.rmtree(path)
-            removed.append(path)
-    return removed
-
-
-def _is_object_id(name: str) -> bool:
-    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
-
-
-def compute_similarity(
-    samples: Any,
-    embeddings: str = "dinoprop_embedding",
-    brain_key: str = "dinoprop_similarity",
-    index_type: str = "auto",
-    metric: str = "cosine",
-    patches_field: str | None = None,
-    exact_threshold: int = EXACT_THRESHOLD,
-    overwrite: bool = True,
-    progress: Any = None,
-) -> "DinopropSimilarityIndex":
-    """Builds a faiss similarity index of the embeddings in a field.
-
-    The index is a FiftyOne Brain similarity run stored under ``brain_key``:
-    sort by similarity in the App or with ``dataset.sort_by_similarity(query,
-    brain_key=brain_key)``, and reload it with
-    ``dataset.load_brain_results(brain_key)``. As with every FiftyOne Brain
-    similarity run, the index covers all samples (or patches) of the dataset
-    that have an embedding; restrict queries with ``results.use_view(view)``.
-
-    Args:
-        samples: a FiftyOne dataset or view
-        embeddings: the vector field holding the embeddings (for patches, the
-            attribute of each label holding its embedding)
-        brain_key: the brain key of the run
-        index_type: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"``
-        metric: ``"cosine"`` or ``"euclidean"``
-        patches_field: an optional ``Detections``/``Polylines`` field whose
-            labels are indexed instead of the samples
-        exact_threshold: the largest index that ``"auto"`` keeps exact
-        overwrite: whether to replace an existing run with this brain key
-        progress: None (FiftyOne's default), a bool, or a progress callback
-
-    Returns:
-        a :class:`DinopropSimilarityIndex`
-
-    Raises:
-        DinopropError: if the input is invalid; nothing is written then
-    """
-    import time
-
-    from dinoprop.core import check_brain_key, validate_samples
-
-    validate_samples(samples, require_images=False)
-    _check_options(metric, index_type, exact_threshold)
-    replacing = check_brain_key(samples, brain_key, "similarity", overwrite)
-    _check_embeddings(samples, embeddings, patches_field)
-    dataset = samples._root_dataset
-    # an existing run is only replaced once its successor is built
-    build_key = _unused_brain_key(dataset, brain_key + "_rebuild") if replacing else brain_key
-
-    start = time.perf_counter()
-    token = _PROGRESS.set(progress)
-    try:
-        results = fob.compute_similarity(
-            samples,
-            embeddings=embeddings,
-            brain_key=build_key,
-            patches_field=patches_field,
-            backend=DinopropSimilarityConfig,
-            metric=metric,
-            index_type=index_type,
-            exact_threshold=exact_threshold,
-            progress=progress,
-        )
-    except DinopropError:
-        if build_key in dataset.list_brain_runs():
-            dataset.delete_brain_run(build_key)
-        raise
-    finally:
-        _PROGRESS.reset(token)
-    if replacing:
-        dataset.delete_brain_run(brain_key)
-        dataset.rename_brain_run(build_key, brain_key)
-        results = dataset.load_brain_results(brain_key)
-    results._seconds = time.perf_counter() - start
-    return results
-
-
-def _unused_brain_key(dataset, base):
-    existing = set(dataset.list_brain_runs())
-    key, number = base, 1
-    while key in existing:
-        number += 1
-        key = "%s%d" % (base, number)
-    return key
-
-
-def _check_options(metric, index_type, exact_threshold):
-    if not isinstance(exact_threshold, (int, np.integer)) or exact_threshold < 0:
-        raise DinopropError(
-            "exact_threshold must be a non-negative integer; got %r"
-            % (exact_threshold,)
-        )
-    if metric not in METRICS:
-        raise DinopropError(
-            "Unsupported metric '%s'; use one of %s" % (metric, METRICS)
-        )
-    if index_type not in INDEX_TYPES:
-        raise DinopropError(
-            "Unsupported index_type '%s'; use one of %s"
-            % (index_type, INDEX_TYPES)
-        )
-
-
-def _check_embeddings(samples, field, patches_field):
-    """Raises DinopropError unless ``samples`` has some usable embeddings."""
-    from dinoprop.core import no_embeddings_error, require_embeddings_field
-
-    if require_embeddings_field(samples, field, patches_field) == 0:
-        raise no_embeddings_error(field)
-
-
-class DinopropSimilarityConfig(SimilarityConfig):
-    """Configuration of the dinoprop faiss similarity backend.
-
-    Args:
-        metric: ``"cosine"`` or ``"euclidean"``
-        index_type: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"``
-        exact_threshold: the largest index that ``"auto"`` keeps exact
-        index_id: the name of the index file (generated when omitted)
-        **kwargs: keyword arguments for
-            :class:`fiftyone.brain.similarity.SimilarityConfig`
-    """
-
-    def __init__(
-        self,
-        metric: str = "cosine",
-        index_type: str = "auto",
-        exact_threshold: int = EXACT_THRESHOLD,
-        index_id: str | None = None,
-        **kwargs,
-    ):
-        _check_options(metric, index_type, exact_threshold)
-        super().__init__(**kwargs)
-        self.metric = metric
-        self.index_type = index_type
-        self.exact_threshold = int(exact_threshold)
-        self.index_id = index_id or uuid.uuid4().hex
-
-    @property
-    def method(self):
-        return "dinoprop"
-
-    @property
-    def max_k(self):
-        return None
-
-    @property
-    def supports_least_similarity(self):
-        return True
-
-    @property
-    def supported_aggregations(self):
-        return ("mean",)
-
-
-class DinopropSimilarity(Similarity):
-    """The dinoprop similarity factory.
-
-    Args:
-        config: a :class:`DinopropSimilarityConfig`
-    """
-
-    def ensure_requirements(self):
-        import faiss  # noqa: F401
-
-    def initialize(self, samples, brain_key):
-        return DinopropSimilarityIndex(
-            samples, self.config, brain_key, backend=self
-        )
-
-    def cleanup(self, samples, brain_key):
-        _remove_index_file(_index_path(samples, self.config))
-
-
-def _index_path(samples, config):
-    dataset_id = str(samples._root_dataset._doc.id)
-    return os.path.join(index_dir(), dataset_id, config.index_id + ".npz")
-
-
-def _remove_index_file(path):
-    for p in (path, path + ".lock"):
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass
-
-
-class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
+class DinopropSimilarityIndex(IndexSearchMixin, SimilarityIndex, DuplicatesMixin):
     """A faiss similarity index stored with a FiftyOne Brain run.
 
     Rows of the faiss index are never renumbered: removed rows are masked
@@ -350,6 +57,8 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         load: whether to load the index file (True when reloading a run)
     """
 
+    __module__ = "dinoprop.similarity"  # the class path stored in run results
+
     def __init__(
         self,
         samples,
@@ -362,7 +71,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         load=False,
     ):
         self._dataset = samples._dataset
-        self._path = _index_path(samples, config)
+        self._path = config_index_path(samples, config)
         self._seconds = None
         self._reset_state(config)
         SimilarityIndex.__init__(
@@ -516,7 +225,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             index.hnsw.efConstruction = 64
         else:
             index = ivf_index(x, metric)
-        with progress_bar(num, _PROGRESS.get(), "vectors") as pb:
+        with progress_bar(num, PROGRESS.get(), "vectors") as pb:
             for start in range(0, num, _ADD_CHUNK):
                 index.add(x[start : start + _ADD_CHUNK])
                 pb.update(min(_ADD_CHUNK, num - start))
@@ -599,11 +308,11 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
         name = os.path.basename(self._path)
         sources = [
-            p for p in glob.glob(os.path.join(index_dir(), "*", name)) if p != self._path
+            p for p in glob.glob(os.path.join(files.index_dir(), "*", name)) if p != self._path
         ]
         if not sources:
             return
-        self._replace_file(lambda tmp: shutil.copyfile(sources[0], tmp))
+        files.replace_file(self._path, lambda tmp: shutil.copyfile(sources[0], tmp))
         logger.info("Copied similarity index '%s' from %s", self.key, sources[0])
 
     def _field_changed(self):
@@ -691,35 +400,8 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             "search_param": self._search_param,
             "recall": self._recall,
             "graph_k": None if self._graph is None else self._graph[0],
-            "checksum": _checksum(arrays),
         }
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-
-        def save(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-
-        self._replace_file(save)
-
-    def _replace_file(self, write):
-        """Replaces the index file atomically, under its lock.
-
-        ``write(path)`` fills a temporary file beside it, which then takes
-        the file's place, so readers see the old file or the new one.
-        """
-        from filelock import FileLock
-
-        os.makedirs(os.path.dirname(self._path), exist_ok=True)
-        tmp = "%s.tmp-%d-%s" % (self._path, os.getpid(), uuid.uuid4().hex[:8])
-        with FileLock(self._path + ".lock", timeout=300):
-            try:
-                write(tmp)
-                os.replace(tmp, self._path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        files.write_arrays(self._path, arrays, meta)
 
     def _read_file(self):
         """Loads the index file; returns False (with a warning) on failure."""
@@ -729,11 +411,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             reason = "is missing"
         else:
             try:
-                with np.load(self._path, allow_pickle=False) as data:
-                    arrays = {k: data[k] for k in data.files}
-                meta = json.loads(arrays.pop("meta").tobytes().decode())
-                if meta.get("checksum") != _checksum(arrays):
-                    raise ValueError("checksum mismatch")
+                arrays, meta = files.read_arrays(self._path)
                 if meta["metric"] != self.config.metric:
                     raise ValueError("metric mismatch")
                 self._dim = meta["dim"]
@@ -1043,7 +721,7 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         return np.allclose(self._original_vectors(rows), vectors, atol=1e-4)
 
     def cleanup(self):
-        _remove_index_file(self._path)
+        files.remove_index_file(self._path)
 
     def serialize(self, reflective=False):
         """Serializes the run results.
@@ -1079,333 +757,3 @@ class DinopropSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             label_ids=None if label_ids is None else np.array(label_ids),
             load=True,
         )
-
-    # --- the shared kNN graph ---------------------------------------------
-
-    def knn(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest neighbours of every vector of the full index.
-
-        Computed once with the index (approximate for ``"ivf"``/``"hnsw"``
-        indexes, with the calibrated recall), cached in memory and in the
-        index file, and recomputed only when the index changes.
-
-        Args:
-            k: neighbours per vector (capped at ``index_size - 1``)
-
-        Returns:
-            a tuple ``(neighbors, distances)`` of ``index_size x k`` arrays:
-            int64 positions in :attr:`sample_ids` (``label_ids`` for patches),
-            -1 where fewer exist, and float32 distances (cosine distance
-            ``1 - similarity``, or Euclidean distance), nearest first
-        """
-        num = self.total_index_size
-        k = int(min(k, max(num - 1, 0)))
-        if self._graph is None or self._graph[0] < k:
-            rows = self._alive_rows
-            neighbors, dists = self._search_rows(
-                self._stored_vectors(rows), k, rows, exclude_self=True
-            )
-            self._graph = (k, neighbors, dists)
-            self._write_file()
-        return self._graph[1][:, :k], self._graph[2][:, :k]
-
-    def knn_graph(self, k: int):
-        """The kNN graph of the full index as a sparse matrix.
-
-        Args:
-            k: neighbours per vector
-
-        Returns:
-            an ``index_size x index_size`` :class:`scipy.sparse.csr_matrix`
-            whose row ``i`` holds the distances (see :meth:`knn`) from
-            vector ``i`` to its ``k`` nearest neighbours (not symmetrised)
-        """
-        neighbors, dists = self.knn(k)
-        return neighbors_to_csr(neighbors, dists)
-
-    # --- searching -------------------------------------------------------
-
-    def _current_rows(self):
-        """Index rows of the current view, in current_sample_ids order."""
-        if self._view_rows is None:
-            keep = self._current_inds
-            rows = self._alive_rows if keep is None else self._alive_rows[keep]
-            self._view_rows = rows
-        return self._view_rows
-
-    def use_view(self, *args, **kwargs):
-        self._view_rows = None
-        return super().use_view(*args, **kwargs)
-
-    def _exact_topk(self, queries, k, rows, reverse=False):
-        """Exact top-k of prepared ``queries`` among ``rows`` (row labels)."""
-        vectors = self._stored_vectors(rows)
-        num = rows.size
-        k = min(k, num)
-        all_inds, all_dists = [], []
-        for start in range(0, len(queries), _QUERY_CHUNK):
-            q = queries[start : start + _QUERY_CHUNK]
-            if self.config.metric == "cosine":
-                scores = q @ vectors.T
-            else:
-                scores = -(
-                    (q**2).sum(1)[:, None]
-                    - 2 * q @ vectors.T
-                    + (vectors**2).sum(1)[None, :]
-                )
-            if reverse:
-                scores = -scores
-            if k < num:
-                part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            else:
-                part = np.tile(np.arange(num), (len(q), 1))
-            order = np.argsort(
-                -np.take_along_axis(scores, part, 1), axis=1, kind="stable"
-            )
-            inds = np.take_along_axis(part, order, 1)
-            top = np.take_along_axis(scores, inds, 1)
-            if reverse:
-                top = -top
-            all_inds.append(rows[inds])
-            all_dists.append(self._to_distance(top))
-        return np.vstack(all_inds), np.vstack(all_dists)
-
-    def _to_distance(self, scores):
-        if self.config.metric == "cosine":
-            return (1.0 - scores).astype(np.float32)
-        return np.sqrt(np.maximum(-scores, 0)).astype(np.float32)
-
-    def _search_rows(self, queries, k, rows, exclude_self=False, reverse=False):
-        """Top-k search restricted to ``rows``; returns positions in rows."""
-        import faiss
-
-        num = rows.size
-        kk = min(k + int(exclude_self), num)
-        if kk <= 0:
-            empty = np.empty((len(queries), 0))
-            return empty.astype(np.int64), empty.astype(np.float32)
-        fraction = num / max(self._alive.size, 1)
-        exact = (
-            reverse
-            or self._resolved_type == "flat"
-            or num <= self.config.exact_threshold
-            or kk > 1024
-        )
-        if exact:
-            found, dists = self._exact_topk(queries, kk, rows, reverse=reverse)
-        else:
-            sel = None
-            if num < self._alive.size:
-                sel_ids = np.ascontiguousarray(rows, dtype=np.int64)
-                sel = faiss.IDSelectorBatch(sel_ids.size, faiss.swig_ptr(sel_ids))
-            params = self._params(kk, sel=sel, fraction=fraction)
-            scores, found = self._index.search(queries, kk, params=params)
-            if self.config.metric == "euclidean":
-                scores = -scores
-            dists = self._to_distance(scores)
-            short = (found < 0).any(axis=1)
-            if short.any():
-                found[short], dists[short] = self._exact_topk(
-                    queries[short], kk, rows
-                )
-        row_to_pos = np.full(len(self._alive), -1, dtype=np.int64)
-        row_to_pos[rows] = np.arange(num)
-        positions = np.where(found >= 0, row_to_pos[np.maximum(found, 0)], -1)
-        if exclude_self:
-            from dinoprop.graph import _drop_self
-
-            k = kk - 1
-            dists, positions = _drop_self(dists, positions, k)
-        return positions, dists
-
-    def _parse_neighbors_query(self, query):
-        """Returns ``(prepared vectors or None, single_query)``."""
-        if query is None:
-            return None, False
-        if etau.is_str(query):
-            query_ids, single = [query], True
-        else:
-            query = np.asarray(query)
-            if np.issubdtype(query.dtype, np.number):
-                single = query.ndim == 1
-                query = np.atleast_2d(query)
-                if self._dim is not None and query.shape[1] != self._dim:
-                    raise DinopropError(
-                        "Query vectors have dimension %d; this index has "
-                        "dimension %d" % (query.shape[1], self._dim)
-                    )
-                return query.astype(np.float32), single
-            query_ids, single = list(query), False
-        id_to_row = self._get_id_to_row()
-        bad = [i for i in query_ids if i not in id_to_row]
-        if bad:
-            raise DinopropError(
-                "Query IDs %s are not in similarity index '%s'" % (bad, self.key)
-            )
-        rows = np.array([id_to_row[i] for i in query_ids], dtype=np.int64)
-        return self._original_vectors(rows), single
-
-    def _kneighbors(
-        self,
-        query=None,
-        k=None,
-        reverse=False,
-        aggregation=None,
-        return_dists=False,
-    ):
-        if aggregation not in (None, "mean"):
-            raise DinopropError(
-                "Unsupported aggregation '%s'; this index supports 'mean'"
-                % aggregation
-            )
-        if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
-            raise DinopropError("k must be a positive integer; got %r" % (k,))
-        rows = self._current_rows()
-        vectors, single = self._parse_neighbors_query(query)
-        full_index = vectors is None
-        if full_index:
-            if aggregation is not None:
-                raise DinopropError("Full index queries do not support aggregation")
-            k = 1 if k is None else k
-            positions, dists = self._search_rows(
-                self._stored_vectors(rows), k, rows, exclude_self=True
-            )
-        else:
-            if aggregation == "mean" and len(vectors) > 1:
-                vectors, single = vectors.mean(axis=0, keepdims=True), True
-            if aggregation == "mean":
-                single = True
-            vectors = self._prepare(vectors)[0]
-            k_all = k is None
-            k = rows.size if k is None else k
-            positions, dists = self._search_rows(vectors, k, rows, reverse=reverse)
-            if not k_all and self._drop_deleted(rows, positions):
-                return self._kneighbors(
-                    query, k, reverse, aggregation, return_dists
-                )
-        inds = [p[p >= 0] for p in positions]
-        dists = [d[p >= 0] for p, d in zip(positions, dists)]
-        return self._format_output(inds, dists, full_index, single, return_dists)
-
-    def _drop_deleted(self, rows, positions):
-        """Removes samples deleted from the dataset since the index was built.
-
-        Checks only the samples found by a query (one indexed lookup), so
-        that a top-k answer never contains deleted samples and always has k
-        results when k exist. Returns True if anything was removed.
-        """
-        from bson import ObjectId
-
-        if self.config.patches_field is not None:
-            return False
-        found = np.unique(rows[positions[positions >= 0]])
-        ids = self._row_sample_ids[found].tolist()
-        if not ids:
-            return False
-        existing = {
-            str(d["_id"])
-            for d in self._dataset._sample_collection.find(
-                {"_id": {"$in": [ObjectId(i) for i in ids]}}, {"_id": 1}
-            )
-        }
-        missing = [i for i in ids if i not in existing]
-        if not missing:
-            return False
-        if self.config.embeddings_field is not None:
-            self._sync_with_field()
-        else:
-            logger.warning(
-                "Dropping %d deleted samples from similarity index '%s'",
-                len(missing),
-                self.key,
-            )
-            self._remove_rows(missing)
-            self._write_file()
-        SimilarityIndex.reload(self)
-        return True
-
-    def _radius_neighbors(self, query=None, thresh=None, return_dists=False):
-        rows = self._current_rows()
-        vectors, single = self._parse_neighbors_query(query)
-        full_index = vectors is None
-        if full_index:
-            vectors = self._stored_vectors(rows)
-        else:
-            vectors = self._prepare(vectors)[0]
-        stored = self._stored_vectors(rows)
-        inds, dists = [], []
-        for start in range(0, len(vectors), _QUERY_CHUNK):
-            q = vectors[start : start + _QUERY_CHUNK]
-            if self.config.metric == "cosine":
-                d = 1.0 - q @ stored.T
-            else:
-                d = np.sqrt(
-                    np.maximum(
-                        (q**2).sum(1)[:, None]
-                        - 2 * q @ stored.T
-                        + (stored**2).sum(1)[None, :],
-                        0,
-                    )
-                )
-            if full_index:
-                d[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
-            for row in d:
-                hit = np.flatnonzero(row <= thresh)
-                hit = hit[np.argsort(row[hit], kind="stable")]
-                inds.append(hit)
-                dists.append(row[hit])
-        return self._format_output(inds, dists, full_index, single, return_dists)
-
-    def _format_output(self, inds, dists, full_index, single_query, return_dists):
-        if full_index:
-            return (inds, dists) if return_dists else inds
-        sample_ids = [list(self.current_sample_ids[i]) for i in inds]
-        label_ids = None
-        if self.config.patches_field is not None:
-            label_ids = [list(self.current_label_ids[i]) for i in inds]
-        dists = [list(map(float, d)) for d in dists]
-        if single_query:
-            sample_ids = sample_ids[0]
-            label_ids = label_ids[0] if label_ids is not None else None
-            dists = dists[0]
-        if return_dists:
-            return sample_ids, label_ids, dists
-        return sample_ids, label_ids
-
-
-def _checksum(arrays):
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()
-
-
-def find_similarity_run(
-    samples: Any,
-    embeddings_field: str,
-    patches_field: str | None = None,
-    metric: str = "cosine",
-) -> str | None:
-    """Returns the key of a dinoprop similarity run on ``embeddings_field``.
-
-    Args:
-        samples: a sample collection
-        embeddings_field: the embeddings field the run must index
-        patches_field: the patches field the run must index, if any
-        metric: the metric the run must use
-
-    Returns:
-        the brain key, or None if there is no such run
-    """
-    dataset = samples._root_dataset
-    for key in dataset.list_brain_runs():
-        config = dataset.get_brain_info(key).config
-        if (
-            getattr(config, "method", None) == "dinoprop"
-            and getattr(config, "embeddings_field", None) == embeddings_field
-            and getattr(config, "patches_field", None) == patches_field
-            and getattr(config, "metric", None) == metric
-        ):
-            return key
-    return None
