@@ -279,13 +279,28 @@ class DinopropSimilarityIndex(IndexSearchMixin, SimilarityIndex, DuplicatesMixin
         return params
 
     def _field_embeddings(self, samples=None):
+        """The embeddings in the field; none while the field does not exist.
+
+        FiftyOne Brain lets a run name a field that ``add_to_index()`` will
+        create, so a missing field is an empty index, not an error.
+        """
         samples = self._dataset if samples is None else samples
+        if not self._field_exists():
+            return np.zeros((0, 0), np.float32), np.array([], "<U24"), None
         return read_embeddings(
             samples,
             self.config.embeddings_field,
             self.config.patches_field,
             allow_empty=True,
         )
+
+    def _field_exists(self):
+        path = self.config.embeddings_field
+        if self.config.patches_field is not None:
+            _, path = self._dataset._get_label_field_path(
+                self.config.patches_field, path
+            )
+        return self._dataset.has_field(path)
 
     def _rebuild_from(self, embeddings, sample_ids, label_ids):
         if self.config.embeddings_field is not None:
@@ -742,8 +757,8 @@ class DinopropSimilarityIndex(IndexSearchMixin, SimilarityIndex, DuplicatesMixin
     @classmethod
     def _from_dict(cls, d, samples, config, brain_key):
         embeddings = d.get("embeddings")
-        if etau.is_str(embeddings):
-            embeddings = fou.deserialize_numpy_array(embeddings)
+        if etau.is_str(embeddings):  # as serialize() writes them
+            embeddings = fou.deserialize_numpy_array(embeddings, ascii=True)
         elif embeddings is not None:
             embeddings = np.array(embeddings)
         sample_ids = d.get("sample_ids")
