@@ -25,9 +25,10 @@ Index types (``index_type``):
 
 Storage: each index is one file,
 ``<index dir>/<dataset id>/<index id>.npz``, where ``<index dir>`` is
-``$DINOPROP_INDEX_DIR`` when set, else a ``dinoprop/indexes`` folder beside
-FiftyOne's database directory (``fo.config.database_dir``), by default
-``~/.fiftyone/var/lib/dinoprop/indexes``. The file holds the serialized faiss
+``$DINOPROP_INDEX_DIR`` when set, else a ``dinoprop-<name>/indexes`` folder
+beside FiftyOne's database directory ``<name>`` (``fo.config.database_dir``),
+by default ``~/.fiftyone/var/lib/dinoprop-mongo/indexes``; folders and files
+are private to the user (0700 and 0600). The file holds the serialized faiss
 index, the sample/label IDs of its rows and the cached kNN graph. It is
 written to a temporary file and renamed into place while holding a file lock,
 so a crash or concurrent writers never leave a half-written index. When the

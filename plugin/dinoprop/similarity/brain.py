@@ -13,7 +13,7 @@ import numpy as np
 from fiftyone.brain.similarity import Similarity, SimilarityConfig
 
 from dinoprop.core import DinopropError
-from dinoprop.similarity.files import index_path, remove_index_file
+from dinoprop.similarity.files import check_index_id, index_path, remove_index_file
 
 #: Indexes up to this many vectors use exact search when ``index_type="auto"``.
 EXACT_THRESHOLD = 10000
@@ -48,7 +48,8 @@ class DinopropSimilarityConfig(SimilarityConfig):
         metric: ``"cosine"`` or ``"euclidean"``
         index_type: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"``
         exact_threshold: the largest index that ``"auto"`` keeps exact
-        index_id: the name of the index file (generated when omitted)
+        index_id: the name of the index file (generated when omitted): 1-64
+            letters, digits, ``_`` or ``-``
         **kwargs: keyword arguments for
             :class:`fiftyone.brain.similarity.SimilarityConfig`
     """
@@ -68,7 +69,7 @@ class DinopropSimilarityConfig(SimilarityConfig):
         self.metric = metric
         self.index_type = index_type
         self.exact_threshold = int(exact_threshold)
-        self.index_id = index_id or uuid.uuid4().hex
+        self.index_id = check_index_id(index_id or uuid.uuid4().hex)
 
     @property
     def method(self):

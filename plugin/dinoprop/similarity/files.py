@@ -4,6 +4,10 @@ Each index is one file, ``<index dir>/<dataset id>/<index id>.npz``, holding
 named arrays and a JSON ``meta`` record with their checksum. It is written
 to a temporary file and renamed into place while holding a file lock, so a
 crash or concurrent writers never leave a half-written index.
+
+The files are private to the user (folders 0700, files 0600, like FiftyOne's
+database), and no name read from a run document can reach a path outside
+the index directory: dataset IDs must be ObjectIds and index IDs plain names.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import uuid
 from typing import Any, Callable
 
@@ -20,26 +26,97 @@ import numpy as np
 INDEX_DIR_ENV = "DINOPROP_INDEX_DIR"
 #: Seconds a writer waits for another writer of the same index file.
 LOCK_TIMEOUT = 300
+#: What an index ID may look like: it names a file in the index directory.
+INDEX_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_OBJECT_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
 
 
 def index_dir() -> str:
     """Returns the directory under which dinoprop stores its faiss indexes.
 
-    ``$DINOPROP_INDEX_DIR`` when set, else ``dinoprop/indexes`` beside
-    ``fo.config.database_dir``.
+    ``$DINOPROP_INDEX_DIR`` when set, else ``dinoprop-<name>/indexes`` beside
+    FiftyOne's database directory ``fo.config.database_dir`` (named
+    ``<name>``), so each database has its own indexes, e.g.
+    ``~/.fiftyone/var/lib/dinoprop-mongo/indexes``.
     """
     import fiftyone as fo
 
     root = os.environ.get(INDEX_DIR_ENV)
     if root:
-        return root
-    parent = os.path.dirname(os.path.abspath(fo.config.database_dir))
-    return os.path.join(parent, "dinoprop", "indexes")
+        return os.path.abspath(root)
+    database_dir = os.path.abspath(fo.config.database_dir)
+    return os.path.join(
+        os.path.dirname(database_dir),
+        "dinoprop-" + os.path.basename(database_dir),
+        "indexes",
+    )
+
+
+def check_index_id(index_id: Any) -> str:
+    """Returns ``index_id`` if it can name an index file, else raises.
+
+    Raises:
+        DinopropError: unless it is 1-64 letters, digits, ``_`` or ``-``
+            (not starting with ``_`` or ``-``), so that it cannot name a path
+            outside the index directory
+    """
+    from dinoprop.core import DinopropError
+
+    if not isinstance(index_id, str) or not INDEX_ID_PATTERN.fullmatch(index_id):
+        raise DinopropError(
+            "Invalid index_id %r: use 1-64 letters, digits, '_' or '-', or "
+            "omit it to generate one" % (index_id,)
+        )
+    return index_id
 
 
 def index_path(dataset_id: str, index_id: str) -> str:
-    """The file of index ``index_id`` of the dataset with ID ``dataset_id``."""
-    return os.path.join(index_dir(), dataset_id, index_id + ".npz")
+    """The file of index ``index_id`` of the dataset with ID ``dataset_id``.
+
+    Raises:
+        DinopropError: if either name could lead outside the index directory
+    """
+    from dinoprop.core import DinopropError
+
+    if not isinstance(dataset_id, str) or not _OBJECT_ID_PATTERN.fullmatch(dataset_id):
+        raise DinopropError("Invalid dataset ID %r" % (dataset_id,))
+    return os.path.join(index_dir(), dataset_id, check_index_id(index_id) + ".npz")
+
+
+def make_private_dir(path: str) -> None:
+    """Creates the folder ``path`` under :func:`index_dir`, private to the user.
+
+    Every folder from dinoprop's own top folder down to ``path`` is created
+    (or reset) with mode 0700.
+
+    Raises:
+        DinopropError: if dinoprop's top folder is a link or belongs to
+            another user (a shared parent such as ``/tmp``)
+    """
+    from dinoprop.core import DinopropError
+
+    root = index_dir()
+    top = root if os.environ.get(INDEX_DIR_ENV) else os.path.dirname(root)
+    os.makedirs(top, mode=0o700, exist_ok=True)
+    info = os.lstat(top)
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+        raise DinopropError(
+            "dinoprop's index folder '%s' is a link or belongs to another "
+            "user; set $%s to a folder of your own" % (top, INDEX_DIR_ENV)
+        )
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for folder in [top] + _folders_between(top, path):
+        if stat.S_IMODE(os.stat(folder).st_mode) != 0o700:
+            os.chmod(folder, 0o700)
+
+
+def _folders_between(top, path):
+    """The folders below ``top`` down to ``path``, outermost first."""
+    relative = os.path.relpath(path, top)
+    if relative == "." or relative.startswith(".."):
+        return []
+    parts = relative.split(os.sep)
+    return [os.path.join(top, *parts[: i + 1]) for i in range(len(parts))]
 
 
 def prune_index_files() -> list:
@@ -96,11 +173,13 @@ def replace_file(path: str, write: Callable[[str], Any]) -> None:
     """
     from filelock import FileLock
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_private_dir(os.path.dirname(path))
     tmp = "%s.tmp-%d-%s" % (path, os.getpid(), uuid.uuid4().hex[:8])
-    with FileLock(path + ".lock", timeout=LOCK_TIMEOUT):
+    with FileLock(path + ".lock", timeout=LOCK_TIMEOUT, mode=0o600):
         try:
-            write(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            write(tmp)  # into the private file, whose mode it keeps
+            os.chmod(tmp, 0o600)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
