@@ -106,3 +106,141 @@ def test_an_index_dir_owned_by_someone_else_is_refused(dataset, monkeypatch, tmp
     monkeypatch.setattr(fo.config, "database_dir", str(tmp_path / "db"))
     with pytest.raises(DinopropError, match="belongs to another user"):
         fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+
+
+def test_a_failed_build_leaves_no_run_behind(dataset):
+    bad = np.random.default_rng(2).normal(size=(NUM, DIM))
+    bad[3, 1] = np.nan
+    with pytest.raises(DinopropError, match="NaN"):
+        fob.compute_similarity(dataset, embeddings=bad, brain_key="sim", backend="dinoprop")
+    assert dataset.list_brain_runs() == []
+    bad[3, 1] = 0.0
+    index = fob.compute_similarity(dataset, embeddings=bad, brain_key="sim", backend="dinoprop")
+    assert index.total_index_size == NUM
+
+
+# --- killed and concurrent builds, in real processes ------------------------
+
+_CHILD = """
+import os, signal, sys, time
+import numpy as np
+import fiftyone as fo
+import fiftyone.brain as fob
+import dinoprop as dp
+
+name, scenario, kill_at, barrier = sys.argv[1:5]
+dataset = fo.load_dataset(name)
+real_replace = os.replace
+reached = []
+
+def savez(f, **arrays):  # dies half way through writing an index file
+    f.write(b"half an index")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):  # acts once the new index file is in place
+    real_replace(src, dst)
+    if not dst.endswith(".npz") or reached:
+        return
+    reached.append(dst)
+    if kill_at == "written":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if barrier != "-":  # wait for the other build to get here too
+        open(os.path.join(barrier, str(os.getpid())), "w").close()
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(barrier, "go")) and time.time() < deadline:
+            time.sleep(0.02)
+
+if kill_at == "mid-write":
+    np.savez = savez
+os.replace = replace
+if scenario == "first":
+    fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+else:
+    dp.compute_similarity(dataset, embeddings="emb", brain_key="sim")
+"""
+
+
+def _start_child(dataset, scenario, kill_at="-", barrier="-"):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, dataset.name, scenario, kill_at, str(barrier)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _index_folder_files(dataset):
+    folder = os.path.join(index_dir(), str(dataset._doc.id))
+    return sorted(n for n in os.listdir(folder) if n != "runs.lock")
+
+
+def _assert_one_clean_run(dataset):
+    """One loadable run "sim", whose file is the only one left once pruned."""
+    from dinoprop.similarity import prune_index_files
+
+    dataset.reload()
+    assert dataset.list_brain_runs() == ["sim"]
+    index = dataset.load_brain_results("sim", cache=False)
+    query = dataset.first().id
+    assert index.sort_by_similarity(query, k=1).values("id") == [query]
+    prune_index_files()
+    name = os.path.basename(index.index_path)
+    assert _index_folder_files(dataset) == [name, name + ".lock"]
+
+
+@pytest.fixture
+def persistent(dataset):
+    """``dataset``, persistent so that child processes can load it."""
+    dataset.persistent = True
+    yield dataset
+    dataset.persistent = False
+
+
+@pytest.mark.parametrize("kill_at", ["mid-write", "written"])
+def test_a_first_build_killed_leaves_no_run_and_no_files(persistent, kill_at):
+    child = _start_child(persistent, "first", kill_at)
+    assert child.wait(timeout=120) == -9, child.stderr.read()
+    persistent.reload()
+    assert persistent.list_brain_runs() == []
+    fob.compute_similarity(persistent, embeddings="emb", brain_key="sim", backend="dinoprop")
+    _assert_one_clean_run(persistent)
+
+
+@pytest.mark.parametrize("kill_at", ["mid-write", "written"])
+def test_a_replacement_killed_keeps_the_old_run_and_leaves_no_files(persistent, kill_at):
+    import dinoprop as dp
+
+    old = dp.compute_similarity(persistent, embeddings="emb", brain_key="sim")
+    child = _start_child(persistent, "replace", kill_at)
+    assert child.wait(timeout=120) == -9, child.stderr.read()
+    _assert_one_clean_run(persistent)
+    assert persistent.load_brain_results("sim", cache=False).index_path == old.index_path
+
+
+@pytest.mark.parametrize("scenario", ["first", "replace"])
+def test_concurrent_builds_under_one_key(persistent, tmp_path, scenario):
+    import time
+
+    import dinoprop as dp
+
+    if scenario == "replace":
+        dp.compute_similarity(persistent, embeddings="emb", brain_key="sim")
+    children = [_start_child(persistent, scenario, barrier=tmp_path) for _ in range(2)]
+    deadline = time.time() + 120
+    while time.time() < deadline and len(os.listdir(tmp_path)) + sum(
+        c.poll() is not None for c in children
+    ) < 2:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    codes = [c.wait(timeout=120) for c in children]
+    errors = [c.stderr.read() for c in children]
+    if scenario == "first":  # exactly one wins, the other is told why
+        assert sorted(codes) == [0, 1], errors
+        assert "while this index was built" in errors[codes.index(1)]
+    else:  # both replace the run, one after the other
+        assert codes == [0, 0], errors
+    _assert_one_clean_run(persistent)

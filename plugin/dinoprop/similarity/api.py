@@ -6,11 +6,12 @@ from typing import Any
 
 import fiftyone.brain as fob
 
-from dinoprop.core import DinopropError
+from dinoprop.similarity import files
 from dinoprop.similarity.brain import (
     EXACT_THRESHOLD,
     DinopropSimilarityConfig,
     check_options,
+    config_index_path,
 )
 from dinoprop.similarity.index import PROGRESS, DinopropSimilarityIndex
 
@@ -62,17 +63,14 @@ def compute_similarity(
     check_options(metric, index_type, exact_threshold)
     replacing = check_brain_key(samples, brain_key, "similarity", overwrite)
     _check_embeddings(samples, embeddings, patches_field)
-    dataset = samples._root_dataset
-    # an existing run is only replaced once its successor is built
-    build_key = _unused_brain_key(dataset, brain_key + "_rebuild") if replacing else brain_key
-
     start = time.perf_counter()
     token = PROGRESS.set(progress)
     try:
+        # an existing run is replaced only once its successor is built
         results = fob.compute_similarity(
             samples,
             embeddings=embeddings,
-            brain_key=build_key,
+            brain_key=None if replacing else brain_key,
             patches_field=patches_field,
             backend=DinopropSimilarityConfig,
             metric=metric,
@@ -80,28 +78,35 @@ def compute_similarity(
             exact_threshold=exact_threshold,
             progress=progress,
         )
-    except DinopropError:
-        if build_key in dataset.list_brain_runs():
-            dataset.delete_brain_run(build_key)
-        raise
     finally:
         PROGRESS.reset(token)
     if replacing:
-        dataset.delete_brain_run(brain_key)
-        dataset.rename_brain_run(build_key, brain_key)
-        results = dataset.load_brain_results(brain_key)
+        _replace_run(samples._root_dataset, brain_key, results)
     results._seconds = time.perf_counter() - start
     return results
 
 
-def _unused_brain_key(dataset, base):
-    existing = set(dataset.list_brain_runs())
-    key, number = base, 1
-    while key in existing:
-        number += 1
-        key = "%s%d" % (base, number)
-    return key
+def _replace_run(dataset, key, results):
+    """Makes the unregistered index ``results`` the run under ``key``.
 
+    A dinoprop run is switched to the new index by one update of its config
+    (its stored results, the class name, stay valid), so that a kill leaves
+    either run in place; its old file is then deleted. Another run type is
+    replaced as FiftyOne does. Concurrent replacements are serialised: the
+    last one wins, and no file is left behind.
+    """
+    method = results.config.build()
+    with files.runs_lock(str(dataset._doc.id)):
+        dataset.reload()  # what other processes did meanwhile
+        old = dataset.get_brain_info(key).config if key in dataset.list_brain_runs() else None
+        results._key = key
+        if isinstance(old, DinopropSimilarityConfig):
+            method.update_run_config(dataset, key, results.config)
+            method.save_run_results(dataset, key, results)
+            files.remove_index_file(config_index_path(dataset, old))
+        else:
+            method.register_run(dataset, key, overwrite=True)
+            method.save_run_results(dataset, key, results)
 
 
 def _check_embeddings(samples, field, patches_field):

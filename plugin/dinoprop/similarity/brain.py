@@ -13,6 +13,7 @@ import numpy as np
 from fiftyone.brain.similarity import Similarity, SimilarityConfig
 
 from dinoprop.core import DinopropError
+from dinoprop.similarity import files
 from dinoprop.similarity.files import check_index_id, index_path, remove_index_file
 
 #: Indexes up to this many vectors use exact search when ``index_type="auto"``.
@@ -91,11 +92,20 @@ class DinopropSimilarityConfig(SimilarityConfig):
 class DinopropSimilarity(Similarity):
     """The dinoprop similarity factory.
 
+    FiftyOne Brain registers a run before building its index; this backend
+    registers it once the index is built (in :meth:`save_run_results`), so
+    that a build that fails or is killed leaves no run behind, and two
+    builds under one key cannot both register.
+
     Args:
         config: a :class:`DinopropSimilarityConfig`
     """
 
     __module__ = "dinoprop.similarity"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._deferred = None  # (key, overwrite, cleanup) of register_run()
 
     def ensure_requirements(self):
         import faiss  # noqa: F401
@@ -103,9 +113,42 @@ class DinopropSimilarity(Similarity):
     def initialize(self, samples, brain_key):
         from dinoprop.similarity.index import DinopropSimilarityIndex
 
+        files.remove_orphans(str(samples._root_dataset._doc.id))
         return DinopropSimilarityIndex(
             samples, self.config, brain_key, backend=self
         )
+
+    def register_run(self, samples, key, overwrite=True, cleanup=True):
+        """Checks that the run can be stored; :meth:`save_run_results`
+        registers it once its index is built."""
+        if key is None:
+            return
+        self.validate_run(samples, key, overwrite=overwrite)
+        self._deferred = (key, overwrite, cleanup)
+
+    def save_run_results(self, samples, key, run_results, overwrite=True, cache=True):
+        """Registers the run if :meth:`register_run` deferred it, then saves
+        its results and lets other processes clean up around its file."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and deferred[0] == key:
+            self._register_built(samples, key, run_results, *deferred[1:])
+        super().save_run_results(samples, key, run_results, overwrite=overwrite, cache=cache)
+        if key is not None:
+            run_results.release_build_lock()
+
+    def _register_built(self, samples, key, run_results, overwrite, cleanup):
+        dataset = samples._root_dataset
+        with files.runs_lock(str(dataset._doc.id)):
+            dataset.reload()  # runs that other processes registered meanwhile
+            try:
+                super().register_run(dataset, key, overwrite=overwrite, cleanup=cleanup)
+            except ValueError as e:
+                run_results.discard()
+                raise DinopropError(
+                    "%s: it was registered while this index was built (by "
+                    "another process?). Choose another brain key, or delete "
+                    "the run and build again" % e
+                ) from e
 
     def cleanup(self, samples, brain_key):
         remove_index_file(config_index_path(samples, self.config))

@@ -120,18 +120,19 @@ def _folders_between(top, path):
 
 
 def prune_index_files() -> list:
-    """Deletes the index files of datasets that no longer exist.
+    """Deletes the index files that no similarity run uses any more.
 
     Deleting a similarity run deletes its index file, but deleting a whole
     dataset (``dataset.delete()``, or a non-persistent dataset going away)
     does not run FiftyOne Brain's cleanup, so its files stay under
     :func:`index_dir`, one folder per dataset. This removes the folders of
-    datasets absent from the current FiftyOne database. If several
-    databases share one ``$DINOPROP_INDEX_DIR``, run it only with that
-    directory pointing at this database's indexes.
+    datasets absent from the current FiftyOne database, and in the folders
+    of the others what :func:`remove_orphans` removes (files left by killed
+    builds). If several databases share one ``$DINOPROP_INDEX_DIR``, run it
+    only with that directory pointing at this database's indexes.
 
     Returns:
-        the removed folders
+        the removed folders and files
     """
     import shutil
 
@@ -144,23 +145,109 @@ def prune_index_files() -> list:
     removed = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if os.path.isdir(path) and _is_object_id(name) and name not in existing:
+        if not os.path.isdir(path) or not _OBJECT_ID_PATTERN.fullmatch(name):
+            continue
+        if name in existing:
+            removed.extend(remove_orphans(name))
+        else:
             shutil.rmtree(path)
             removed.append(path)
     return removed
 
 
-def _is_object_id(name: str) -> bool:
-    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
+def index_lock(path: str):
+    """The lock of an index file, held while it is built or written.
+
+    One instance per file and process (so that a build holding it can write
+    the file), exclusive between processes and threads. A killed process
+    releases it.
+    """
+    from filelock import FileLock
+
+    make_private_dir(os.path.dirname(path))
+    return FileLock(path + ".lock", timeout=LOCK_TIMEOUT, mode=0o600, is_singleton=True)
+
+
+def runs_lock(dataset_id: str):
+    """The lock held while a similarity run of the dataset is registered."""
+    from filelock import FileLock
+
+    folder = os.path.join(index_dir(), dataset_id)
+    make_private_dir(folder)
+    return FileLock(
+        os.path.join(folder, "runs.lock"), timeout=LOCK_TIMEOUT, mode=0o600, is_singleton=True
+    )
+
+
+def remove_orphans(dataset_id: str) -> list:
+    """Deletes what killed builds and writes left in a dataset's index folder.
+
+    That is the temporary files of writers that died, and the index files
+    (with their locks) that no similarity run of the dataset names. An index
+    whose lock is held, by a build in progress or a writer, is left alone.
+
+    Args:
+        dataset_id: the ID of an existing dataset
+
+    Returns:
+        the removed files
+    """
+    from filelock import FileLock, Timeout
+
+    folder = os.path.join(index_dir(), dataset_id)
+    if not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    removed = []
+    for index_id in sorted({n.split(".npz")[0] for n in names if ".npz" in n}):
+        path = os.path.join(folder, index_id + ".npz")
+        probe = FileLock(path + ".lock", timeout=0, mode=0o600)
+        try:
+            probe.acquire()
+        except Timeout:
+            continue  # a live build or writer
+        try:
+            # read after taking the lock: a build registers its run first
+            orphan = index_id not in _run_index_ids(dataset_id)
+            doomed = [
+                n for n in names
+                if n.startswith(index_id + ".npz.tmp-") or (orphan and n == index_id + ".npz")
+            ]
+            removed.extend(_remove(os.path.join(folder, n)) for n in doomed)
+        finally:
+            probe.release()
+        if orphan:
+            _remove(path + ".lock")
+    return removed
+
+
+def _run_index_ids(dataset_id):
+    """The index IDs named by the dinoprop runs the dataset lists."""
+    from bson import ObjectId
+
+    import fiftyone.core.odm as foo
+
+    db = foo.get_db_conn()
+    doc = db.datasets.find_one({"_id": ObjectId(dataset_id)}, {"brain_methods": 1}) or {}
+    run_ids = [getattr(r, "id", r) for r in (doc.get("brain_methods") or {}).values()]
+    runs = db.runs.find(
+        {"_id": {"$in": run_ids}, "config.method": "dinoprop"}, {"config.index_id": 1}
+    )
+    return {r["config"].get("index_id") for r in runs}
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    return path
 
 
 def remove_index_file(path: str) -> None:
     """Deletes an index file and its lock file, if they exist."""
-    for p in (path, path + ".lock"):
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass
+    _remove(path)
+    _remove(path + ".lock")
 
 
 def replace_file(path: str, write: Callable[[str], Any]) -> None:
@@ -171,11 +258,13 @@ def replace_file(path: str, write: Callable[[str], Any]) -> None:
         write: ``write(tmp)`` fills a temporary file beside ``path``, which
             then takes its place, so readers see the old file or the new one
     """
-    from filelock import FileLock
+    import glob
 
     make_private_dir(os.path.dirname(path))
     tmp = "%s.tmp-%d-%s" % (path, os.getpid(), uuid.uuid4().hex[:8])
-    with FileLock(path + ".lock", timeout=LOCK_TIMEOUT, mode=0o600):
+    with index_lock(path):
+        for dead in glob.glob(glob.escape(path) + ".tmp-*"):  # of killed writers
+            _remove(dead)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             write(tmp)  # into the private file, whose mode it keeps

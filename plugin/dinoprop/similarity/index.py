@@ -73,6 +73,10 @@ class DinopropSimilarityIndex(IndexSearchMixin, SimilarityIndex, DuplicatesMixin
         self._dataset = samples._dataset
         self._path = config_index_path(samples, config)
         self._seconds = None
+        self._build_lock = None
+        if not load:  # held until the run is registered
+            self._build_lock = files.index_lock(self._path)
+            self._build_lock.acquire()
         self._reset_state(config)
         SimilarityIndex.__init__(
             self, samples, config, brain_key, backend=backend
@@ -737,6 +741,21 @@ class DinopropSimilarityIndex(IndexSearchMixin, SimilarityIndex, DuplicatesMixin
 
     def cleanup(self):
         files.remove_index_file(self._path)
+
+    def release_build_lock(self) -> None:
+        """Marks a new index as settled: registered, or never to be.
+
+        Until then its file is not treated as an orphan
+        (:func:`dinoprop.similarity.files.remove_orphans`).
+        """
+        lock, self._build_lock = self._build_lock, None
+        if lock is not None:
+            lock.release()
+
+    def discard(self) -> None:
+        """Deletes the file of a new index whose run was not registered."""
+        files.remove_index_file(self._path)
+        self.release_build_lock()
 
     def serialize(self, reflective=False):
         """Serializes the run results.
