@@ -244,3 +244,16 @@ def test_concurrent_builds_under_one_key(persistent, tmp_path, scenario):
     else:  # both replace the run, one after the other
         assert codes == [0, 0], errors
     _assert_one_clean_run(persistent)
+
+
+def test_a_run_left_unfinished_by_an_older_killed_build_is_replaced(dataset, caplog):
+    from fiftyone.brain.similarity import Similarity
+
+    from dinoprop.similarity import DinopropSimilarityConfig
+
+    method = DinopropSimilarityConfig(embeddings_field="emb").build()
+    Similarity.register_run(method, dataset, "sim", overwrite=False)  # no results
+    assert dataset.load_brain_results("sim") is None
+    fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    assert "left unfinished by a killed build" in caplog.text
+    assert dataset.load_brain_results("sim", cache=False).total_index_size == NUM

@@ -7,6 +7,8 @@ to load the run, so these classes keep the public path
 
 from __future__ import annotations
 
+import logging
+import os
 import uuid
 
 import numpy as np
@@ -15,6 +17,8 @@ from fiftyone.brain.similarity import Similarity, SimilarityConfig
 from dinoprop.core import DinopropError
 from dinoprop.similarity import files
 from dinoprop.similarity.files import check_index_id, index_path, remove_index_file
+
+logger = logging.getLogger(__name__)
 
 #: Indexes up to this many vectors use exact search when ``index_type="auto"``.
 EXACT_THRESHOLD = 10000
@@ -123,6 +127,7 @@ class DinopropSimilarity(Similarity):
         registers it once its index is built."""
         if key is None:
             return
+        _remove_stale_run(samples._root_dataset, key)
         self.validate_run(samples, key, overwrite=overwrite)
         self._deferred = (key, overwrite, cleanup)
 
@@ -152,6 +157,34 @@ class DinopropSimilarity(Similarity):
 
     def cleanup(self, samples, brain_key):
         remove_index_file(config_index_path(samples, self.config))
+
+
+def _remove_stale_run(dataset, key):
+    """Deletes a dinoprop run under ``key`` that a killed build left half-saved.
+
+    Such a run (registered, but without results, by dinoprop versions that
+    registered runs before building them) cannot be loaded. A build in
+    progress holds its index's lock until its results are saved, so a run
+    without results whose lock is free is never coming back.
+    """
+    from filelock import FileLock, Timeout
+
+    if key not in dataset.list_brain_runs():
+        return
+    run_doc = dataset._doc.brain_methods[key]
+    config = run_doc.config or {}
+    if run_doc.results or config.get("method") != "dinoprop":
+        return
+    path = index_path(str(dataset._doc.id), check_index_id(config.get("index_id")))
+    files.make_private_dir(os.path.dirname(path))
+    probe = FileLock(path + ".lock", timeout=0, mode=0o600)
+    try:
+        probe.acquire()
+    except Timeout:
+        return  # a live build
+    probe.release()
+    logger.warning("Deleting similarity run '%s', left unfinished by a killed build", key)
+    dataset.delete_brain_run(key)
 
 
 def config_index_path(samples, config: DinopropSimilarityConfig) -> str:
