@@ -41,6 +41,7 @@ Modules: :mod:`~dinoprop.similarity.files` (index files and where they
 live), :mod:`~dinoprop.similarity.brain` (the FiftyOne Brain config and
 method), :mod:`~dinoprop.similarity.index` (the index),
 :mod:`~dinoprop.similarity.search` (its searches),
+:mod:`~dinoprop.similarity.updates` (its additions, removals and syncing),
 :mod:`~dinoprop.similarity.api` (``compute_similarity()``) and
 :mod:`~dinoprop.similarity.knn` (kNN graphs reusing an index's graph).
 """
@@ -53,11 +54,8 @@ from dinoprop.similarity.brain import (
     DinopropSimilarity,
     DinopropSimilarityConfig,
 )
-from dinoprop.similarity.index import (
-    STALE_PROBES,
-    TARGET_RECALL,
-    DinopropSimilarityIndex,
-)
+from dinoprop.similarity.index import TARGET_RECALL, DinopropSimilarityIndex
+from dinoprop.similarity.updates import STALE_PROBES
 from dinoprop.similarity.api import compute_similarity, find_similarity_run
 from dinoprop.similarity.knn import cached_knn, sample_knn_graph
 

@@ -112,7 +112,13 @@ class DinopropSimilarity(Similarity):
         self._deferred = None  # (key, overwrite, cleanup) of register_run()
 
     def ensure_requirements(self):
-        import faiss  # noqa: F401
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise DinopropError(
+                "The dinoprop similarity backend needs faiss; install it with "
+                "`pip install faiss-cpu`"
+            )
 
     def initialize(self, samples, brain_key):
         from dinoprop.similarity.index import DinopropSimilarityIndex

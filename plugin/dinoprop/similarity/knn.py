@@ -11,7 +11,7 @@ import numpy as np
 
 from dinoprop import graph
 from dinoprop.similarity.api import find_similarity_run
-from dinoprop.similarity.index import STALE_PROBES
+from dinoprop.similarity.updates import STALE_PROBES
 
 
 def sample_knn_graph(
