@@ -78,6 +78,15 @@ def test_index_files_are_private_to_the_user(dataset):
     assert _mode(folder) == 0o700  # dinoprop's own top folder
 
 
+def test_index_files_of_older_versions_become_private_when_loaded(dataset):
+    index = fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    folder = os.path.dirname(index.index_path)
+    os.chmod(index.index_path, 0o644)
+    os.chmod(folder, 0o755)
+    dataset.load_brain_results("sim", cache=False)
+    assert _mode(index.index_path) == 0o600 and _mode(folder) == 0o700
+
+
 def test_a_database_in_a_shared_folder_gets_its_own_private_index_dir(
     dataset, monkeypatch
 ):

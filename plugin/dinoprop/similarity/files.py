@@ -110,6 +110,14 @@ def make_private_dir(path: str) -> None:
             os.chmod(folder, 0o700)
 
 
+def _make_private_file(path):
+    """Makes a file written by older versions (mode 0644) private, with its
+    folders, if it is this user's."""
+    if os.stat(path).st_uid == os.getuid() and stat.S_IMODE(os.stat(path).st_mode) != 0o600:
+        make_private_dir(os.path.dirname(path))
+        os.chmod(path, 0o600)
+
+
 def _folders_between(top, path):
     """The folders below ``top`` down to ``path``, outermost first."""
     relative = os.path.relpath(path, top)
@@ -307,6 +315,7 @@ def read_arrays(path: str) -> tuple[dict, dict]:
     """
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
+    _make_private_file(path)
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     if meta.pop("checksum", None) != _checksum(arrays):
         raise ValueError("checksum mismatch")
