@@ -8,7 +8,6 @@ to load the run, so these classes keep the public path
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 
 import numpy as np
@@ -173,8 +172,6 @@ def _remove_stale_run(dataset, key):
     progress holds its index's lock until its results are saved, so a run
     without results whose lock is free is never coming back.
     """
-    from filelock import FileLock, Timeout
-
     if key not in dataset.list_brain_runs():
         return
     run_doc = dataset._doc.brain_methods[key]
@@ -182,13 +179,9 @@ def _remove_stale_run(dataset, key):
     if run_doc.results or config.get("method") != "dinoprop":
         return
     path = index_path(str(dataset._doc.id), check_index_id(config.get("index_id")))
-    files.make_private_dir(os.path.dirname(path))
-    probe = FileLock(path + ".lock", timeout=0, mode=0o600)
-    try:
-        probe.acquire()
-    except Timeout:
-        return  # a live build
-    probe.release()
+    with files.unless_locked(path) as free:
+        if not free:
+            return  # a live build
     logger.warning("Deleting similarity run '%s', left unfinished by a killed build", key)
     dataset.delete_brain_run(key)
 

@@ -12,6 +12,7 @@ the index directory: dataset IDs must be ObjectIds and index IDs plain names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -176,6 +177,29 @@ def index_lock(path: str):
     return FileLock(path + ".lock", timeout=LOCK_TIMEOUT, mode=0o600, is_singleton=True)
 
 
+@contextlib.contextmanager
+def unless_locked(path: str):
+    """Holds the lock of index file ``path`` for a block, if no one holds it.
+
+    Yields:
+        whether the lock was free (and is held for the block); it is not
+        when a build or a writer of the index is alive
+    """
+    from filelock import FileLock, Timeout
+
+    make_private_dir(os.path.dirname(path))
+    probe = FileLock(path + ".lock", timeout=0, mode=0o600)  # not reentrant
+    try:
+        probe.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        probe.release()
+
+
 def runs_lock(dataset_id: str):
     """The lock held while a similarity run of the dataset is registered."""
     from filelock import FileLock
@@ -200,8 +224,6 @@ def remove_orphans(dataset_id: str) -> list:
     Returns:
         the removed files
     """
-    from filelock import FileLock, Timeout
-
     folder = os.path.join(index_dir(), dataset_id)
     if not os.path.isdir(folder):
         return []
@@ -209,12 +231,9 @@ def remove_orphans(dataset_id: str) -> list:
     removed = []
     for index_id in sorted({n.split(".npz")[0] for n in names if ".npz" in n}):
         path = os.path.join(folder, index_id + ".npz")
-        probe = FileLock(path + ".lock", timeout=0, mode=0o600)
-        try:
-            probe.acquire()
-        except Timeout:
-            continue  # a live build or writer
-        try:
+        with unless_locked(path) as free:
+            if not free:
+                continue  # a live build or writer
             # read after taking the lock: a build registers its run first
             orphan = index_id not in _run_index_ids(dataset_id)
             doomed = [
@@ -222,8 +241,6 @@ def remove_orphans(dataset_id: str) -> list:
                 if n.startswith(index_id + ".npz.tmp-") or (orphan and n == index_id + ".npz")
             ]
             removed.extend(_remove(os.path.join(folder, n)) for n in doomed)
-        finally:
-            probe.release()
         if orphan:
             _remove(path + ".lock")
     return removed
