@@ -266,3 +266,14 @@ def test_a_run_left_unfinished_by_an_older_killed_build_is_replaced(dataset, cap
     fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
     assert "left unfinished by a killed build" in caplog.text
     assert dataset.load_brain_results("sim", cache=False).total_index_size == NUM
+
+
+def test_a_run_of_another_backend_is_replaced(dataset):
+    import dinoprop as dp
+
+    fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="sklearn")
+    index = dp.compute_similarity(dataset, embeddings="emb", brain_key="sim")
+    assert dataset.list_brain_runs() == ["sim"]
+    assert dataset.get_brain_info("sim").config.method == "dinoprop"
+    loaded = dataset.load_brain_results("sim", cache=False)
+    assert loaded.index_path == index.index_path and loaded.total_index_size == NUM

@@ -91,9 +91,9 @@ def _replace_run(dataset, key, results):
 
     A dinoprop run is switched to the new index by one update of its config
     (its stored results, the class name, stay valid), so that a kill leaves
-    either run in place; its old file is then deleted. Another run type is
-    replaced as FiftyOne does. Concurrent replacements are serialised: the
-    last one wins, and no file is left behind.
+    either run in place; its old file is then deleted. A run of another
+    backend is deleted, then the new one registered. Concurrent replacements
+    are serialised: the last one wins, and no file is left behind.
     """
     method = results.config.build()
     with files.runs_lock(str(dataset._doc.id)):
@@ -105,7 +105,9 @@ def _replace_run(dataset, key, results):
             method.save_run_results(dataset, key, results)
             files.remove_index_file(config_index_path(dataset, old))
         else:
-            method.register_run(dataset, key, overwrite=True)
+            if old is not None:
+                dataset.delete_brain_run(key)
+            method.register_run(dataset, key, overwrite=False)
             method.save_run_results(dataset, key, results)
 
 
