@@ -15,11 +15,11 @@ import pytest
 import fiftyone as fo
 import fiftyone.brain as fob
 
-import dinoprop  # noqa: F401  (registers the "dinoprop" backend)
+import dinoprop  # registers its backend
 
 NUM, DIM = 30, 8
 
-pytestmark = pytest.mark.parametrize("backend", ["dinoprop", "sklearn"])
+pytestmark = pytest.mark.parametrize("backend", [dinoprop.SIMILARITY_BACKEND, "sklearn"])
 
 
 @pytest.fixture
@@ -38,11 +38,17 @@ def dataset(vectors):
     samples = []
     for i, v in enumerate(vectors):
         dets = [
-            fo.Detection(label="x", bounding_box=[0.1, 0.1, 0.2, 0.2], emb=rng.normal(size=DIM))
+            fo.Detection(
+                label="x", bounding_box=[0.1, 0.1, 0.2, 0.2], emb=rng.normal(size=DIM)
+            )
             for _ in range(2)
         ]
         samples.append(
-            fo.Sample(filepath="/tmp/contract%03d.jpg" % i, emb=v, dets=fo.Detections(detections=dets))
+            fo.Sample(
+                filepath="/tmp/contract%03d.jpg" % i,
+                emb=v,
+                dets=fo.Detections(detections=dets),
+            )
         )
     ds = fo.Dataset()
     ds.add_samples(samples)
@@ -186,7 +192,11 @@ def test_reload_in_a_new_process(dataset, vectors, backend):
             % (dataset.name, ids[2])
         )
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
         ).stdout.splitlines()
     finally:
         dataset.persistent = False

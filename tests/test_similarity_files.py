@@ -11,8 +11,7 @@ import pytest
 import fiftyone as fo
 import fiftyone.brain as fob
 
-import dinoprop  # noqa: F401  (registers the "dinoprop" backend)
-from dinoprop.core import DinopropError
+from dinoprop.core import DinopropError  # importing dinoprop registers its backend
 from dinoprop.similarity import INDEX_DIR_ENV, index_dir
 
 NUM, DIM = 20, 8
@@ -31,6 +30,11 @@ def dataset():
         ds.delete()
 
 
+def _build(dataset, **kwargs):
+    kwargs.setdefault("embeddings", "emb")
+    return fob.compute_similarity(dataset, brain_key="sim", backend="dinoprop", **kwargs)
+
+
 def _mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -42,9 +46,7 @@ def test_index_ids_that_name_other_paths_are_refused(dataset, tmp_path, index_id
         victim = tmp_path / "victim.npz"
         victim.write_bytes(b"precious")
     with pytest.raises(DinopropError, match="Invalid index_id"):
-        fob.compute_similarity(
-            dataset, embeddings="emb", brain_key="sim", backend="dinoprop", index_id=index_id
-        )
+        _build(dataset, index_id=index_id)
     assert dataset.list_brain_runs() == []
     if index_id.startswith("/"):
         assert victim.read_bytes() == b"precious"
@@ -53,7 +55,7 @@ def test_index_ids_that_name_other_paths_are_refused(dataset, tmp_path, index_id
 
 
 def test_deleting_a_crafted_run_deletes_no_file_outside_the_index_dir(dataset, tmp_path):
-    fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    _build(dataset)
     victim = tmp_path / "victim.npz"
     victim.write_bytes(b"precious")
     run_doc = dataset._doc.brain_methods["sim"]
@@ -67,7 +69,7 @@ def test_deleting_a_crafted_run_deletes_no_file_outside_the_index_dir(dataset, t
 
 
 def test_index_files_are_private_to_the_user(dataset):
-    index = fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    index = _build(dataset)
     path = index.index_path
     assert _mode(path) == 0o600
     assert _mode(path + ".lock") & 0o077 == 0
@@ -79,7 +81,7 @@ def test_index_files_are_private_to_the_user(dataset):
 
 
 def test_index_files_of_older_versions_become_private_when_loaded(dataset):
-    index = fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    index = _build(dataset)
     folder = os.path.dirname(index.index_path)
     os.chmod(index.index_path, 0o644)
     os.chmod(folder, 0o755)
@@ -96,7 +98,7 @@ def test_a_database_in_a_shared_folder_gets_its_own_private_index_dir(
     root = index_dir()
     try:
         assert root == "/tmp/dinoprop-%s/indexes" % os.path.basename(database_dir)
-        index = fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+        index = _build(dataset)
         assert index.index_path.startswith(root + os.sep)
         assert _mode(os.path.dirname(root)) == 0o700
         assert _mode(index.index_path) == 0o600
@@ -114,17 +116,17 @@ def test_an_index_dir_owned_by_someone_else_is_refused(dataset, monkeypatch, tmp
     monkeypatch.delenv(INDEX_DIR_ENV, raising=False)
     monkeypatch.setattr(fo.config, "database_dir", str(tmp_path / "db"))
     with pytest.raises(DinopropError, match="belongs to another user"):
-        fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+        _build(dataset)
 
 
 def test_a_failed_build_leaves_no_run_behind(dataset):
     bad = np.random.default_rng(2).normal(size=(NUM, DIM))
     bad[3, 1] = np.nan
     with pytest.raises(DinopropError, match="NaN"):
-        fob.compute_similarity(dataset, embeddings=bad, brain_key="sim", backend="dinoprop")
+        _build(dataset, embeddings=bad)
     assert dataset.list_brain_runs() == []
     bad[3, 1] = 0.0
-    index = fob.compute_similarity(dataset, embeddings=bad, brain_key="sim", backend="dinoprop")
+    index = _build(dataset, embeddings=bad)
     assert index.total_index_size == NUM
 
 
@@ -215,7 +217,7 @@ def test_a_first_build_killed_leaves_no_run_and_no_files(persistent, kill_at):
     assert child.wait(timeout=120) == -9, child.stderr.read()
     persistent.reload()
     assert persistent.list_brain_runs() == []
-    fob.compute_similarity(persistent, embeddings="emb", brain_key="sim", backend="dinoprop")
+    _build(persistent)
     _assert_one_clean_run(persistent)
 
 
@@ -263,7 +265,7 @@ def test_a_run_left_unfinished_by_an_older_killed_build_is_replaced(dataset, cap
     method = DinopropSimilarityConfig(embeddings_field="emb").build()
     Similarity.register_run(method, dataset, "sim", overwrite=False)  # no results
     assert dataset.load_brain_results("sim") is None
-    fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+    _build(dataset)
     assert "left unfinished by a killed build" in caplog.text
     assert dataset.load_brain_results("sim", cache=False).total_index_size == NUM
 

@@ -98,7 +98,8 @@ def _replace_run(dataset, key, results):
     method = results.config.build()
     with files.runs_lock(str(dataset._doc.id)):
         dataset.reload()  # what other processes did meanwhile
-        old = dataset.get_brain_info(key).config if key in dataset.list_brain_runs() else None
+        exists = key in dataset.list_brain_runs()
+        old = dataset.get_brain_info(key).config if exists else None
         results._key = key
         if isinstance(old, DinopropSimilarityConfig):
             method.update_run_config(dataset, key, results.config)

@@ -206,9 +206,8 @@ def runs_lock(dataset_id: str):
 
     folder = os.path.join(index_dir(), dataset_id)
     make_private_dir(folder)
-    return FileLock(
-        os.path.join(folder, "runs.lock"), timeout=LOCK_TIMEOUT, mode=0o600, is_singleton=True
-    )
+    path = os.path.join(folder, "runs.lock")
+    return FileLock(path, timeout=LOCK_TIMEOUT, mode=0o600, is_singleton=True)
 
 
 def remove_orphans(dataset_id: str) -> list:
@@ -236,10 +235,9 @@ def remove_orphans(dataset_id: str) -> list:
                 continue  # a live build or writer
             # read after taking the lock: a build registers its run first
             orphan = index_id not in _run_index_ids(dataset_id)
-            doomed = [
-                n for n in names
-                if n.startswith(index_id + ".npz.tmp-") or (orphan and n == index_id + ".npz")
-            ]
+            doomed = [n for n in names if n.startswith(index_id + ".npz.tmp-")]
+            if orphan and index_id + ".npz" in names:
+                doomed.append(index_id + ".npz")
             removed.extend(_remove(os.path.join(folder, n)) for n in doomed)
         if orphan:
             _remove(path + ".lock")
