@@ -167,6 +167,9 @@ if kill_at == "mid-write":
 os.replace = replace
 if scenario == "first":
     fob.compute_similarity(dataset, embeddings="emb", brain_key="sim", backend="dinoprop")
+elif scenario == "update":
+    index = dataset.load_brain_results("sim")
+    index.remove_from_index(sample_ids=[dataset.first().id])
 else:
     dp.compute_similarity(dataset, embeddings="emb", brain_key="sim")
 """
@@ -230,6 +233,22 @@ def test_a_replacement_killed_keeps_the_old_run_and_leaves_no_files(persistent, 
     assert child.wait(timeout=120) == -9, child.stderr.read()
     _assert_one_clean_run(persistent)
     assert persistent.load_brain_results("sim", cache=False).index_path == old.index_path
+
+
+def test_an_update_killed_while_writing_leaves_the_index_usable_and_no_files(persistent):
+    from dinoprop.similarity import prune_index_files
+
+    index = _build(persistent)
+    child = _start_child(persistent, "update", "mid-write")
+    assert child.wait(timeout=120) == -9, child.stderr.read()
+    folder = os.path.dirname(index.index_path)
+    assert any(".tmp-" in n for n in os.listdir(folder))  # what the kill left
+    persistent.reload()
+    loaded = persistent.load_brain_results("sim", cache=False)
+    assert loaded.total_index_size == NUM - 1  # in step with the field
+    prune_index_files()
+    name = os.path.basename(index.index_path)
+    assert _index_folder_files(persistent) == [name, name + ".lock"]
 
 
 @pytest.mark.parametrize("scenario", ["first", "replace"])
