@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import uuid
 
-import numpy as np
 from fiftyone.brain.similarity import Similarity, SimilarityConfig
 
-from dinoprop.core import DinopropError
+from dinoprop.core import DinopropError, check_int
 from dinoprop.similarity import files
 from dinoprop.similarity.files import check_index_id, index_path, remove_index_file
 
@@ -29,11 +28,7 @@ INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 
 def check_options(metric: str, index_type: str, exact_threshold: int) -> None:
     """Raises DinopropError unless the index options are supported."""
-    if not isinstance(exact_threshold, (int, np.integer)) or exact_threshold < 0:
-        raise DinopropError(
-            "exact_threshold must be a non-negative integer; got %r"
-            % (exact_threshold,)
-        )
+    check_int(exact_threshold, "exact_threshold", minimum=0)
     if metric not in METRICS:
         raise DinopropError(
             "Unsupported metric '%s'; use one of %s" % (metric, METRICS)

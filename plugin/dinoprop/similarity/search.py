@@ -14,7 +14,7 @@ import numpy as np
 import eta.core.utils as etau
 from fiftyone.brain.similarity import SimilarityIndex
 
-from dinoprop.core import DinopropError
+from dinoprop.core import DinopropError, check_int
 from dinoprop.graph import _drop_self, neighbors_to_csr
 
 logger = logging.getLogger(__name__)
@@ -206,8 +206,8 @@ class IndexSearchMixin:
                 "Unsupported aggregation '%s'; this index supports 'mean'"
                 % aggregation
             )
-        if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
-            raise DinopropError("k must be a positive integer; got %r" % (k,))
+        if k is not None:
+            check_int(k, "k")
         rows = self._current_rows()
         vectors, single = self._parse_neighbors_query(query)
         full_index = vectors is None
