@@ -77,8 +77,10 @@ def test_stored_vectors_equal_the_model_output(image_dataset, tiny_dinov2_dir):
 def test_rerun_after_crash_embeds_only_missing_samples(
     image_dataset, tiny_dinov2_dir, monkeypatch, count_forward
 ):
+    from dinoprop.embeddings import writer
+
     written = []
-    original_write = de._write_chunk
+    original_write = writer._write_chunk
 
     def crash_after_two_chunks(dataset, path, values, label_values):
         if len(written) == 2:
@@ -86,7 +88,7 @@ def test_rerun_after_crash_embeds_only_missing_samples(
         written.append(sorted(values))
         original_write(dataset, path, values, label_values)
 
-    monkeypatch.setattr(de, "_write_chunk", crash_after_two_chunks)
+    monkeypatch.setattr(writer, "_write_chunk", crash_after_two_chunks)
     with pytest.raises(RuntimeError, match="simulated crash"):
         de.compute_embeddings(
             image_dataset, model=tiny_dinov2_dir, batch_size=4, chunk_size=4, num_workers=0
@@ -98,7 +100,7 @@ def test_rerun_after_crash_embeds_only_missing_samples(
     assert sorted(stored) == sorted(stored_ids)
     assert de.get_embeddings_run(image_dataset, FIELD)["status"] == "failed"  # the exception was seen
 
-    monkeypatch.setattr(de, "_write_chunk", original_write)
+    monkeypatch.setattr(writer, "_write_chunk", original_write)
     count_forward.clear()
     results = de.compute_embeddings(
         image_dataset, model=tiny_dinov2_dir, batch_size=4, num_workers=0
@@ -306,6 +308,56 @@ def test_patch_embeddings_stored_on_each_label(image_dataset, tiny_dinov2_dir, c
     assert image_dataset.count("shapes.polylines.embedding") == 4
 
 
+def test_the_storage_free_engine_gives_compute_embeddings_vectors(
+    image_dataset, tiny_dinov2_dir, tmp_path
+):
+    from dinoprop.embeddings import embed_files
+
+    de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, pooling="cls+mean", flip_average=True,
+        num_workers=0, batch_size=5,
+    )
+    _add_boxes(image_dataset)
+    de.compute_embeddings(
+        image_dataset, model=tiny_dinov2_dir, patches_field="boxes",
+        embeddings_field="embedding", num_workers=0,
+    )
+    stored = dict(zip(*image_dataset.values(["filepath", FIELD])))
+    paths = sorted(stored) + [str(tmp_path / "missing.jpg")]
+    vectors, failures = {}, []
+    for batch in embed_files(paths, model=tiny_dinov2_dir, pooling="cls+mean",
+                             flip_average=True, num_workers=1, batch_size=7):
+        vectors.update(zip((paths[i] for i in batch.indices), batch.vectors))
+        failures += batch.failures
+    assert sorted(vectors) == sorted(stored)
+    for path, vector in stored.items():
+        np.testing.assert_allclose(vectors[path], vector, atol=1e-5)
+    assert failures == [(len(paths) - 1, "file not found: %s" % paths[-1])]
+    # boxes: one vector per box, in order, as compute_embeddings stored them
+    boxed = image_dataset.exists("boxes")
+    box_paths, boxes, box_vectors = boxed.values(
+        ["filepath", "boxes.detections.bounding_box", "boxes.detections.embedding"]
+    )
+    batches = list(embed_files(box_paths, model=tiny_dinov2_dir, boxes=boxes, num_workers=0))
+    assert [c for b in batches for c in b.counts] == [len(b) for b in boxes]
+    np.testing.assert_allclose(
+        np.concatenate([b.vectors for b in batches]),
+        np.stack([v for vs in box_vectors for v in vs]), atol=1e-5,
+    )
+
+
+def test_the_engine_imports_no_fiftyone():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dinoprop.embeddings as e; e.EmbeddingEngine, e.embed_files; "
+        "print(sorted(m for m in ('fiftyone', 'torch', 'faiss') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_tiny_and_edge_boxes_are_padded_not_crashed():
     from PIL import Image
 
@@ -463,14 +515,15 @@ def test_killed_process_resumes_in_a_fresh_one(image_dataset, tiny_dinov2_dir, c
     image_dataset.persistent = True  # so the child process can load it
     script = (
         "import os, fiftyone as fo, dinoprop.embeddings as de\n"
+        "from dinoprop.embeddings import writer\n"
         "written = []\n"
-        "original = de._write_chunk\n"
+        "original = writer._write_chunk\n"
         "def kill_after_two_chunks(*args):\n"
         "    if len(written) == 2:\n"
         "        os._exit(3)\n"
         "    written.append(1)\n"
         "    original(*args)\n"
-        "de._write_chunk = kill_after_two_chunks\n"
+        "writer._write_chunk = kill_after_two_chunks\n"
         "de.compute_embeddings(fo.load_dataset(%r), model=%r, batch_size=4,\n"
         "                      chunk_size=4, num_workers=0, progress=False)\n"
         % (image_dataset.name, tiny_dinov2_dir)

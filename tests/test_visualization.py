@@ -161,3 +161,10 @@ def test_app_embeddings_panel_loads_the_map(embedded_dataset):
     points = [p for trace in traces.values() for p in trace]
     assert len(points) == len(embedded_dataset)
     assert {t for t in traces} == {"red", "green", "blue"}
+
+
+def test_non_finite_embeddings_are_named_not_mapped(embedded_dataset):
+    embedded_dataset.limit(1).set_values("dinoprop_embedding", [np.full(16, np.inf)])
+    with pytest.raises(DinopropError, match="1 of the 24 embeddings .* NaN or infinite"):
+        dp.compute_visualization(embedded_dataset)
+    assert embedded_dataset.list_brain_runs() == []

@@ -134,7 +134,7 @@ class EmbeddingEngine:
             min_pixels = max(model.patch_size, 16)
             items = PatchItems(paths, boxes, model.preprocessing, min_pixels)
         elif encoded:
-            items = EncodedItems(paths)
+            items = EncodedItems(paths, model.preprocessing)
         else:
             items = ImageItems(paths, model.preprocessing)
         loader = make_loader(
