@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     import fiftyone as fo
     import torch
 
-    from dinoprop.embeddings_data import default_batch_size, default_num_workers
+    from dinoprop.embeddings_data import default_num_workers
     from dinoprop.models import load_model, resolve_device
 
     device = resolve_device(args.device)
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     model_dir = os.path.join(tmp, "dinov2-%s-random" % args.size)
     save_random_dinov2(model_dir, args.size)
     model = load_model(model_dir, device=str(device))
-    batch_size = args.batch_size or default_batch_size(device, model.hidden_dim)
+    batch_size = args.batch_size or model.default_batch_size()
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     fo_model = _fiftyone_model(model_dir, str(device))
 

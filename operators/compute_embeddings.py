@@ -70,6 +70,17 @@ class ComputeEmbeddings(_common.DinopropOperator):
                 "uses to label unlabeled boxes",
             )
         patches = ctx.params.get("patches_field") or None
+        if patches:
+            _common.choice_input(
+                inputs,
+                "patch_mode",
+                {"crops": "crops: a forward pass per box",
+                 "tokens": "tokens: one pass per image, tokens under each box pooled"},
+                "Box embeddings",
+                default="crops",
+                description="Tokens are much faster with many boxes per "
+                "image; crops see each object at full resolution",
+            )
 
         field = ctx.params.get("embeddings_field") or _common.DEFAULT_EMBEDDINGS
         field_error = None if patches else _field_error(view, field)
@@ -151,6 +162,7 @@ class ComputeEmbeddings(_common.DinopropOperator):
             pooling=params.get("pooling") or "cls",
             flip_average=bool(params.get("flip_average", False)),
             patches_field=params.get("patches_field") or None,
+            patch_mode=params.get("patch_mode") or "crops",
             progress=progress,
         )
 

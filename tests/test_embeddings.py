@@ -308,6 +308,44 @@ def test_patch_embeddings_stored_on_each_label(image_dataset, tiny_dinov2_dir, c
     assert image_dataset.count("shapes.polylines.embedding") == 4
 
 
+def test_token_patch_mode_embeds_each_image_once_and_pools_its_boxes(
+    image_dataset, tiny_dinov2_dir, monkeypatch
+):
+    from dinoprop.embeddings import embed_files
+    from dinoprop.models import preprocess_whole_image
+
+    _add_boxes(image_dataset)
+    model = load_model(tiny_dinov2_dir, device="cpu")
+    passes = []
+    forward = EmbeddingModel.forward_features
+    monkeypatch.setattr(EmbeddingModel, "forward_features",
+                        lambda self, images: passes.append(len(images)) or forward(self, images))
+    results = de.compute_embeddings(
+        image_dataset, model=model, patches_field="boxes", embeddings_field="tok",
+        patch_mode="tokens", num_workers=0, batch_size=3,
+    )
+    boxed = image_dataset.exists("boxes")
+    assert (results.num_embedded, results.patch_mode, results.pooling) == (6, "tokens", "mean")
+    assert sum(passes) == len(boxed) == 4 and max(passes) <= 3  # one pass per image, not per box
+    paths, boxes, stored = boxed.values(
+        ["filepath", "boxes.detections.bounding_box", "boxes.detections.tok"])
+    whole = torch.stack([preprocess_whole_image(open_image(p, model.preprocessing),
+                                                model.preprocessing) for p in paths])
+    expected = model.embed_boxes(whole, boxes)
+    np.testing.assert_allclose(np.stack([v for vs in stored for v in vs]), expected, atol=1e-5)
+    batches = list(embed_files(paths, model=model, boxes=boxes, patch_mode="tokens", num_workers=0))
+    assert [c for b in batches for c in b.counts] == [1, 2, 1, 2]
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), expected, atol=1e-5)
+
+    assert de.get_embeddings_run(image_dataset, "tok", "boxes")["patch_mode"] == "tokens"
+    with pytest.raises(DinopropError, match="other settings \\(pooling, patch_mode\\)"):
+        de.compute_embeddings(image_dataset, model=model, patches_field="boxes",
+                              embeddings_field="tok")  # crops never mix with tokens
+    again = de.compute_embeddings(image_dataset, model=model, patches_field="boxes",
+                                  embeddings_field="tok", patch_mode="tokens", pooling="mean")
+    assert (again.num_embedded, again.num_skipped) == (0, 6)
+
+
 def test_the_storage_free_engine_gives_compute_embeddings_vectors(
     image_dataset, tiny_dinov2_dir, tmp_path
 ):
@@ -392,6 +430,9 @@ def _video_dataset(tmp_path):
         (dict(image_size=False), "image_size"),
         (dict(patches_field="label"), "Detections or Polylines"),
         (dict(patches_field="missing"), "does not exist"),
+        (dict(patch_mode="pixels"), "Unknown patch_mode"),
+        (dict(patch_mode="tokens"), "embeds the boxes of patches_field"),
+        (dict(patches_field="boxes", patch_mode="tokens", pooling="cls+mean"), "cls\\+mean"),
     ],
 )
 def test_bad_input_raises_one_clear_error_and_changes_nothing(
@@ -414,6 +455,12 @@ def test_image_size_a_loaded_model_would_ignore_is_refused(image_dataset, tiny_d
     assert not image_dataset.has_field(FIELD)
     results = de.compute_embeddings(image_dataset, model=model, image_size=224, num_workers=0)
     assert results.num_embedded == 24
+    with pytest.warns(UserWarning, match="using 98"):  # rounded to whole 14-px patches
+        rounded = load_model(tiny_dinov2_dir, device="cpu", image_size=100)
+    with pytest.warns(UserWarning, match="using 98"):
+        again = de.compute_embeddings(image_dataset, model=rounded, image_size=100,
+                                      embeddings_field="rounded", num_workers=0)
+    assert again.num_embedded == 24
 
 
 def test_empty_view_and_video_dataset_are_rejected(image_dataset, tiny_dinov2_dir, tmp_path):

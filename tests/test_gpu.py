@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import dinoprop.embeddings as de
-from dinoprop.embeddings_data import default_batch_size
 from dinoprop.models import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,7 +24,7 @@ def test_cuda_defaults_to_reduced_precision_and_matches_cpu(image_dataset, tiny_
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert model.device.type == "cuda" and model.dtype == expected
     assert next(model.module.parameters()).dtype == expected
-    assert default_batch_size(model.device, 384) >= 128
+    assert model.default_batch_size() >= 128
 
     de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, device="cpu",
                           precision="fp32", embeddings_field="cpu", num_workers=0)

@@ -15,6 +15,7 @@ import fiftyone as fo
 
 import dinoprop
 from dinoprop.core import DinopropError
+from dinoprop.embeddings import get_embeddings_run
 
 from conftest import random_embeddings
 
@@ -317,8 +318,6 @@ def test_compute_embeddings_on_selected_samples(image_dataset, tiny_dinov2_dir):
 
 
 def test_compute_embeddings_with_flip_average_from_the_form(image_dataset, tiny_dinov2_dir):
-    from dinoprop.embeddings import get_embeddings_run
-
     form = resolve_form("compute_embeddings", image_dataset)
     assert form["flip_average"].default is False
     triggered = execute(
@@ -597,6 +596,14 @@ def test_object_labels_from_the_app(image_dataset, tiny_dinov2_dir):
         {"model": tiny_dinov2_dir, "patches_field": "boxes", "num_workers": 0},
     )
     assert ds.count("boxes.detections.dinoprop_embedding") == len(ds)
+    assert form["patch_mode"].type.values == ["crops", "tokens"]
+    execute(
+        "compute_embeddings", ds,
+        {"model": tiny_dinov2_dir, "patches_field": "boxes", "patch_mode": "tokens",
+         "embeddings_field": "tokens_embedding", "num_workers": 0},
+    )
+    assert ds.count("boxes.detections.tokens_embedding") == len(ds)
+    assert get_embeddings_run(ds, "tokens_embedding", "boxes")["patch_mode"] == "tokens"
     form = resolve_form("propagate_labels", ds, {"label_field": "boxes"})
     assert blocking_errors(form) == []
     execute("propagate_labels", ds, {"label_field": "boxes"})

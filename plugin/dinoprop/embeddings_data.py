@@ -21,6 +21,7 @@ from dinoprop.models import (
     center_crop_to_tensor,
     open_image,
     preprocess_image,
+    preprocess_whole_image,
     to_rgb,
 )
 from dinoprop.models.images import check_image_size, needs_cpu_decode
@@ -32,6 +33,9 @@ class ImageItems:
     Each item is ``(index, tensor or None, error or None)``.
     """
 
+    #: resizes and crops a decoded image into the model's input
+    transform = staticmethod(preprocess_image)
+
     def __init__(self, filepaths: Sequence[str], preprocessing: Preprocessing):
         self.filepaths = filepaths
         self.preprocessing = preprocessing
@@ -42,9 +46,18 @@ class ImageItems:
     def __getitem__(self, index: int):
         try:
             image = open_image(self.filepaths[index], self.preprocessing)
-            return index, preprocess_image(image, self.preprocessing), None
+            return index, self.transform(image, self.preprocessing), None
         except Exception as e:  # reported per sample, never fatal here
             return index, None, describe_failure(e)
+
+
+class WholeImageItems(ImageItems):
+    """Image files resized whole (uncropped) to the model's square input, so
+    that the patch tokens under every box can be pooled
+    (``patch_mode="tokens"``; see
+    :func:`dinoprop.models.preprocess_whole_image`)."""
+
+    transform = staticmethod(preprocess_whole_image)
 
 
 class PatchItems:
@@ -176,20 +189,6 @@ def default_num_workers(device: Any) -> int:
     if device.type == "cuda":
         return max(1, min(16, cores - 1))
     return 1 if cores <= 4 else min(4, cores // 4)
-
-
-def default_batch_size(device: Any, hidden_dim: int) -> int:
-    """Images per forward pass: large on GPUs (scaled to the model), 16 on CPU."""
-    if device.type != "cuda":
-        return 16
-    import torch
-
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    by_width = {384: 512, 768: 256, 1024: 128, 1536: 64}
-    batch = by_width.get(hidden_dim, 128)
-    if free_bytes < 16 * 2**30:
-        batch //= 4
-    return max(8, batch)
 
 
 # --- GPU JPEG decoding --------------------------------------------------------

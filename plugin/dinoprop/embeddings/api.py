@@ -22,7 +22,7 @@ from dinoprop.embeddings.runs import (
     _record_run,
     run_key_for,
 )
-from dinoprop.embeddings.engine import EmbeddingEngine
+from dinoprop.embeddings.engine import EmbeddingEngine, check_patch_mode
 from dinoprop.embeddings.writer import DEFAULT_CHUNK_SIZE, _Runner
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class EmbeddingsResults:
         flip_average: whether vectors average the image and its mirror image
         embeddings_field: the field (or label attribute) holding vectors
         patches_field: the label field whose boxes were embedded, if any
+        patch_mode: how boxes were embedded: ``"crops"`` or ``"tokens"``
         num_embedded: images (or boxes) embedded and committed by this call
         num_skipped: images (or boxes) that already had an embedding from
             the same model and settings
@@ -65,6 +66,7 @@ class EmbeddingsResults:
     embeddings_field: str
     flip_average: bool = False
     patches_field: str | None = None
+    patch_mode: str = "crops"
     num_embedded: int = 0
     num_skipped: int = 0
     num_failed: int = 0
@@ -117,6 +119,7 @@ def compute_embeddings(
     normalize: bool = True,
     flip_average: bool = False,
     patches_field: str | None = None,
+    patch_mode: str = "crops",
     image_size: int | None = None,
     trust_remote_code: bool = False,
     compile: bool = False,
@@ -145,7 +148,8 @@ def compute_embeddings(
         embeddings_field: the sample field to store vectors in, or with
             ``patches_field`` the attribute set on each label
         batch_size: images per forward pass; default 16 on CPU and a
-            model-sized batch on GPUs
+            batch that fits the GPU memory the weights leave
+            (:meth:`dinoprop.models.EmbeddingModel.default_batch_size`)
         num_workers: DataLoader decoding processes; default 1 on small CPU
             hosts, one per spare core on GPUs; 0 decodes in this process
         device: None (CUDA, else MPS, else CPU) or e.g. ``"cuda:1"``
@@ -165,6 +169,14 @@ def compute_embeddings(
             compute, for vectors that do not depend on which way an object
             faces (its effect on propagation: benchmarks/README.md)
         patches_field: a Detections or Polylines field whose boxes to embed
+        patch_mode: how boxes are embedded: ``"crops"`` (each box cropped,
+            squared and embedded on its own: a forward pass per box) or
+            ``"tokens"`` (each image embedded once, whole and uncropped,
+            and the patch tokens whose centres lie in a box averaged; a box
+            smaller than a patch takes the nearest patch). Tokens cost one
+            forward pass per image however many boxes it has; their vectors
+            are the mean of patch tokens whatever ``pooling`` says
+            (``"cls+mean"`` is refused)
         image_size: the model's input crop size (default 224)
         trust_remote_code: allow Hugging Face models to run their own code
         compile: ``torch.compile`` the model (CUDA only)
@@ -191,6 +203,8 @@ def compute_embeddings(
     samples = _image_samples(samples)
     _check_arguments(batch_size, num_workers, chunk_size, embeddings_field)
     dm.check_pooling(pooling)
+    _check_patch_mode(patch_mode, patches_field, pooling)
+    tokens = patch_mode == "tokens"
     label_path = _check_target(samples, embeddings_field, patches_field)
     if isinstance(model, dm.EmbeddingModel):
         backbone = model
@@ -203,12 +217,13 @@ def compute_embeddings(
     settings = {
         "model": backbone.name,
         "fingerprint": backbone.fingerprint,
-        "pooling": backbone.effective_pooling(pooling),
+        "pooling": "mean" if tokens else backbone.effective_pooling(pooling),
         "normalize": bool(normalize),
         "flip_average": bool(flip_average),
         "patches_field": patches_field,
+        "patch_mode": patch_mode,
         "embeddings_field": embeddings_field,
-        "dim": backbone.output_dim(pooling),
+        "dim": backbone.hidden_dim if tokens else backbone.output_dim(pooling),
     }
     if gpu_decode and (backbone.device.type != "cuda" or patches_field is not None):
         raise DinopropError(
@@ -228,12 +243,14 @@ def compute_embeddings(
         flip_average=settings["flip_average"],
         embeddings_field=embeddings_field,
         patches_field=patches_field,
+        patch_mode=patch_mode,
         run_key=run_key,
     )
     _record_run(samples, run_key, settings, backbone, status="running")
     engine = EmbeddingEngine(
         backbone, batch_size=batch_size, num_workers=num_workers, pooling=pooling,
         normalize=normalize, flip_average=flip_average, gpu_decode=gpu_decode,
+        patch_mode=patch_mode,
     )
     runner = _Runner(samples, engine, settings, results, skip_failures, chunk_size)
     try:
@@ -279,13 +296,31 @@ def _check_arguments(batch_size, num_workers, chunk_size, embeddings_field) -> N
     check_field_name(embeddings_field, "embeddings_field")
 
 
+def _check_patch_mode(patch_mode: str, patches_field: str | None, pooling: str) -> None:
+    check_patch_mode(patch_mode)
+    if patch_mode != "tokens":
+        return
+    if patches_field is None:
+        raise DinopropError(
+            "patch_mode='tokens' embeds the boxes of patches_field; pass "
+            "patches_field, or leave patch_mode unset for whole images"
+        )
+    if pooling == "cls+mean":
+        raise DinopropError(
+            "patch_mode='tokens' averages the patch tokens under each box, so "
+            "pooling='cls+mean' cannot apply; use patch_mode='crops' for it"
+        )
+
+
 def _check_loaded_image_size(backbone: Any, image_size: int | None) -> None:
     """Refuses an ``image_size`` that an already loaded model would ignore."""
-    from dinoprop.models import Preprocessing
+    from dinoprop.models import Preprocessing, fit_to_patches
 
     if image_size is None:
         return
     crop = Preprocessing.for_size(image_size).crop_size
+    if backbone.has_tokens:  # as load_model would round it
+        crop = fit_to_patches(crop, backbone.patch_size, backbone.name)
     if crop != backbone.preprocessing.crop_size:
         raise DinopropError(
             "image_size=%d differs from the loaded model's %d; load the model "

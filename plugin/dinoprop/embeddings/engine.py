@@ -19,6 +19,20 @@ import numpy as np
 from dinoprop.core import DinopropError, check_int
 
 
+#: How boxes are embedded: ``"crops"``, a forward pass per box crop, or
+#: ``"tokens"``, one forward pass per image and the patch tokens under each
+#: box pooled (:meth:`dinoprop.models.EmbeddingModel.embed_boxes`).
+PATCH_MODES = ("crops", "tokens")
+
+
+def check_patch_mode(patch_mode: str) -> None:
+    """Raises a DinopropError unless ``patch_mode`` is one of :data:`PATCH_MODES`."""
+    if patch_mode not in PATCH_MODES:
+        raise DinopropError(
+            "Unknown patch_mode %r; choose one of %s" % (patch_mode, list(PATCH_MODES))
+        )
+
+
 @dataclass
 class EmbeddedBatch:
     """What one loader batch produced.
@@ -51,7 +65,8 @@ class EmbeddingEngine:
     Args:
         model: a :class:`dinoprop.models.EmbeddingModel`
         batch_size: images per forward pass; default 16 on CPU and a
-            model-sized batch on GPUs
+            batch that fits the GPU memory the weights leave
+            (:meth:`dinoprop.models.EmbeddingModel.default_batch_size`)
         num_workers: DataLoader decoding processes; default 1 on small
             CPU hosts, one per spare core on GPUs; 0 decodes in this process
         pooling: ``"cls"``, ``"mean"`` (patch tokens) or ``"cls+mean"``
@@ -60,6 +75,10 @@ class EmbeddingEngine:
             mirror image's
         gpu_decode: decode JPEGs on the GPU with nvJPEG (CUDA, whole
             images only)
+        patch_mode: how :meth:`run` embeds boxes: ``"crops"`` (each box
+            cropped, squared and embedded on its own) or ``"tokens"`` (each
+            image embedded once, whole, and the patch tokens under each box
+            averaged; ``pooling`` then applies to crops only)
 
     Attributes:
         stats: after (or during) :meth:`run`: ``images`` and ``vectors``
@@ -79,11 +98,13 @@ class EmbeddingEngine:
         normalize: bool = True,
         flip_average: bool = False,
         gpu_decode: bool = False,
+        patch_mode: str = "crops",
     ):
-        from dinoprop.embeddings_data import default_batch_size, default_num_workers
+        from dinoprop.embeddings_data import default_num_workers
         from dinoprop.models import check_pooling
 
         check_pooling(pooling)
+        check_patch_mode(patch_mode)
         for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
             if value is not None:
                 check_int(value, name, minimum=1 if name == "batch_size" else 0)
@@ -92,11 +113,12 @@ class EmbeddingEngine:
                 "gpu_decode=True needs a CUDA device; this model runs on %s" % model.device
             )
         self.model = model
-        self.batch_size = batch_size or default_batch_size(model.device, model.hidden_dim)
+        self.batch_size = batch_size or model.default_batch_size()
         self.num_workers = default_num_workers(model.device) if num_workers is None else num_workers
         self.options = {"pooling": pooling, "normalize": bool(normalize),
                         "flip_average": bool(flip_average)}
         self.gpu_decode = bool(gpu_decode)
+        self.patch_mode = patch_mode
         self.stats = _empty_stats()
 
     def run(
@@ -107,8 +129,9 @@ class EmbeddingEngine:
         Args:
             paths: image file paths
             boxes: optional, per file, a list of relative ``[x, y, w, h]``
-                boxes; each box is cropped (squared, padded to at least the
-                patch size) and embedded instead of the whole image
+                boxes to embed instead of the whole image: each box cropped
+                (squared, padded to at least the patch size), or with
+                ``patch_mode="tokens"`` its patch tokens pooled
 
         Yields:
             an :class:`EmbeddedBatch` per loader batch, in input order
@@ -117,6 +140,7 @@ class EmbeddingEngine:
             EncodedItems,
             ImageItems,
             PatchItems,
+            WholeImageItems,
             collate_encoded,
             make_loader,
         )
@@ -131,8 +155,11 @@ class EmbeddingEngine:
                     "boxes must hold one list per path; got %d for %d paths"
                     % (len(boxes), len(paths))
                 )
-            min_pixels = max(model.patch_size, 16)
-            items = PatchItems(paths, boxes, model.preprocessing, min_pixels)
+            if self.patch_mode == "tokens":
+                items = WholeImageItems(paths, model.preprocessing)
+            else:
+                min_pixels = max(model.patch_size, 16)
+                items = PatchItems(paths, boxes, model.preprocessing, min_pixels)
         elif encoded:
             items = EncodedItems(paths, model.preprocessing)
         else:
@@ -146,7 +173,10 @@ class EmbeddingEngine:
         for indices, tensors, counts, failures in loader:
             ready = time.perf_counter()
             self.stats["wait_seconds"] += ready - waited
-            batch = self._embed_batch(items, indices, tensors, counts, failures)
+            if boxes is not None and self.patch_mode == "tokens":
+                batch = self._embed_box_tokens(indices, tensors, failures, boxes)
+            else:
+                batch = self._embed_batch(items, indices, tensors, counts, failures)
             waited = time.perf_counter()
             self.stats["model_seconds"] += waited - ready
             self._count(batch, waited - start)
@@ -163,6 +193,17 @@ class EmbeddingEngine:
             failures, counts = failures + more, [1] * len(indices)
         vectors = self._embed(tensors) if indices else None
         return EmbeddedBatch(list(indices), list(counts), vectors, list(failures))
+
+    def _embed_box_tokens(self, indices, tensors, failures, boxes) -> EmbeddedBatch:
+        """One forward pass for the batch's images, a vector per box."""
+        image_boxes = [boxes[i] for i in indices]
+        vectors = None
+        if indices:
+            vectors = self.model.embed_boxes(
+                tensors, image_boxes, normalize=self.options["normalize"],
+                flip_average=self.options["flip_average"],
+            )
+        return EmbeddedBatch(list(indices), [len(b) for b in image_boxes], vectors, list(failures))
 
     def _embed(self, tensors) -> np.ndarray:
         """Embeds in slices of at most ``batch_size`` (box crops can be more)."""

@@ -15,10 +15,12 @@ logger = logging.getLogger(__name__)
 RUN_KEY_PREFIX = "dinoprop_embeddings_"
 
 #: Settings that must match for stored embeddings to be reused.
-_FINGERPRINT_KEYS = ("fingerprint", "pooling", "normalize", "flip_average", "patches_field")
+_FINGERPRINT_KEYS = (
+    "fingerprint", "pooling", "normalize", "flip_average", "patches_field", "patch_mode",
+)
 
 #: What runs recorded before a setting existed used for it.
-_SETTING_DEFAULTS = {"flip_average": False}
+_SETTING_DEFAULTS = {"flip_average": False, "patch_mode": "crops"}
 
 
 def run_key_for(embeddings_field: str, patches_field: str | None = None) -> str:
