@@ -5,7 +5,8 @@ it starts bare: python3 with torch, transformers, numpy and Pillow, but no
 FiftyOne, MongoDB or faiss, and no network. This script needs nothing else:
 it runs dinoprop's storage-free engine
 (:func:`dinoprop.embeddings.embed_files`) on real JPEGs carried with the
-working tree, with random-weight DINOv2-shaped models built on the spot.
+working tree, with random-weight DINOv2- and DINOv3-shaped models built on
+the spot.
 
 Usage::
 
@@ -25,7 +26,8 @@ averaging, object patches, and the automatic batch size of ViT-L at 224
 set's mean: random weights give every image a similar raw vector, so only
 the per-image deviations show whether two paths see the same pixels.
 
-Part 2, speed per model shape (ViT-S/14, B/14, L/14; ``--quick``: ViT-S):
+Part 2, speed per model shape (DINOv2 ViT-S/14, B/14, L/14 and DINOv3
+ViT-S/16; ``--quick``: the two ViT-S):
 the engine end to end (CPU decoding workers, and nvJPEG on CUDA), a plain
 Hugging Face pipeline (``AutoImageProcessor`` in DataLoader workers, the
 model batched, float32 as FiftyOne's transformers integration runs it,
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -57,11 +60,20 @@ from embedding_common import (  # noqa: E402
     machine,
     model_only_rate,
     save_random_dinov2,
+    save_random_dinov3,
     sync,
 )
 
-#: The model shapes timed, by the names the JSON uses.
-SHAPES = {"dinov2-small": "small", "dinov2-base": "base", "dinov2-large": "large"}
+#: The model shapes timed, by the names the JSON uses: their builders.
+SHAPES = {
+    "dinov2-small": functools.partial(save_random_dinov2, size="small"),
+    "dinov2-base": functools.partial(save_random_dinov2, size="base"),
+    "dinov2-large": functools.partial(save_random_dinov2, size="large"),
+    "dinov3-small": functools.partial(save_random_dinov3, size="small"),
+}
+
+#: The shapes ``--quick`` times.
+QUICK_SHAPES = ("dinov2-small", "dinov3-small")
 
 #: Images copied by ``--prepare`` (about 18 KB each: well inside what a
 #: device call can carry).
@@ -249,11 +261,10 @@ class Checks:
     def auto_batch_size(self, large_dir) -> dict:
         import torch
 
-        from dinoprop.embeddings_data import default_batch_size
         from dinoprop.models import load_model
 
         model = load_model(large_dir, device=str(self.device))
-        batch = default_batch_size(model.device, model.hidden_dim)
+        batch = model.default_batch_size()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         paths = (self.paths * (1 + 2 * batch // len(self.paths)))[: 2 * batch]
@@ -302,18 +313,18 @@ def hf_pipeline_rate(model_dir, device, paths, batch_size, num_workers, dtype) -
     return count / (time.perf_counter() - start)
 
 
-def time_shape(name, size, device, paths, tmp, quick) -> dict:
-    """The speed rows of one model shape."""
+def time_shape(name, build, device, paths, tmp, quick) -> dict:
+    """The speed rows of one model shape, saved by ``build(directory)``."""
     import torch
 
-    from dinoprop.embeddings_data import default_batch_size, default_num_workers
+    from dinoprop.embeddings_data import default_num_workers
     from dinoprop.models import load_model
 
     model_dir = os.path.join(tmp, name)
     if not os.path.isdir(model_dir):
-        save_random_dinov2(model_dir, size)
+        build(model_dir)
     model = load_model(model_dir, device=str(device))
-    batch = default_batch_size(device, model.hidden_dim)
+    batch = model.default_batch_size()
     workers = default_num_workers(device)
     embed_all(paths[: 2 * batch], model)  # warm-up (cuDNN, allocator, workers)
     row = {"batch_size": batch, "num_workers": workers,
@@ -360,7 +371,7 @@ def markdown(result: dict) -> str:
                                                row.get("detail", "").replace("|", "/")))
     lines += [
         "",
-        "Images/s on %d real JPEGs (random-weight DINOv2 shapes):" % result["images"],
+        "Images/s on %d real JPEGs (random-weight DINOv2 and DINOv3 shapes):" % result["images"],
         "",
         "| model | batch | precision | engine, CPU decode | engine, nvJPEG | plain HF pipeline "
         "(fp32) | plain HF pipeline (reduced) | model alone | CPU decode alone | engine / HF "
@@ -435,10 +446,10 @@ def main(argv=None) -> dict:
             checks.run("auto_batch_size", lambda: checks.auto_batch_size(large))
             result["checks"] = checks.rows
         if not args.skip_speed:
-            shapes = {"dinov2-small": "small"} if args.quick else SHAPES
-            for name, size in shapes.items():
+            shapes = {n: SHAPES[n] for n in QUICK_SHAPES} if args.quick else SHAPES
+            for name, build in shapes.items():
                 try:
-                    result["speed"][name] = time_shape(name, size, device, speed_paths, tmp,
+                    result["speed"][name] = time_shape(name, build, device, speed_paths, tmp,
                                                        args.quick)
                 except Exception as e:  # keep the other shapes' numbers
                     print("speed %s FAILED: %s" % (name, traceback.format_exc(limit=4)), flush=True)
