@@ -28,23 +28,13 @@ def save_random_dinov2(directory: str, size: str) -> None:
     """Saves a random DINOv2-shaped ViT/14 of ``size`` and its image
     processor, the way Hugging Face does (dinoprop loads it like a real
     checkpoint)."""
-    import torch
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinoprop.models import dinov2_image_processor
-
     hidden, layers, heads = VIT_SIZES[size]
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        patch_size=14,
-        image_size=518,
-        use_swiglu_ffn=size == "giant",
-    )
-    Dinov2Model(config).save_pretrained(directory)
-    dinov2_image_processor().save_pretrained(directory)
+    _save_random(directory, Dinov2Model, Dinov2Config(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=14, image_size=518, use_swiglu_ffn=size == "giant",
+    ))
 
 
 #: DINOv3 ViT/16 sizes: (hidden size, layers, heads), as in ViT-S/B/L/16.
@@ -53,24 +43,25 @@ DINOV3_SIZES = {"small": VIT_SIZES["small"], "base": VIT_SIZES["base"], "large":
 
 def save_random_dinov3(directory: str, size: str) -> None:
     """Saves a random DINOv3-shaped ViT/16 of ``size`` (4 register tokens,
-    RoPE, layer scale) and the image processor dinoprop's preprocessing
-    matches, the way Hugging Face does."""
-    import torch
+    RoPE, layer scale) and its image processor, the way Hugging Face does."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    hidden, layers, heads = DINOV3_SIZES[size]
+    _save_random(directory, DINOv3ViTModel, DINOv3ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, patch_size=16, num_register_tokens=4,
+    ))
+
+
+def _save_random(directory: str, model_cls, config) -> None:
+    """Saves a seeded random ``model_cls(config)`` and the image processor
+    dinoprop's preprocessing matches."""
+    import torch
 
     from dinoprop.models import dinov2_image_processor
 
-    hidden, layers, heads = DINOV3_SIZES[size]
     torch.manual_seed(0)
-    config = DINOv3ViTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        patch_size=16,
-        num_register_tokens=4,
-    )
-    DINOv3ViTModel(config).save_pretrained(directory)
+    model_cls(config).save_pretrained(directory)
     dinov2_image_processor().save_pretrained(directory)
 
 
