@@ -1,12 +1,14 @@
 """Test isolation and shared fixtures.
 
-Every test session gets its own MongoDB (a private FIFTYONE_DATABASE_DIR, so
-a private mongod) and its own plugins directory, set before FiftyOne is
-imported; datasets created by tests are deleted at the end of the session.
+Every test session gets its own MongoDB (a mongod on a private directory,
+started by benchmarks/private_db.py, whose URI FiftyOne is given) and its
+own plugins directory, set before FiftyOne is imported; datasets created by
+tests are deleted at the end of the session.
 """
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -22,12 +24,15 @@ _PLUGINS_DIR = _SESSION_DIR / "plugins"
 _PLUGINS_DIR.mkdir()
 (_PLUGINS_DIR / "dinoprop").symlink_to(REPO_ROOT, target_is_directory=True)
 
-os.environ.pop("FIFTYONE_DATABASE_URI", None)
-os.environ["FIFTYONE_DATABASE_DIR"] = str(_SESSION_DIR / "db")
-os.environ["FIFTYONE_DATABASE_NAME"] = "dinoprop-tests-" + uuid.uuid4().hex[:8]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+try:
+    from private_db import start_private_mongod, stop_database
+finally:
+    sys.path.pop(0)
+start_private_mongod(
+    str(_SESSION_DIR / "db"), "dinoprop-tests-" + uuid.uuid4().hex[:8]
+)
 os.environ["FIFTYONE_PLUGINS_DIR"] = str(_PLUGINS_DIR)
-os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -36,18 +41,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def pytest_sessionfinish(session, exitstatus):
     """Deletes this session's datasets, stops its private mongod, and removes
     its database and plugins directories (before pytest's summary)."""
-    import sys
-
     database = sys.modules.get("fiftyone.core.odm.database")
     if database is not None and database._client is not None:
         import fiftyone as fo
 
         fo.delete_datasets("*")
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        from private_db import stop_database
-    finally:
-        sys.path.pop(0)
     stop_database()
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
