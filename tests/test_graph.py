@@ -6,8 +6,24 @@ import pytest
 import dinoprop as dp
 import dinoprop.graph as graph
 from dinoprop.core import l2_normalize
+from dinoprop.similarity import sample_knn_graph
 
 from conftest import random_embeddings
+
+
+def test_graph_imports_neither_fiftyone_nor_similarity():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, dinoprop.graph; "
+        "print(sorted(m for m in sys.modules if m == 'fiftyone' "
+        "or m.startswith('dinoprop.similarity')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
 
 
 def _exact_neighbors(x, k):
@@ -80,27 +96,27 @@ def test_graph_is_cached_with_the_run_and_invalidated_by_changes(
 def test_sample_knn_graph_reuses_the_similarity_run(
     embedded_dataset, monkeypatch
 ):
-    exact = graph.sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
+    exact = sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
     dp.compute_similarity(embedded_dataset, brain_key="g")
 
     def no_search(*args, **kwargs):
         raise AssertionError("sample_knn_graph searched again")
 
     monkeypatch.setattr(graph, "knn_search", no_search)
-    reused = graph.sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
+    reused = sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5)
     assert np.array_equal(reused[0], exact[0])
     assert np.array_equal(reused[2], exact[2])
     assert np.allclose(reused[3], exact[3], atol=1e-5)
 
     # A strict subset is not covered by the run's graph: exact search again
     with pytest.raises(AssertionError, match="searched again"):
-        graph.sample_knn_graph(embedded_dataset.limit(10), "dinoprop_embedding", 3)
+        sample_knn_graph(embedded_dataset.limit(10), "dinoprop_embedding", 3)
 
 
 def test_sample_knn_graph_ignores_a_stale_run(embedded_dataset):
     dp.compute_similarity(embedded_dataset, brain_key="g")
     random_embeddings(embedded_dataset, seed=7)  # embeddings recomputed
-    ids, x, neighbors, sims = graph.sample_knn_graph(
+    ids, x, neighbors, sims = sample_knn_graph(
         embedded_dataset, "dinoprop_embedding", 3
     )
     expected, expected_sims = _exact_neighbors(x, 3)

@@ -165,7 +165,8 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
     Reuses the graph of a dinoprop similarity run covering exactly these
     points, else computes the exact cosine graph with faiss.
     """
-    from dinoprop.graph import approximate_knn_search, cached_knn
+    from dinoprop.graph import approximate_knn_search
+    from dinoprop.similarity import cached_knn
 
     cached = cached_knn(
         samples, field, ids, vectors, k - 1, patches_field=patches_field

@@ -117,7 +117,7 @@ def count_seeds(
 
 def sample_graph(samples, embeddings, k):
     """The kNN graph of the view, reused when nothing it depends on changed."""
-    from dinoprop.graph import sample_knn_graph
+    from dinoprop.similarity import sample_knn_graph
 
     key = (
         samples._root_dataset._doc.id,
