@@ -365,6 +365,24 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monke
     assert len(dataset.list_runs()) == 1
 
 
+def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatch):
+    import fiftyone.core.collections as foc
+
+    reads = []
+    values = foc.SampleCollection.values
+
+    def counted(self, *args, **kwargs):
+        stages = str(self.view()._serialize(include_uuids=False))
+        if "dinoprop_embedding" in str(args[:1]) + stages:
+            reads.append(args[:1])
+        return values(self, *args, **kwargs)
+
+    monkeypatch.setattr(foc.SampleCollection, "values", counted)
+    dinoprop.propagate_labels(embedded_dataset, "label")
+    assert len(reads) == 1, reads  # one scan over the samples with embeddings
+    assert embedded_dataset.count("label_propagated") == 18
+
+
 def test_seed_tag_view_and_store_scores(embedded_dataset):
     dataset = embedded_dataset
     verified = dataset.exists("label").limit(4)

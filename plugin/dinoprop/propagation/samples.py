@@ -41,7 +41,8 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
     )
     check_vector_field(samples, embeddings)
     ids, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
-    embedded = {str(i) for i in samples.exists(embeddings).values("_id", _raw=True)}
+    loaded = load_embeddings(samples, embeddings)
+    embedded = set(loaded[0].tolist())
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
     where = " has a label in '%s'%s" % (
@@ -53,7 +54,7 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         np.array([i in embedded for i in seed_ids], bool),
         "sample" + where,
     )
-    sample_ids, vectors, graph = sample_graph(samples, embeddings, k)
+    sample_ids, vectors, graph = sample_graph(samples, embeddings, k, loaded)
     if len(sample_ids) == len(seed_ids):
         raise DinopropError(
             "Every sample with an embedding is a seed: there is nothing to "
@@ -115,8 +116,9 @@ def count_seeds(
     return dict(Counter(seeds))
 
 
-def sample_graph(samples, embeddings, k):
-    """The kNN graph of the view, reused when nothing it depends on changed."""
+def sample_graph(samples, embeddings, k, loaded=None):
+    """The kNN graph of the view, reused when nothing it depends on changed
+    (``loaded``: the view's :func:`load_embeddings`, if already read)."""
     from dinoprop.similarity import sample_knn_graph
 
     key = (
@@ -125,7 +127,7 @@ def sample_graph(samples, embeddings, k):
         embeddings,
         int(k),
     )
-    ids, vectors = load_embeddings(samples, embeddings)
+    ids, vectors = loaded or load_embeddings(samples, embeddings)
     cached = _GRAPH_CACHE.get(key)
     if (
         cached is not None
