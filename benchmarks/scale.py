@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/scale.py            # 1M samples, 384-d
-    python benchmarks/scale.py --quick    # 100k samples, 384-d (< 5 min)
+    python benchmarks/scale.py --quick    # 100k samples, 384-d
+    python benchmarks/scale.py --quick --writes   # and 5 ways to write 100k labels
 
 Synthetic clustered samples (100 classes) are inserted into a private
 FiftyOne database (raw inserts in FiftyOne's own document format, read back
@@ -359,6 +360,122 @@ def propagate_100k(steps: Steps, num: int = 100_000) -> dict:
     return {"accuracy_bulk": runs["bulk"], "accuracy_set_values": runs["set_values"]}
 
 
+# --------------------------------------------------------- write methods
+
+
+def write_methods(num: int = 100_000) -> list:
+    """Seconds (wall, this process's CPU, mongod's CPU) to write ``num``
+    propagated Classifications (label, confidence, 4 top labels and
+    confidences) to new fields, each way side by side, twice: dinoprop's
+    writer (one unordered ``bulk_write`` of ``UpdateOne``), the same in
+    batches of 1,000 and 10,000, ``$merge`` from a scratch collection, and
+    FiftyOne's ``set_values``."""
+    import fiftyone as fo
+    import psutil
+
+    import private_db
+    from dinoprop.label_writes import write_classifications
+
+    dataset = fo.Dataset()
+    ids = insert_samples(dataset, np.zeros((num, 4), np.float32), {})
+    rng = np.random.default_rng(0)
+    labels = [str(v) for v in rng.integers(0, NUM_CLASSES, num)]
+    confidences = rng.random(num)
+    attributes = {
+        "dinoprop_top_labels": [[lab, "a", "b", "c"] for lab in labels],
+        "dinoprop_top_confidences": [[float(c), 0.1, 0.05, 0.01] for c in confidences],
+    }
+    mongod = psutil.Process(private_db._MONGODS[0].pid)
+    me = psutil.Process()
+
+    def set_values(field):
+        dataset.set_values(field, {
+            sid: fo.Classification(label=lab, confidence=float(c), **{
+                name: values[row] for name, values in attributes.items()})
+            for row, (sid, lab, c) in enumerate(zip(ids, labels, confidences))
+        }, key_field="id")
+
+    methods = {
+        "dinoprop writer (one unordered bulk_write)": lambda field: write_classifications(
+            dataset, field, ids, labels, confidences, attributes),
+        "UpdateOne batches of 1,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 1000),
+        "UpdateOne batches of 10,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 10_000),
+        "$merge from a scratch collection": lambda field: _merge(dataset, field, ids, labels, confidences, attributes),
+        "FiftyOne set_values": set_values,
+    }
+    rows = []
+    for round_ in range(2):
+        for number, (name, write) in enumerate(methods.items()):
+            cpu, server = _cpu(me), _cpu(mongod)
+            start = time.perf_counter()
+            field = "w%d_%d" % (number, round_)
+            write(field)
+            rows.append({
+                "method": name, "round": round_,
+                "seconds": time.perf_counter() - start,
+                "cpu_seconds": _cpu(me) - cpu,
+                "mongod_cpu_seconds": _cpu(mongod) - server,
+            })
+            assert dataset.count(field) == num, (name, dataset.count(field))
+            print("  %-44s %6.1f s (cpu %5.1f s, mongod cpu %5.1f s)" % (
+                name, *[rows[-1][k] for k in ("seconds", "cpu_seconds", "mongod_cpu_seconds")]), flush=True)
+    dataset.delete()
+    return rows
+
+
+def _cpu(process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _label_docs(ids, labels, confidences, attributes):
+    """``(sample ObjectId, label document)`` pairs as dinoprop's writer
+    builds them."""
+    from bson import ObjectId
+
+    from dinoprop.label_writes import _document
+
+    names = sorted(attributes)
+    return [
+        (ObjectId(sid), _document(None, lab, float(c), names, [attributes[n][row] for n in names]))
+        for row, (sid, lab, c) in enumerate(zip(ids, labels, confidences))
+    ]
+
+
+def _updates(dataset, field, ids, labels, confidences, attributes, batch):
+    from pymongo import UpdateOne
+
+    from dinoprop.label_writes import _declare
+
+    _declare(dataset, field, attributes)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    ops = [
+        UpdateOne({"_id": sid}, {"$set": {field: doc, "last_modified_at": now}})
+        for sid, doc in _label_docs(ids, labels, confidences, attributes)
+    ]
+    for start in range(0, len(ops), batch):
+        dataset._sample_collection.bulk_write(ops[start:start + batch], ordered=False)
+
+
+def _merge(dataset, field, ids, labels, confidences, attributes):
+    from dinoprop.label_writes import _declare
+
+    _declare(dataset, field, attributes)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    scratch = dataset._sample_collection.database["dinoprop_scratch_" + field]
+    rows = [
+        {"_id": sid, field: doc, "last_modified_at": now}
+        for sid, doc in _label_docs(ids, labels, confidences, attributes)
+    ]
+    for start in range(0, len(rows), BATCH):
+        scratch.insert_many(rows[start:start + BATCH], ordered=False)
+    scratch.aggregate([{"$merge": {
+        "into": dataset._sample_collection_name, "on": "_id",
+        "whenMatched": "merge", "whenNotMatched": "discard",
+    }}])
+    scratch.drop()
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -366,6 +483,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k samples")
     parser.add_argument("--num", type=int, help="samples of the workflow")
+    parser.add_argument(
+        "--writes", action="store_true",
+        help="also compare ways of writing 100k labels (about 5 minutes)",
+    )
     args = parser.parse_args()
     use_private_database()
     import private_db
@@ -380,6 +501,9 @@ def main():
     rows = list(steps.rows)
     print("propagate_labels at 100k, 32-d:")
     comparison = propagate_100k(steps)
+    if args.writes:
+        print("writing 100k labels:")
+        comparison["writes"] = write_methods()
     memory.stop()
     result = {
         "date": datetime.date.today().isoformat(),
@@ -435,6 +559,18 @@ def report(r: dict) -> str:
             100 * r["accuracy_bulk"], 100 * r["accuracy_set_values"],
         ),
     ]
+    if "writes" in r:
+        lines += [
+            "",
+            "| writing 100k labels | round | seconds | CPU seconds | mongod CPU seconds |",
+            "|---|---|---|---|---|",
+        ] + [
+            "| %s | %d | %.1f | %.1f | %.1f |" % (
+                w["method"], w["round"] + 1, w["seconds"], w["cpu_seconds"],
+                w["mongod_cpu_seconds"],
+            )
+            for w in r["writes"]
+        ]
     return "\n".join(lines)
 
 
