@@ -154,7 +154,7 @@ def _write_samples(
     from dinoprop.label_writes import write_classifications
 
     ids = data["ids"]
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :NUM_TOP_CLASSES]
+    top = top_classes(probs, NUM_TOP_CLASSES)
     top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
     names = np.asarray(classes).astype(str)
     written = write_classifications(
@@ -178,6 +178,25 @@ def _write_samples(
         data["label_field"],
     )
     return len(review_ids), written["num_flipped"]
+
+
+def top_classes(probs: np.ndarray, num: int, chunk: int = 65_536) -> np.ndarray:
+    """The ``num`` most likely classes of each row, best first (ties in
+    class order), sorted ``chunk`` rows at a time so that no ``N x C``
+    index array is held (at 1M samples and 100 classes: 800 MB).
+
+    Args:
+        probs: ``N x C`` probabilities
+        num: classes per row (at most ``C``)
+        chunk: rows sorted at once
+
+    Returns:
+        an ``N x num`` int64 array of class indices
+    """
+    return np.concatenate([
+        np.argsort(-probs[start:start + chunk], axis=1, kind="stable")[:, :num]
+        for start in range(0, max(len(probs), 1), chunk)
+    ])
 
 
 def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):
