@@ -147,3 +147,67 @@ def test_load_embeddings_matches_fiftyone_and_skips_missing(embedded_dataset):
     assert len(ids) == 0 and vectors.shape[0] == 0
     with pytest.raises(DinopropError, match="No sample in the view has an embedding"):
         load_embeddings(only_missing, "dinoprop_embedding")
+
+
+def _clustered(num, num_classes=8, dim=32, seed=1):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, num)
+    centers = rng.normal(size=(num_classes, dim)) * 1.5
+    return (centers[y] + rng.normal(size=(num, dim))).astype(np.float32), y
+
+
+def test_graph_search_is_exact_below_its_threshold_and_approximate_above(monkeypatch):
+    x, _ = _clustered(3000)
+    assert len(x) < graph.APPROXIMATE_MIN_NODES
+    exact = graph.knn_search(x, 10)
+    below = graph.graph_search(x, 10)
+    assert np.array_equal(below[0], exact[0])
+
+    def no_exact(*args, **kwargs):
+        raise AssertionError("searched exactly")
+
+    monkeypatch.setattr(graph, "APPROXIMATE_MIN_NODES", 2000)
+    monkeypatch.setattr(graph, "knn_search", no_exact)
+    neighbors, sims = graph.graph_search(x, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(neighbors, exact[0])])
+    assert 0.95 <= recall < 1.0  # approximate, at the calibrated recall
+    assert np.allclose(
+        sims, np.take_along_axis(l2_normalize(x) @ l2_normalize(x).T, neighbors, 1),
+        atol=1e-5,
+    )
+
+
+def test_propagation_on_the_approximate_graph_is_as_accurate(monkeypatch):
+    import fiftyone as fo
+
+    from dinoprop.propagation import samples as propagation_samples
+
+    x, y = _clustered(2400, seed=3)
+    rng = np.random.default_rng(0)
+    seeds = {int(i) for c in range(8) for i in rng.choice(np.flatnonzero(y == c), 3, replace=False)}
+    dataset = fo.Dataset()
+    dataset.add_samples([
+        fo.Sample(
+            filepath="/synthetic/%d.jpg" % i, dinoprop_embedding=x[i],
+            label=fo.Classification(label=str(y[i])) if i in seeds else None,
+        )
+        for i in range(len(x))
+    ])
+    searches = []
+    approximate = graph.approximate_knn_search
+    monkeypatch.setattr(
+        graph, "approximate_knn_search",
+        lambda *a, **kw: searches.append(len(a[0])) or approximate(*a, **kw),
+    )
+    accuracy = {}
+    for field, threshold in (("exact", graph.APPROXIMATE_MIN_NODES), ("approx", 2000)):
+        monkeypatch.setattr(graph, "APPROXIMATE_MIN_NODES", threshold)
+        monkeypatch.setattr(propagation_samples, "_GRAPH_CACHE", {})
+        dp.propagate_labels(dataset, "label", output_field=field)
+        predicted = dataset.values(field + ".label")
+        accuracy[field] = np.mean(
+            [p == str(t) for i, (p, t) in enumerate(zip(predicted, y)) if i not in seeds]
+        )
+    assert searches == [2400]  # the second run searched approximately
+    assert accuracy["exact"] > 0.9
+    assert abs(accuracy["approx"] - accuracy["exact"]) <= 0.01, accuracy

@@ -167,6 +167,16 @@ def test_one_seed_per_class_cannot_be_cross_validated():
     assert result.method == pm.AUTO_CANDIDATES[0]
 
 
+def test_top_classes_sorted_in_chunks_equal_a_full_sort():
+    from dinoprop.propagation.samples import top_classes
+
+    probs = np.random.default_rng(0).dirichlet(np.ones(6), 50).astype(np.float32)
+    probs[::5, 1] = probs[::5, 2]  # ties keep class order
+    full = np.argsort(-probs, axis=1, kind="stable")[:, :4]
+    assert np.array_equal(top_classes(probs, 4, chunk=7), full)
+    assert top_classes(probs[:0], 4).shape == (0, 4)
+
+
 def test_threshold_for_precision():
     confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.6, 0.5])
     correct = np.array([1, 1, 1, 0, 1, 0], bool)
@@ -363,6 +373,24 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monke
     assert dataset[target.id]["label_propagated"] is None
     assert len(dataset.match_tags("dinoprop:needs_review")) == 0
     assert len(dataset.list_runs()) == 1
+
+
+def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatch):
+    import fiftyone.core.collections as foc
+
+    reads = []
+    values = foc.SampleCollection.values
+
+    def counted(self, *args, **kwargs):
+        stages = str(self.view()._serialize(include_uuids=False))
+        if "dinoprop_embedding" in str(args[:1]) + stages:
+            reads.append(args[:1])
+        return values(self, *args, **kwargs)
+
+    monkeypatch.setattr(foc.SampleCollection, "values", counted)
+    dinoprop.propagate_labels(embedded_dataset, "label")
+    assert len(reads) == 1, reads  # one scan over the samples with embeddings
+    assert embedded_dataset.count("label_propagated") == 18
 
 
 def test_seed_tag_view_and_store_scores(embedded_dataset):

@@ -46,6 +46,33 @@ def knn_search(
     return nbrs.astype(np.int64), sims.astype(np.float32)
 
 
+#: From this many vectors :func:`graph_search` searches approximately.
+#: Exact search costs ``N^2``, IVF about ``N^1.5``: on 100k synthetic 32-d
+#: vectors (100 classes, 2 shared cores) exact search took 24.6 s, IVF
+#: 5.7 s at recall@10 0.978, and ``propagate`` on the IVF graph was as
+#: accurate (97.61% against 97.55%, mean of 3 seed draws at 10 seeds per
+#: class). Below it the exact graph is cheap and keeps small results
+#: reproducible.
+APPROXIMATE_MIN_NODES = 50_000
+
+
+def graph_search(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN graph search for a whole collection: exact below
+    :data:`APPROXIMATE_MIN_NODES` vectors (:func:`knn_search`), above it
+    :func:`approximate_knn_search` (IVF, recall@k calibrated to 0.97).
+
+    Args:
+        embeddings: a ``num x dim`` array
+        k: the number of neighbours per row, self excluded
+
+    Returns:
+        the ``(neighbors, similarities)`` of :func:`knn_search`
+    """
+    if len(embeddings) < APPROXIMATE_MIN_NODES:
+        return knn_search(embeddings, k)
+    return approximate_knn_search(embeddings, k)
+
+
 def approximate_knn_search(
     embeddings: np.ndarray, k: int, target_recall: float = 0.97
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,8 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
     )
     check_vector_field(samples, embeddings)
     ids, labels, is_seed = _sample_seeds(samples, label_field, seed_tag)
-    embedded = {str(i) for i in samples.exists(embeddings).values("_id", _raw=True)}
+    loaded = load_embeddings(samples, embeddings)
+    embedded = set(loaded[0].tolist())
     seed_ids = [i for i, s in zip(ids, is_seed) if s]
     seed_labels = [lab for lab, s in zip(labels, is_seed) if s]
     where = " has a label in '%s'%s" % (
@@ -53,7 +54,7 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         np.array([i in embedded for i in seed_ids], bool),
         "sample" + where,
     )
-    sample_ids, vectors, graph = sample_graph(samples, embeddings, k)
+    sample_ids, vectors, graph = sample_graph(samples, embeddings, k, loaded)
     if len(sample_ids) == len(seed_ids):
         raise DinopropError(
             "Every sample with an embedding is a seed: there is nothing to "
@@ -115,8 +116,9 @@ def count_seeds(
     return dict(Counter(seeds))
 
 
-def sample_graph(samples, embeddings, k):
-    """The kNN graph of the view, reused when nothing it depends on changed."""
+def sample_graph(samples, embeddings, k, loaded=None):
+    """The kNN graph of the view, reused when nothing it depends on changed
+    (``loaded``: the view's :func:`load_embeddings`, if already read)."""
     from dinoprop.similarity import sample_knn_graph
 
     key = (
@@ -125,7 +127,7 @@ def sample_graph(samples, embeddings, k):
         embeddings,
         int(k),
     )
-    ids, vectors = load_embeddings(samples, embeddings)
+    ids, vectors = loaded or load_embeddings(samples, embeddings)
     cached = _GRAPH_CACHE.get(key)
     if (
         cached is not None
@@ -152,7 +154,7 @@ def _write_samples(
     from dinoprop.label_writes import write_classifications
 
     ids = data["ids"]
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :NUM_TOP_CLASSES]
+    top = top_classes(probs, NUM_TOP_CLASSES)
     top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
     names = np.asarray(classes).astype(str)
     written = write_classifications(
@@ -176,6 +178,25 @@ def _write_samples(
         data["label_field"],
     )
     return len(review_ids), written["num_flipped"]
+
+
+def top_classes(probs: np.ndarray, num: int, chunk: int = 65_536) -> np.ndarray:
+    """The ``num`` most likely classes of each row, best first (ties in
+    class order), sorted ``chunk`` rows at a time so that no ``N x C``
+    index array is held (at 1M samples and 100 classes: 800 MB).
+
+    Args:
+        probs: ``N x C`` probabilities
+        num: classes per row (at most ``C``)
+        chunk: rows sorted at once
+
+    Returns:
+        an ``N x num`` int64 array of class indices
+    """
+    return np.concatenate([
+        np.argsort(-probs[start:start + chunk], axis=1, kind="stable")[:, :num]
+        for start in range(0, max(len(probs), 1), chunk)
+    ])
 
 
 def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):

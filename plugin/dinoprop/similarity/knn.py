@@ -24,8 +24,8 @@ def sample_knn_graph(
     the view that have an embedding, and its vectors match the field, its
     cached graph is reused instead of searching again (approximate, with the
     recall that index was calibrated to, when that index is not exact).
-    Otherwise the exact graph is computed with
-    :func:`dinoprop.graph.knn_search`.
+    Otherwise the graph is searched with :func:`dinoprop.graph.graph_search`
+    (exact, or approximate for large views).
 
     Args:
         samples: a FiftyOne sample collection
@@ -50,7 +50,7 @@ def sample_knn_graph(
     if cached is not None:
         neighbors, sims = cached
     else:
-        neighbors, sims = graph.knn_search(embeddings, k)
+        neighbors, sims = graph.graph_search(embeddings, k)
     return sample_ids, embeddings, neighbors, sims
 
 
