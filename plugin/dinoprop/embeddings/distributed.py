@@ -332,7 +332,6 @@ class RayEngine:
         self.model = model
         # with GPUs, Ray makes the actor's GPU cuda:0; without, stay on the CPU
         self.load_options = {**load_options, "device": None if self.num_gpus else "cpu"}
-        self.engine_options = engine_options
         describe = self.ray.remote(_describe).options(num_cpus=1, num_gpus=self.num_gpus)
         with _worker_errors():
             self._facts, self.preprocessing = self.ray.get(
@@ -382,8 +381,8 @@ class RayEngine:
             max_restarts=-1, max_task_retries=-1,
         )
         written.context.enable_progress_bars = False  # the driver shows one
-        # every actor loads its model before work is dispatched (else the
-        # first one ready takes it all); a cluster that cannot place them fails
+        # work starts once every actor has loaded its model; a cluster that
+        # cannot place them all fails after ACTOR_START_SECONDS
         written.context.wait_for_min_actors_s = ACTOR_START_SECONDS
         with _worker_errors():
             for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
