@@ -100,6 +100,7 @@ def test_missing_ray_says_how_to_install_it(monkeypatch):
     ({"ray_address": "head:6379"}, "apply to engine='ray' only"),
     ({"engine": "ray", "patches_field": "boxes"}, "does not take patches_field"),
     ({"engine": "ray", "device": "cpu"}, "does not take device"),
+    ({"engine": "ray", "num_workers": 0}, "num_workers counts the embedding actors"),
 ])
 def test_ray_arguments_are_checked_before_connecting(image_dataset, kwargs, message):
     import fiftyone as fo

@@ -229,7 +229,7 @@ def compute_embeddings(
     if engine == "ray":
         from dinoprop.embeddings.distributed import RayEngine, RayRunner
 
-        _check_ray_arguments(model, device, patches_field, gpu_decode)
+        _check_ray_arguments(model, device, patches_field, gpu_decode, num_workers)
         embedder = RayEngine(model, load_options, ray_address, num_workers,
                              num_gpus_per_worker, engine_options)
         runner_cls = RayRunner
@@ -313,9 +313,15 @@ def _check_local_arguments(engine, ray_address, num_gpus_per_worker) -> None:
         )
 
 
-def _check_ray_arguments(model, device, patches_field, gpu_decode) -> None:
+def _check_ray_arguments(model, device, patches_field, gpu_decode, num_workers) -> None:
     """Refuses what the Ray engine does not do, before connecting."""
     from dinoprop.models import EmbeddingModel
+
+    if num_workers == 0:
+        raise DinopropError(
+            "With engine='ray', num_workers counts the embedding actors: pass "
+            "at least 1, or None for one per GPU of the cluster"
+        )
 
     if isinstance(model, EmbeddingModel):
         raise DinopropError(
