@@ -97,7 +97,7 @@ class DinopropOperator(foo.Operator):
         view = self._target(ctx, inputs)
         if view is not None and view.count() == 0:
             warn(inputs, "target", "The target view has no samples")
-        elif self.form(ctx, inputs, view):
+        elif self.form(ctx, inputs, view) and not self.always_delegated(ctx.params):
             delegation(ctx, inputs, view, self.DELEGATE_THRESHOLD)
         return types.Property(inputs, view=types.View(label=self.FORM_TITLE))
 
@@ -109,9 +109,16 @@ class DinopropOperator(foo.Operator):
         """
         raise NotImplementedError
 
+    def always_delegated(self, params):
+        """Whether a run with these form ``params`` can only run delegated
+        (the form then shows no immediate / delegated choice)."""
+        return False
+
     def resolve_delegation(self, ctx):
         if self.DELEGATE_THRESHOLD is None:
             return None
+        if self.always_delegated(ctx.params):
+            return True
         if DELEGATE in ctx.params:
             return bool(ctx.params[DELEGATE])
         if ctx.dataset is None:

@@ -9,6 +9,9 @@ from . import _common
 
 DEFAULT_MODEL = "dinov2-small"
 
+#: Where the embeddings run, as the form names them.
+ENGINES = {"local": "This machine", "ray": "A Ray cluster"}
+
 
 class ComputeEmbeddings(_common.DinopropOperator):
     """Computes DINOv2 embeddings (``dinoprop.compute_embeddings``)."""
@@ -134,6 +137,20 @@ class ComputeEmbeddings(_common.DinopropOperator):
             label="Batch size",
             description="Leave empty to pick one for the device",
         )
+        if ray_installed():
+            _common.choice_input(
+                inputs,
+                "engine",
+                ENGINES,
+                "Run on",
+                default="local",
+                view=types.RadioGroup(),
+                description="A Ray cluster embeds on all its machines; every "
+                "node needs fiftyone-dinoprop[scale], the images at the same "
+                "paths and this dataset's MongoDB",
+            )
+            if ctx.params.get("engine") == "ray":
+                return _ray_inputs(inputs, patches)
         inputs.str(
             "device",
             label="Device",
@@ -141,6 +158,10 @@ class ComputeEmbeddings(_common.DinopropOperator):
             "else CPU",
         )
         return True
+
+    def always_delegated(self, params):
+        """Runs on a Ray cluster are long: they always run delegated."""
+        return params.get("engine") == "ray"
 
     def follow_up(self, ctx, results):
         """Reloads the dataset, and warns when some images failed."""
@@ -151,20 +172,74 @@ class ComputeEmbeddings(_common.DinopropOperator):
     def call(self, view, params, progress):
         import dinoprop
 
+        on_ray = params.get("engine") == "ray"
+        ray_options = {
+            "engine": "ray",
+            "ray_address": params.get("ray_address") or None,
+            "num_workers": params.get("num_workers") or None,
+            "num_gpus_per_worker": params.get("num_gpus_per_worker"),
+        } if on_ray else {"device": params.get("device") or None}
         return dinoprop.compute_embeddings(
             view,
             model=params.get("model") or DEFAULT_MODEL,
             embeddings_field=params.get("embeddings_field")
             or _common.DEFAULT_EMBEDDINGS,
             batch_size=params.get("batch_size") or None,
-            device=params.get("device") or None,
             overwrite=bool(params.get("overwrite", False)),
             pooling=params.get("pooling") or "cls",
             flip_average=bool(params.get("flip_average", False)),
             patches_field=params.get("patches_field") or None,
             patch_mode=params.get("patch_mode") or "crops",
             progress=progress,
+            **ray_options,
         )
+
+
+def ray_installed():
+    """Whether Ray (the ``scale`` extra) can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def _ray_inputs(inputs, patches):
+    """The Ray cluster's fields; blocks the form for object patches."""
+    if patches:
+        _common.warn(
+            inputs,
+            "engine",
+            "The Ray engine embeds whole images",
+            "Clear 'Object patches', or run on this machine",
+        )
+        return False
+    inputs.str(
+        "ray_address",
+        label="Ray cluster address",
+        description="e.g. head-node:6379 or ray://head-node:10001; empty "
+        "uses RAY_ADDRESS, else a cluster started with `ray start` on the "
+        "machine running the operation, else a new local one",
+    )
+    inputs.int(
+        "num_workers",
+        min=1,
+        label="Embedding workers",
+        description="Ray actors, each holding the model; empty: one per GPU "
+        "of the cluster, else half its CPUs",
+    )
+    inputs.float(
+        "num_gpus_per_worker",
+        min=0,
+        label="GPUs per worker",
+        description="Fractions share a GPU; empty: 1 when the cluster has "
+        "GPUs, else 0",
+    )
+    _common.notice(
+        inputs,
+        "ray",
+        "Ray runs are delegated: start `fiftyone delegated launch` on a "
+        "machine that reaches the cluster, and follow the run in the Runs list",
+    )
+    return True
 
 
 def _existing_ok(inputs, view, field, patches, path, model, flip_average):

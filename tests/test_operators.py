@@ -641,3 +641,55 @@ def test_propagate_form_sets_the_dataset_accuracy_target_and_says_when_to_stop(e
     summary = ds.load_run_results("dinoprop_label_propagated").summary()
     assert summary["stop_plan"]["target_accuracy"] == 0.9
     assert shown_summary(triggered)["stop_advice"] == summary["stop_plan"]["advice"]
+
+
+def test_compute_embeddings_offers_a_ray_cluster_when_ray_is_installed(
+    image_dataset, monkeypatch
+):
+    import sys
+
+    from fiftyone.operators.registry import OperatorRegistry
+
+    operator = OperatorRegistry().get_operator(uri("compute_embeddings"))
+    op = sys.modules[type(operator).__module__]  # as FiftyOne loaded the plugin
+    monkeypatch.setattr(op, "ray_installed", lambda: False)
+    assert "engine" not in resolve_form("compute_embeddings", image_dataset)
+    monkeypatch.setattr(op, "ray_installed", lambda: True)
+    form = resolve_form("compute_embeddings", image_dataset)
+    assert form["engine"].default == "local" and "device" in form and "delegate" in form
+    form = resolve_form("compute_embeddings", image_dataset, {"engine": "ray"})
+    assert {"ray_address", "num_workers", "num_gpus_per_worker", "ray_notice"} <= set(form)
+    assert "device" not in form and "delegate" not in form  # always delegated
+    assert not blocking_errors(form)
+
+
+def test_a_ray_run_from_the_app_is_delegated_with_the_cluster_fields(
+    image_dataset, tiny_dinov2_dir, monkeypatch
+):
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    passed = {}
+    real = dinoprop.compute_embeddings
+
+    def on_this_machine(view, **kwargs):  # the Ray engine itself: tests/test_ray.py
+        passed.update(kwargs)
+        local = {"engine": "local", "ray_address": None, "num_gpus_per_worker": None,
+                 "num_workers": 0}
+        return real(view, **{**kwargs, **local})
+
+    monkeypatch.setattr(dinoprop, "compute_embeddings", on_this_machine)
+    params = {"model": tiny_dinov2_dir, "engine": "ray", "ray_address": "head:6379",
+              "num_workers": 2, "num_gpus_per_worker": 0.5, "delegate": False}
+    queued = foo.execute_operator(uri("compute_embeddings"), dataset=image_dataset, params=params)
+    assert queued.delegated  # even though the form asked for an immediate run
+    service = DelegatedOperationService()
+    doc = service.get(queued.result["id"])
+    try:
+        service.execute_operation(doc)
+        assert service.get(doc.id).run_state == "completed"
+    finally:
+        service.delete_operation(doc.id)
+    assert {k: passed[k] for k in ("engine", "ray_address", "num_workers", "num_gpus_per_worker")} \
+        == {"engine": "ray", "ray_address": "head:6379", "num_workers": 2, "num_gpus_per_worker": 0.5}
+    assert "device" not in passed and image_dataset.count("dinoprop_embedding") == 24

@@ -20,7 +20,9 @@ One module per concern:
 - :mod:`~dinoprop.embeddings.writer`: the engine's vectors committed to the
   dataset in bulk chunks, failures recorded;
 - :mod:`~dinoprop.embeddings.runs`: the run recording a field's model and
-  settings.
+  settings;
+- :mod:`~dinoprop.embeddings.distributed`: ``engine="ray"``, the engine on a
+  Ray cluster whose actors write the vectors (imported only when used).
 """
 
 from dinoprop.embeddings.api import EmbeddingsResults, compute_embeddings

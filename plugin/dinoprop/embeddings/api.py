@@ -27,6 +27,9 @@ from dinoprop.embeddings.writer import DEFAULT_CHUNK_SIZE, _Runner
 
 logger = logging.getLogger(__name__)
 
+#: Where :func:`compute_embeddings` runs: this process, or a Ray cluster.
+ENGINES = ("local", "ray")
+
 
 @dataclass
 class EmbeddingsResults:
@@ -55,6 +58,11 @@ class EmbeddingsResults:
         seconds: wall-clock duration of the call
         images_per_second: throughput over the embedded images
         run_key: the run recording this field's model and settings
+        engine: ``"local"`` (this process) or ``"ray"``
+        images_per_node: with ``engine="ray"``, the images embedded by
+            the actors of each Ray node (by node ID)
+        images_per_worker: with ``engine="ray"``, the images embedded by
+            each actor (by actor ID)
     """
 
     model: str
@@ -76,6 +84,9 @@ class EmbeddingsResults:
     seconds: float = 0.0
     images_per_second: float = 0.0
     run_key: str = ""
+    engine: str = "local"
+    images_per_node: dict = field(default_factory=dict)
+    images_per_worker: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """JSON-serialisable numbers for an App result panel."""
@@ -126,6 +137,9 @@ def compute_embeddings(
     precision: str | None = None,
     gpu_decode: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_gpus_per_worker: float | None = None,
 ) -> EmbeddingsResults:
     """Embeds every image (or every box) of a collection with a backbone.
 
@@ -136,6 +150,9 @@ def compute_embeddings(
     even ``kill -9`` loses at most a few seconds of work; on Ctrl-C or an
     error, everything computed is committed before the error propagates,
     and the run record's ``num_embedded`` counts only committed vectors.
+    With ``engine="ray"`` the images are decoded and embedded on a Ray
+    cluster whose actors write the vectors (see
+    :mod:`dinoprop.embeddings.distributed`); the same resume rule applies.
     Images that cannot be embedded are reported: one logged warning with
     their count by reason and the first paths, and
     :attr:`EmbeddingsResults.failure_counts` / ``failures``.
@@ -151,7 +168,9 @@ def compute_embeddings(
             batch that fits the GPU memory the weights leave
             (:meth:`dinoprop.models.EmbeddingModel.default_batch_size`)
         num_workers: DataLoader decoding processes; default 1 on small CPU
-            hosts, one per spare core on GPUs; 0 decodes in this process
+            hosts, one per spare core on GPUs; 0 decodes in this process.
+            With ``engine="ray"``: the embedding actors (default one per
+            GPU of the cluster, else half its CPUs)
         device: None (CUDA, else MPS, else CPU) or e.g. ``"cuda:1"``
         skip_failures: whether images that cannot be embedded are skipped
             and reported (True) or raise on the first one (False): missing
@@ -187,6 +206,17 @@ def compute_embeddings(
             then only read files, which helps when CPU decoding is the
             bottleneck)
         chunk_size: samples committed per database write
+        engine: ``"local"`` (this process) or ``"ray"`` (a Ray cluster:
+            needs ``pip install 'fiftyone-dinoprop[scale]'`` on every node,
+            whole images, ``model`` given by name or path, and a MongoDB
+            every node reaches; ``device`` and ``gpu_decode`` do not apply)
+        ray_address: with ``engine="ray"``, the cluster's address (e.g.
+            ``"ray://head:10001"`` or ``"head:6379"``); None uses
+            ``RAY_ADDRESS``, a cluster started on this machine, or a new
+            local one
+        num_gpus_per_worker: with ``engine="ray"``, the GPUs of each actor
+            (fractions share a GPU); default 1 when the cluster has GPUs,
+            else 0
 
     Returns:
         an :class:`EmbeddingsResults`
@@ -204,39 +234,43 @@ def compute_embeddings(
     _check_arguments(batch_size, num_workers, chunk_size, embeddings_field)
     dm.check_pooling(pooling)
     _check_patch_mode(patch_mode, patches_field, pooling)
-    tokens = patch_mode == "tokens"
     label_path = _check_target(samples, embeddings_field, patches_field)
-    if isinstance(model, dm.EmbeddingModel):
-        backbone = model
-        _check_loaded_image_size(backbone, image_size)
+    load_options = {"image_size": image_size, "trust_remote_code": trust_remote_code,
+                    "compile": compile, "precision": precision}
+    engine_options = {"batch_size": batch_size, "pooling": pooling,
+                      "normalize": normalize, "flip_average": flip_average}
+    if engine == "ray":
+        from dinoprop.embeddings.distributed import RayEngine, RayRunner
+
+        _check_ray_arguments(model, device, patches_field, gpu_decode, num_workers)
+        embedder = RayEngine(model, load_options, ray_address, num_workers,
+                             num_gpus_per_worker, engine_options)
+        runner_cls = RayRunner
     else:
-        backbone = dm.load_model(
-            model, device=device, image_size=image_size,
-            trust_remote_code=trust_remote_code, compile=compile, precision=precision,
-        )
+        _check_local_arguments(engine, ray_address, num_gpus_per_worker)
+        embedder = _local_engine(model, device, load_options,
+                                 dict(engine_options, patch_mode=patch_mode), num_workers,
+                                 gpu_decode, patches_field)
+        runner_cls = _Runner
+    facts = embedder.describe()
     settings = {
-        "model": backbone.name,
-        "fingerprint": backbone.fingerprint,
-        "pooling": "mean" if tokens else backbone.effective_pooling(pooling),
+        "model": facts["summary"]["model"],
+        "fingerprint": facts["summary"]["fingerprint"],
+        "pooling": facts["pooling"],
         "normalize": bool(normalize),
         "flip_average": bool(flip_average),
         "patches_field": patches_field,
         "patch_mode": patch_mode,
         "embeddings_field": embeddings_field,
-        "dim": backbone.hidden_dim if tokens else backbone.output_dim(pooling),
+        "dim": facts["dim"],
     }
-    if gpu_decode and (backbone.device.type != "cuda" or patches_field is not None):
-        raise DinopropError(
-            "gpu_decode=True needs a CUDA device and whole-image embeddings "
-            "(not patches_field); this run uses %s" % backbone.device
-        )
     run_key = run_key_for(embeddings_field, patches_field)
     _check_previous_run(samples, run_key, settings, label_path or embeddings_field, overwrite)
 
     results = EmbeddingsResults(
-        model=backbone.name,
-        fingerprint=backbone.fingerprint,
-        device=str(backbone.device),
+        model=settings["model"],
+        fingerprint=settings["fingerprint"],
+        device=facts["summary"]["device"],
         dim=settings["dim"],
         pooling=settings["pooling"],
         normalize=settings["normalize"],
@@ -245,14 +279,11 @@ def compute_embeddings(
         patches_field=patches_field,
         patch_mode=patch_mode,
         run_key=run_key,
+        engine=engine,
     )
-    _record_run(samples, run_key, settings, backbone, status="running")
-    engine = EmbeddingEngine(
-        backbone, batch_size=batch_size, num_workers=num_workers, pooling=pooling,
-        normalize=normalize, flip_average=flip_average, gpu_decode=gpu_decode,
-        patch_mode=patch_mode,
-    )
-    runner = _Runner(samples, engine, settings, results, skip_failures, chunk_size)
+    summary = facts["summary"]
+    _record_run(samples, run_key, settings, summary, status="running")
+    runner = runner_cls(samples, embedder, settings, results, skip_failures, chunk_size)
     try:
         if patches_field is None:
             runner.embed_images(overwrite, progress)
@@ -260,13 +291,67 @@ def compute_embeddings(
             runner.embed_patches(label_path, overwrite, progress)
     except BaseException:
         _finish(results, start)
-        _record_failed_run(samples, run_key, settings, backbone, results)
+        _record_failed_run(samples, run_key, settings, summary, results)
         raise
     _finish(results, start)
-    _record_run(samples, run_key, settings, backbone, status="completed", results=results)
+    _record_run(samples, run_key, settings, summary, status="completed", results=results)
     if results.num_failed:
         logger.warning("compute_embeddings: %s", results.failure_report())
     return results
+
+
+def _local_engine(model, device, load_options, engine_options, num_workers, gpu_decode,
+                  patches_field) -> EmbeddingEngine:
+    """The engine of a run in this process."""
+    from dinoprop import models as dm
+
+    if isinstance(model, dm.EmbeddingModel):
+        backbone = model
+        _check_loaded_image_size(backbone, load_options["image_size"])
+    else:
+        backbone = dm.load_model(model, device=device, **load_options)
+    if gpu_decode and (backbone.device.type != "cuda" or patches_field is not None):
+        raise DinopropError(
+            "gpu_decode=True needs a CUDA device and whole-image embeddings "
+            "(not patches_field); this run uses %s" % backbone.device
+        )
+    return EmbeddingEngine(backbone, num_workers=num_workers, gpu_decode=gpu_decode,
+                           **engine_options)
+
+
+def _check_local_arguments(engine, ray_address, num_gpus_per_worker) -> None:
+    if engine not in ENGINES:
+        raise DinopropError("engine must be one of %s; got %r" % (list(ENGINES), engine))
+    if ray_address is not None or num_gpus_per_worker is not None:
+        raise DinopropError(
+            "ray_address and num_gpus_per_worker apply to engine='ray' only; "
+            "pass engine='ray' to embed on a Ray cluster"
+        )
+
+
+def _check_ray_arguments(model, device, patches_field, gpu_decode, num_workers) -> None:
+    """Refuses what the Ray engine does not do, before connecting."""
+    from dinoprop.models import EmbeddingModel
+
+    if num_workers == 0:
+        raise DinopropError(
+            "With engine='ray', num_workers counts the embedding actors: pass "
+            "at least 1, or None for one per GPU of the cluster"
+        )
+
+    if isinstance(model, EmbeddingModel):
+        raise DinopropError(
+            "engine='ray' loads the model on every worker: pass its name or "
+            "path (model=%r), not a loaded EmbeddingModel" % model.name
+        )
+    refused = [name for name, value in (("device", device), ("patches_field", patches_field),
+                                        ("gpu_decode", gpu_decode)) if value]
+    if refused:
+        raise DinopropError(
+            "engine='ray' embeds whole images on the workers' own devices "
+            "(num_gpus_per_worker) and does not take %s; leave %s unset or "
+            "use engine='local'" % (", ".join(refused), " and ".join(refused))
+        )
 
 
 def _finish(results: EmbeddingsResults, start: float) -> None:

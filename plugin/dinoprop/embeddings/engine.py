@@ -191,7 +191,7 @@ class EmbeddingEngine:
                 indices, tensors, items.filepaths, self.model.preprocessing, self.model.device
             )
             failures, counts = failures + more, [1] * len(indices)
-        vectors = self._embed(tensors) if indices else None
+        vectors = self.embed_images(tensors) if indices else None
         return EmbeddedBatch(list(indices), list(counts), vectors, list(failures))
 
     def _embed_box_tokens(self, indices, tensors, failures, boxes) -> EmbeddedBatch:
@@ -205,14 +205,44 @@ class EmbeddingEngine:
             )
         return EmbeddedBatch(list(indices), [len(b) for b in image_boxes], vectors, list(failures))
 
-    def _embed(self, tensors) -> np.ndarray:
-        """Embeds in slices of at most ``batch_size`` (box crops can be more)."""
+    def embed_images(self, images: Any) -> np.ndarray:
+        """Embeds already decoded images, in slices of at most ``batch_size``.
+
+        Args:
+            images: an ``N x 3 x S x S`` uint8 tensor of resized, centre
+                cropped images (what :func:`dinoprop.models.preprocess_image`
+                returns, stacked), e.g. decoded elsewhere
+
+        Returns:
+            an ``N x dim`` float32 array
+        """
         embed, size = self.model.embed, self.batch_size
-        if len(tensors) <= size:
-            return embed(tensors, **self.options)
+        if len(images) <= size:
+            return embed(images, **self.options)
         return np.concatenate(
-            [embed(tensors[i : i + size], **self.options) for i in range(0, len(tensors), size)]
+            [embed(images[i : i + size], **self.options) for i in range(0, len(images), size)]
         )
+
+    def describe(self) -> dict:
+        """What a run with this engine records and needs to know.
+
+        Returns:
+            a dict with ``summary`` (:func:`dinoprop.models.model_summary`),
+            ``pooling`` (the pooling applied: with ``patch_mode="tokens"``
+            the mean of the patch tokens under each box), ``dim`` (the
+            vector length)
+            and ``batch_size``
+        """
+        from dinoprop.models import model_summary
+
+        pooling = self.options["pooling"]
+        tokens = self.patch_mode == "tokens"  # boxes pool the patch tokens
+        return {
+            "summary": model_summary(self.model),
+            "pooling": "mean" if tokens else self.model.effective_pooling(pooling),
+            "dim": self.model.hidden_dim if tokens else self.model.output_dim(pooling),
+            "batch_size": self.batch_size,
+        }
 
     def _count(self, batch: EmbeddedBatch, elapsed: float) -> None:
         stats = self.stats

@@ -89,12 +89,11 @@ def _has_any_value(dataset: Any, path: str) -> bool:
     return dataset.count(path) > 0
 
 
-def _record_run(samples, run_key, settings, backbone, status, results=None) -> None:
-    """Records the field's model fingerprint and settings as a FiftyOne run."""
-    from dinoprop.models import model_summary
-
+def _record_run(samples, run_key, settings, summary, status, results=None) -> None:
+    """Records the field's model fingerprint and settings as a FiftyOne run
+    (``summary``: :func:`dinoprop.models.model_summary` of the model)."""
     dataset = samples._dataset
-    config = dataset.init_run(**{**model_summary(backbone), **settings, "status": status})
+    config = dataset.init_run(**{**summary, **settings, "status": status})
     if status == "running":
         dataset.register_run(run_key, config, overwrite=True, cleanup=False)
         return
@@ -103,7 +102,7 @@ def _record_run(samples, run_key, settings, backbone, status, results=None) -> N
     dataset.save_run_results(run_key, dataset.init_run_results(run_key, **summary))
 
 
-def _record_failed_run(samples, run_key, settings, backbone, results) -> None:
+def _record_failed_run(samples, run_key, settings, summary, results) -> None:
     """Records an interrupted run as ``failed`` with what it committed.
 
     The vectors already written stay (a rerun resumes from them); the run
@@ -111,6 +110,6 @@ def _record_failed_run(samples, run_key, settings, backbone, results) -> None:
     Errors while recording are logged, so the original error is raised.
     """
     try:
-        _record_run(samples, run_key, settings, backbone, status="failed", results=results)
+        _record_run(samples, run_key, settings, summary, status="failed", results=results)
     except Exception:  # the database may be what failed
         logger.warning("Could not record the failed embeddings run '%s'", run_key, exc_info=True)

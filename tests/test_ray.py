@@ -1,0 +1,199 @@
+"""compute_embeddings(engine="ray") on real local Ray clusters, writing to
+the test session's private mongod."""
+
+import os
+import signal
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import dinoprop.embeddings as de
+from dinoprop.core import DinopropError
+from dinoprop.embeddings import distributed
+
+try:
+    import ray
+    import ray.data  # noqa: F401
+except ImportError:  # pragma: no cover - make test installs the scale extra
+    pytest.skip(
+        "RAY IS NOT INSTALLED: the Ray engine is NOT tested; install it with "
+        "pip install 'fiftyone-dinoprop[scale]' (make test does)",
+        allow_module_level=True,
+    )
+
+LOCAL = "local_embedding"
+
+
+def _start_checked(**init_args):
+    """ray.init, then checks that workers import this checkout's dinoprop."""
+    import dinoprop
+
+    ray.init(include_dashboard=False, **init_args)
+    where = ray.get(ray.remote(lambda: __import__("dinoprop").__file__).remote())
+    assert where == dinoprop.__file__
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster with 2 logical CPUs (an actor, a decoder)."""
+    ray.shutdown()
+    _start_checked(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _vectors(dataset, field):
+    return np.stack(dataset.values(field))
+
+
+def _cosines(a, b):
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _modified(dataset):
+    return dict(zip(*dataset.values(["id", "last_modified_at"])))
+
+
+# ------------------------------------------------------- without a cluster
+
+
+def test_vectors_are_stored_in_fiftyones_format():
+    import fiftyone.core.utils as fou
+
+    vector = np.random.default_rng(0).normal(size=384).astype(np.float32)
+    assert distributed.serialize_vector(vector) == fou.serialize_numpy_array(vector)
+
+
+@pytest.mark.parametrize("uri, loopback", [
+    ("mongodb://localhost:27017/", True),
+    ("mongodb://user:pw@127.0.0.1:4242/?authSource=admin", True),
+    ("mongodb://[::1]:27017", True),
+    ("mongodb://localhost:1,db.example.com:2/", False),
+    ("mongodb://10.0.0.5:27017/", False),
+    ("mongodb+srv://cluster.example.com/", False),
+])
+def test_loopback_uris(uri, loopback):
+    assert distributed.is_loopback_uri(uri) is loopback
+
+
+def test_a_local_mongod_is_refused_when_other_machines_run_actors():
+    fake_ray = SimpleNamespace(
+        util=SimpleNamespace(get_node_ip_address=lambda: "10.0.0.1"),
+        nodes=lambda: [{"NodeManagerAddress": "10.0.0.1", "Alive": True},
+                       {"NodeManagerAddress": "10.0.0.2", "Alive": True},
+                       {"NodeManagerAddress": "10.0.0.3", "Alive": False}],
+    )
+    with pytest.raises(DinopropError, match=r"10\.0\.0\.2 cannot.*FIFTYONE_DATABASE_URI"):
+        distributed.check_database_reachable("mongodb://localhost:27017", fake_ray)
+    distributed.check_database_reachable("mongodb://10.0.0.9:27017", fake_ray)
+
+
+def test_missing_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(DinopropError, match=r"pip install 'fiftyone-dinoprop\[scale\]'"):
+        distributed.import_ray()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"engine": "spark"}, "engine must be one of"),
+    ({"ray_address": "head:6379"}, "apply to engine='ray' only"),
+    ({"engine": "ray", "patches_field": "boxes"}, "does not take patches_field"),
+    ({"engine": "ray", "device": "cpu"}, "does not take device"),
+    ({"engine": "ray", "num_workers": 0}, "num_workers counts the embedding actors"),
+])
+def test_ray_arguments_are_checked_before_connecting(image_dataset, kwargs, message):
+    import fiftyone as fo
+
+    image_dataset.add_sample_field("boxes", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    ray.shutdown()
+    with pytest.raises(DinopropError, match=message):
+        de.compute_embeddings(image_dataset, model="dinov2-small", **kwargs)
+    assert not ray.is_initialized()
+
+
+def test_an_unreachable_cluster_is_a_clear_error(image_dataset):
+    ray.shutdown()
+    with pytest.raises(DinopropError, match="Cannot connect to the Ray cluster at 127.0.0.1:9 .*ray start --head"):
+        de.compute_embeddings(image_dataset, model="dinov2-small", engine="ray",
+                              ray_address="127.0.0.1:9")
+
+
+# ---------------------------------------------------- a local Ray cluster
+
+
+def _kill_one_actor():
+    """SIGKILLs one embedding actor's process; returns its pid."""
+    import psutil
+
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "EmbedAndWrite" in " ".join(process.info["cmdline"] or []):
+            os.kill(process.info["pid"], signal.SIGKILL)
+            return process.info["pid"]
+    return None
+
+
+def test_a_killed_actor_loses_nothing_and_a_rerun_recomputes_nothing_stored(
+    local_ray, image_dataset, tiny_dinov2_dir
+):
+    killed = []
+
+    def kill_after_first_batch(pb):
+        if not killed:
+            killed.append(_kill_one_actor())
+
+    options = {"model": tiny_dinov2_dir, "engine": "ray", "num_workers": 1, "batch_size": 2}
+    results = de.compute_embeddings(image_dataset, progress=kill_after_first_batch, **options)
+    assert killed and killed[0] is not None  # an actor was really killed mid-run
+    assert (results.num_embedded, results.num_failed) == (24, 0)
+    assert len(image_dataset) == image_dataset.count("dinoprop_embedding") == 24
+    assert len(set(image_dataset.values("id"))) == 24
+
+    cleared = image_dataset.values("id")[:5]  # a run that died before writing these
+    image_dataset.select(cleared).set_field("dinoprop_embedding", None).save()
+    before = _modified(image_dataset)
+    rerun = de.compute_embeddings(image_dataset, **options)
+    assert (rerun.num_embedded, rerun.num_skipped) == (5, 19)
+    after = _modified(image_dataset)
+    assert [i for i in after if after[i] != before[i]] == cleared
+    again = de.compute_embeddings(image_dataset, **options)
+    assert (again.num_embedded, again.num_skipped) == (0, 24)
+    assert _modified(image_dataset) == after
+
+
+# ------------------------------------------- two nodes with logical GPUs
+
+
+def test_two_nodes_with_a_gpu_each_run_one_actor_each_and_equal_1_actor_and_local_vectors(
+    image_dataset, tiny_dinov2_dir
+):
+    from ray.cluster_utils import Cluster
+
+    de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0,
+                          batch_size=4, embeddings_field=LOCAL)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    try:
+        cluster.add_node(num_cpus=2, num_gpus=1)
+        _start_checked(address=cluster.address)
+        runs = {  # by default 1 GPU per actor, so 2 actors
+            n: de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, engine="ray",
+                                     num_workers=n, batch_size=4, embeddings_field="ray%s" % n)
+            for n in (1, None)
+        }
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(nodes) == 2
+    for n, results in runs.items():
+        assert (results.engine, results.num_embedded, results.num_failed) == ("ray", 24, 0)
+        assert sum(results.images_per_node.values()) == 24
+        assert de.get_embeddings_run(image_dataset, "ray%s" % n)["status"] == "completed"
+    assert len(runs[1].images_per_worker) == 1
+    assert set(runs[None].images_per_node) == nodes  # one actor on each node
+    assert len(runs[None].images_per_worker) == 2
+    expected = _vectors(image_dataset, LOCAL)
+    assert _cosines(_vectors(image_dataset, "rayNone"), expected).min() >= 0.9999
+    np.testing.assert_array_equal(_vectors(image_dataset, "ray1"), _vectors(image_dataset, "rayNone"))
+    assert runs[1].fingerprint == de.get_embeddings_run(image_dataset, LOCAL)["fingerprint"]
