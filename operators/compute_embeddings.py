@@ -1,4 +1,4 @@
-"""Operator ``compute_embeddings``: DINOv2 embeddings of the target view."""
+"""Operator ``compute_embeddings``: DINOv2 or DINOv3 embeddings of the target view."""
 
 import os
 
@@ -14,16 +14,16 @@ ENGINES = {"local": "This machine", "ray": "A Ray cluster"}
 
 
 class ComputeEmbeddings(_common.DinopropOperator):
-    """Computes DINOv2 embeddings (``dinoprop.compute_embeddings``)."""
+    """Computes DINOv2 or DINOv3 embeddings (``dinoprop.compute_embeddings``)."""
 
     NAME = "compute_embeddings"
-    LABEL = "dinoprop: compute DINOv2 embeddings"
-    DESCRIPTION = "Embeds images with DINOv2 on the best device"
+    LABEL = "dinoprop: compute DINOv2 / DINOv3 embeddings"
+    DESCRIPTION = "Embeds images with DINOv2 or DINOv3 on the best device"
     #: Embedding 1000+ images defaults to a delegated run.
     DELEGATE_THRESHOLD = 1000
     CONFIG_OPTIONS = {"default_choice_to_delegated": True}
     TARGET_ACTION = "Embed"
-    FORM_TITLE = "Compute DINOv2 embeddings"
+    FORM_TITLE = "Compute DINOv2 / DINOv3 embeddings"
     PROGRESS_LABEL = "Embedding images"
     RESULT_TITLE = "Embeddings computed"
     RESULT_ROWS = [
