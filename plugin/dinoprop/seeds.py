@@ -249,16 +249,16 @@ def _stored_probabilities(samples, label_field, sample_ids, seed_idx, seed_names
     from dinoprop.propagation import (
         TOP_CONFIDENCES_ATTRIBUTE,
         TOP_LABELS_ATTRIBUTE,
-        WRITING,
         newest_run_key,
     )
+    from dinoprop.propagation.runs import results_are_complete
 
     run_key = newest_run_key(samples, label_field)
     if run_key is None:
         return None
     dataset = samples._root_dataset
     results = dataset.load_run_results(run_key, cache=False)
-    if results is None or results.info.get("status") == WRITING:
+    if not results_are_complete(results):
         return None  # interrupted: its stored probabilities are partial
     seed_ids = set(np.asarray(sample_ids)[seed_idx].tolist())
     classes = list(results.classes)

@@ -255,7 +255,12 @@ def run_is_complete(dataset: Any, run_key: str) -> bool:
 
     Runs recorded before dinoprop tracked this count as complete.
     """
-    results = dataset.load_run_results(run_key, cache=False)
+    return results_are_complete(dataset.load_run_results(run_key, cache=False))
+
+
+def results_are_complete(results: Any) -> bool:
+    """Whether loaded propagation results (None when a run saved none)
+    belong to a run that finished writing its labels."""
     info = getattr(results, "info", None)
     return info is not None and info.get("status", COMPLETE) == COMPLETE
 
