@@ -10,6 +10,7 @@ import pytest
 
 import dinoprop.embeddings as de
 from dinoprop.core import DinopropError
+from dinoprop import ray_cluster
 from dinoprop.embeddings import distributed
 
 try:
@@ -92,7 +93,7 @@ def test_a_local_mongod_is_refused_when_other_machines_run_actors():
 def test_missing_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)
     with pytest.raises(DinopropError, match=r"pip install 'fiftyone-dinoprop\[scale\]'"):
-        distributed.import_ray()
+        ray_cluster.import_ray()
 
 
 @pytest.mark.parametrize("kwargs, message", [

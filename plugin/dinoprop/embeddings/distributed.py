@@ -28,9 +28,7 @@ the same paths, and must reach the dataset's MongoDB.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,71 +38,13 @@ import numpy as np
 
 from dinoprop.core import DinopropError
 from dinoprop.embeddings.writer import _Runner
-
-#: How to install what ``engine="ray"`` needs.
-INSTALL_HINT = "pip install 'fiftyone-dinoprop[scale]'"
+from dinoprop.ray_cluster import connect, worker_errors
 
 #: How long the actors may take to start (resources, model downloads)
 #: before the run fails.
 ACTOR_START_SECONDS = 1800
 
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
-
-
-def import_ray() -> Any:
-    """Imports Ray (and Ray Data), or says how to install them.
-
-    Raises:
-        DinopropError: if Ray is not installed
-    """
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as e:
-        raise DinopropError(
-            "engine='ray' needs Ray with Ray Data (%s); install it with %s"
-            % (e, INSTALL_HINT)
-        ) from None
-    return ray
-
-
-def connect(address: Optional[str]) -> Any:
-    """Connects this process to a Ray cluster; returns the ``ray`` module.
-
-    An already connected process keeps its connection. Otherwise ``None``
-    follows Ray's rule (``RAY_ADDRESS``, else a cluster started on this
-    machine with ``ray start``, else a new local cluster).
-
-    Raises:
-        DinopropError: if Ray is missing or the cluster cannot be reached
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        return ray
-    try:
-        _check_listening(address)
-        ray.init(address=address, include_dashboard=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DinopropError(
-            "Cannot connect to the Ray cluster at %s (%s); start it with "
-            "`ray start --head` on the head node, or pass ray_address=None "
-            "for a local cluster" % (address, e)
-        ) from None
-    return ray
-
-
-def _check_listening(address: Optional[str], timeout: float = 5.0) -> None:
-    """Fails fast when nothing listens at a ``host:port`` address (where
-    ``ray.init`` would retry for minutes).
-
-    Raises:
-        OSError: if the connection is refused or times out
-    """
-    if not address or address == "auto":
-        return
-    host, _, port = address.split("://")[-1].rpartition(":")
-    if host and port.isdigit():
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
 
 
 @dataclass(frozen=True)
@@ -333,7 +273,7 @@ class RayEngine:
         # with GPUs, Ray makes the actor's GPU cuda:0; without, stay on the CPU
         self.load_options = {**load_options, "device": None if self.num_gpus else "cpu"}
         describe = self.ray.remote(_describe).options(num_cpus=1, num_gpus=self.num_gpus)
-        with _worker_errors():
+        with worker_errors():
             self._facts, self.preprocessing = self.ray.get(
                 describe.remote(model, self.load_options, engine_options)
             )
@@ -384,7 +324,7 @@ class RayEngine:
         # work starts once every actor has loaded its model; a cluster that
         # cannot place them all fails after ACTOR_START_SECONDS
         written.context.wait_for_min_actors_s = ACTOR_START_SECONDS
-        with _worker_errors():
+        with worker_errors():
             for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
                 yield _written_batch(batch)
 
@@ -431,22 +371,6 @@ def _default_workers(num_gpus: float, resources: dict) -> int:
     if num_gpus:
         return max(1, int(resources.get("GPU", 0) // num_gpus))
     return max(1, int(resources.get("CPU", 1) // 2))
-
-
-@contextlib.contextmanager
-def _worker_errors() -> Iterator[None]:
-    """Raises a DinopropError from a Ray worker as itself, not wrapped in
-    Ray's task errors (other errors propagate unchanged)."""
-    try:
-        yield
-    except Exception as error:
-        cause, seen = error, set()
-        while cause is not None and id(cause) not in seen:
-            if isinstance(cause, DinopropError):
-                raise DinopropError(str(cause)) from None
-            seen.add(id(cause))
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        raise
 
 
 class RayRunner(_Runner):
