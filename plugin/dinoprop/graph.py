@@ -10,6 +10,8 @@ instead of searching again. This module knows nothing of similarity runs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from dinoprop.core import l2_normalize
@@ -33,7 +35,7 @@ def knn_search(
     """
     import faiss
 
-    x = np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+    x = unit_vectors(embeddings)
     num = x.shape[0]
     k = int(min(k, num - 1 if exclude_self else num))
     if k <= 0:
@@ -74,48 +76,104 @@ def graph_search(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 def approximate_knn_search(
-    embeddings: np.ndarray, k: int, target_recall: float = 0.97
+    embeddings: np.ndarray,
+    k: int,
+    target_recall: float = 0.97,
+    search: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate cosine kNN of every row, for large inputs.
 
     Uses a faiss IVF index whose number of probed lists is the smallest
     reaching ``target_recall`` (recall@k against exact search, measured on
-    :data:`CALIBRATION_QUERIES` rows). Falls back to :func:`knn_search` for
-    small inputs.
+    :data:`CALIBRATION_QUERIES` rows): :func:`graph_index`. Falls back to
+    :func:`knn_search` for small inputs.
 
     Args:
         embeddings: a ``num x dim`` array
         k: the number of neighbours per row, self excluded
         target_recall: the recall@k to reach
+        search: how every row is searched in the calibrated index, a
+            function like :func:`search_ivf` (the default, in this
+            process); :func:`dinoprop.graph_distributed.ray_graph_search`
+            passes one that searches shards of rows on a Ray cluster
 
     Returns:
         the ``(neighbors, similarities)`` of :func:`knn_search`
     """
-    import faiss
-
-    x = np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+    x = unit_vectors(embeddings)
     num = x.shape[0]
     k = int(min(k, num - 1))
     if num < 4 * CALIBRATION_QUERIES or k <= 0:
         return knn_search(embeddings, k)
+    index, nprobe = graph_index(x, k, target_recall)
+    sims, nbrs = (search or search_ivf)(index, x, k + 1, nprobe)
+    return complete_graph(x, sims, nbrs, k)
+
+
+def unit_vectors(embeddings: np.ndarray) -> np.ndarray:
+    """The rows of ``embeddings`` as unit-norm, C-contiguous float32."""
+    return np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+
+
+def graph_index(x: np.ndarray, k: int, target_recall: float = 0.97) -> tuple:
+    """The filled IVF index that :func:`approximate_knn_search` searches.
+
+    Trained by :func:`ivf_index`, filled with ``x``, and calibrated: the
+    number of probed lists is the smallest whose recall@k (self included)
+    reaches ``target_recall`` against exact search on
+    :data:`CALIBRATION_QUERIES` rows of ``x``.
+
+    Args:
+        x: the ``num x dim`` unit vectors of :func:`unit_vectors`
+        k: the neighbours per row, self excluded
+        target_recall: the recall@k to reach
+
+    Returns:
+        a tuple ``(index, nprobe)``: a :class:`faiss.IndexIVFFlat` (inner
+        product) holding ``x``, and the number of lists to probe
+    """
+    import faiss
+
     index = ivf_index(x, faiss.METRIC_INNER_PRODUCT)
     index.add(x)
-
-    def search(queries, nprobe):
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-        return index.search(queries, k + 1, params=params)
-
-    def exact(queries):
-        return knn_search_queries(x, queries, k + 1)
-
     nprobe, _ = tune_recall(
         x,
-        lambda q, p: search(q, p)[1],
+        lambda queries, p: search_ivf(index, queries, k + 1, p)[1],
         nprobe_options(index.nlist),
-        exact,
+        lambda queries: knn_search_queries(x, queries, k + 1),
         target_recall,
     )
-    sims, nbrs = search(x, nprobe)
+    return index, nprobe
+
+
+def search_ivf(index, queries: np.ndarray, k: int, nprobe: int) -> tuple:
+    """``index.search(queries, k)`` probing ``nprobe`` lists.
+
+    Returns:
+        faiss's ``(similarities, neighbors)``: ``num_queries x k`` float32
+        and int64 arrays (-1 where the probed lists hold fewer vectors)
+    """
+    import faiss
+
+    params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    return index.search(queries, k, params=params)
+
+
+def complete_graph(x: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int) -> tuple:
+    """The graph of :func:`approximate_knn_search` from its raw IVF search.
+
+    Rows whose probed lists held fewer than ``k + 1`` vectors are searched
+    again exactly; then each row's own index is dropped.
+
+    Args:
+        x: the ``num x dim`` unit vectors that were indexed and queried
+        sims: the ``num x (k + 1)`` similarities of :func:`search_ivf`
+        nbrs: its ``num x (k + 1)`` neighbours (modified in place)
+        k: the neighbours per row, self excluded
+
+    Returns:
+        the ``(neighbors, similarities)`` of :func:`knn_search`
+    """
     missing = (nbrs < 0).any(axis=1)
     if missing.any():
         nbrs[missing] = knn_search_queries(x, x[missing], k + 1)
