@@ -56,6 +56,9 @@ def propagate_labels(
     target_accuracy: float = pm.DEFAULT_TARGET_ACCURACY,
     overwrite: bool = False,
     progress: Union[None, bool, Callable] = None,
+    engine: str = "local",
+    ray_address: Optional[str] = None,
+    num_workers: Optional[int] = None,
 ) -> PropagationResults:
     """Propagates a few seed labels to every other sample (or object).
 
@@ -142,6 +145,19 @@ def propagate_labels(
         overwrite: whether ``output_field`` may replace an existing label
             field that no propagation run wrote
         progress: None (FiftyOne's default), a bool, or a progress callback
+        engine: where the kNN graph of samples is searched when no
+            similarity run caches it: ``"local"`` (this process) or
+            ``"ray"`` (a Ray cluster, needing ``pip install
+            'fiftyone-dinoprop[scale]'``: the IVF index is trained here
+            and the rows searched by Ray actors, giving the same graph;
+            views under :data:`dinoprop.graph.APPROXIMATE_MIN_NODES`
+            samples are searched exactly here). Propagation itself runs in
+            this process; graphs of objects are always searched here
+        ray_address: with ``engine="ray"``, the cluster's address (e.g.
+            ``"ray://head:10001"``); None uses ``RAY_ADDRESS``, a cluster
+            started on this machine, or a new local one
+        num_workers: with ``engine="ray"``, the searching actors (default
+            one per node of the cluster)
 
     Returns:
         a :class:`PropagationResults`
@@ -151,7 +167,9 @@ def propagate_labels(
             without embeddings, embeddings holding NaN or infinite values,
             a non-integer ``k``, a wrong field type, an ``output_field``
             equal to ``label_field``, nested, or holding other labels, a
-            ``run_key`` of another kind of run); nothing is written then
+            ``run_key`` of another kind of run, bad engine options,
+            ``engine="ray"`` for objects, a Ray cluster that cannot be
+            reached); nothing is written then
     """
     start = time.time()
     fol = _fol()
@@ -166,11 +184,14 @@ def propagate_labels(
     )
     _check_fraction(target_accuracy, "target_accuracy")
     objects = label_type is fol.Detections
+    graph_engine = _check_engine(engine, ray_address, num_workers, objects)
     with progress_bar(4, progress, iters_str="steps") as bar:
         if objects:
             data = _object_data(samples, label_field, embeddings, seed_tag, k)
         else:
-            data = _sample_data(samples, label_field, embeddings, seed_tag, k)
+            data = _sample_data(
+                samples, label_field, embeddings, seed_tag, k, graph_engine
+            )
         bar.update()
         classes, seed_labels = np.unique(data["seed_labels"], return_inverse=True)
         problem = pm.Problem(
@@ -344,6 +365,20 @@ def check_output_field(
             "choose another output_field, or pass overwrite=True to replace "
             "them" % output_field
         )
+
+
+def _check_engine(engine, ray_address, num_workers, objects):
+    """Checks the graph engine options; returns them as keyword arguments
+    of :func:`dinoprop.similarity.sample_knn_graph`."""
+    from dinoprop.graph_distributed import check_engine
+
+    check_engine(engine, ray_address, num_workers)
+    if objects and engine != "local":
+        raise DinopropError(
+            "engine='ray' searches graphs of samples; the graph of objects "
+            "is searched exactly in this process: leave engine='local'"
+        )
+    return {"engine": engine, "ray_address": ray_address, "num_workers": num_workers}
 
 
 def _check_fraction(value, name):

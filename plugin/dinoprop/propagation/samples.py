@@ -34,7 +34,7 @@ _GRAPH_CACHE: dict = {}
 _GRAPH_CACHE_SIZE = 4
 
 
-def _sample_data(samples, label_field, embeddings, seed_tag, k):
+def _sample_data(samples, label_field, embeddings, seed_tag, k, graph_engine=None):
     require_field(
         samples, embeddings,
         "an embeddings field (run dinoprop.compute_embeddings first)",
@@ -54,7 +54,9 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k):
         np.array([i in embedded for i in seed_ids], bool),
         "sample" + where,
     )
-    sample_ids, vectors, graph = sample_graph(samples, embeddings, k, loaded)
+    sample_ids, vectors, graph = sample_graph(
+        samples, embeddings, k, loaded, **(graph_engine or {})
+    )
     if len(sample_ids) == len(seed_ids):
         raise DinopropError(
             "Every sample with an embedding is a seed: there is nothing to "
@@ -116,9 +118,12 @@ def count_seeds(
     return dict(Counter(seeds))
 
 
-def sample_graph(samples, embeddings, k, loaded=None):
+def sample_graph(samples, embeddings, k, loaded=None, **engine):
     """The kNN graph of the view, reused when nothing it depends on changed
-    (``loaded``: the view's :func:`load_embeddings`, if already read)."""
+    (``loaded``: the view's :func:`load_embeddings`, if already read;
+    ``engine``: the ``engine``, ``ray_address`` and ``num_workers`` of
+    :func:`dinoprop.similarity.sample_knn_graph`, which search the same
+    graph wherever it runs, so the reuse ignores them)."""
     from dinoprop.similarity import sample_knn_graph
 
     key = (
@@ -136,7 +141,7 @@ def sample_graph(samples, embeddings, k, loaded=None):
     ):
         return cached
     ids, vectors, neighbors, sims = sample_knn_graph(
-        samples, embeddings, k, loaded=(ids, vectors)
+        samples, embeddings, k, loaded=(ids, vectors), **engine
     )
     entry = (ids, vectors, pm.Graph(neighbors, sims))
     if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:

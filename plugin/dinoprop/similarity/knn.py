@@ -1,6 +1,7 @@
 """kNN graphs of dataset samples that reuse a similarity run's cached graph.
 
-These sit above both :mod:`dinoprop.graph` (plain faiss searches) and the
+These sit above both :mod:`dinoprop.graph` (plain faiss searches, and
+:mod:`dinoprop.graph_distributed` on a Ray cluster) and the
 similarity index, whose cached graph they reuse when it covers the same
 samples with the same embeddings.
 """
@@ -9,13 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinoprop import graph
+from dinoprop import graph_distributed
 from dinoprop.similarity.api import find_similarity_run
 from dinoprop.similarity.updates import STALE_PROBES
 
 
 def sample_knn_graph(
-    samples, embeddings_field: str, k: int, loaded: tuple | None = None
+    samples,
+    embeddings_field: str,
+    k: int,
+    loaded: tuple | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_workers: int | None = None,
 ):
     """The kNN graph of the samples of a view that have an embedding.
 
@@ -25,7 +32,9 @@ def sample_knn_graph(
     cached graph is reused instead of searching again (approximate, with the
     recall that index was calibrated to, when that index is not exact).
     Otherwise the graph is searched with :func:`dinoprop.graph.graph_search`
-    (exact, or approximate for large views).
+    (exact, or approximate for large views), in this process or, with
+    ``engine="ray"``, on a Ray cluster
+    (:func:`dinoprop.graph_distributed.ray_graph_search`: the same graph).
 
     Args:
         samples: a FiftyOne sample collection
@@ -34,15 +43,29 @@ def sample_knn_graph(
         loaded: the ``(sample_ids, embeddings)`` of
             :func:`dinoprop.core.load_embeddings` for this view and field,
             when the caller already has them
+        engine: ``"local"`` (this process) or ``"ray"`` (IVF search of the
+            rows on a Ray cluster, for views of at least
+            :data:`dinoprop.graph.APPROXIMATE_MIN_NODES` samples; smaller
+            ones are searched exactly here)
+        ray_address: with ``engine="ray"``, the cluster's address; None
+            uses ``RAY_ADDRESS``, a cluster started on this machine, or a
+            new local one
+        num_workers: with ``engine="ray"``, the searching actors (default
+            one per node)
 
     Returns:
         a tuple ``(sample_ids, embeddings, neighbors, similarities)``: a
         ``num`` array of IDs, the ``num x dim`` float32 embeddings, and the
         ``num x k`` neighbour indices (into ``sample_ids``) and cosine
         similarities of :func:`dinoprop.graph.knn_search`
+
+    Raises:
+        DinopropError: for bad engine options, or if Ray is missing or its
+            cluster cannot be reached
     """
     from dinoprop.core import load_embeddings
 
+    graph_distributed.check_engine(engine, ray_address, num_workers)
     if loaded is None:
         loaded = load_embeddings(samples, embeddings_field)
     sample_ids, embeddings = loaded
@@ -50,7 +73,9 @@ def sample_knn_graph(
     if cached is not None:
         neighbors, sims = cached
     else:
-        neighbors, sims = graph.graph_search(embeddings, k)
+        neighbors, sims = graph_distributed.engine_graph_search(
+            embeddings, k, engine, ray_address, num_workers
+        )
     return sample_ids, embeddings, neighbors, sims
 
 
