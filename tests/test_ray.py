@@ -1,5 +1,6 @@
 """compute_embeddings(engine="ray") on real local Ray clusters, writing to
-the test session's private mongod."""
+the test session's private mongod, and the kNN graph searched on them
+(dinoprop.graph_distributed)."""
 
 import os
 import signal
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 
 import dinoprop.embeddings as de
+from dinoprop import graph, graph_distributed, ray_cluster
 from dinoprop.core import DinopropError
-from dinoprop import ray_cluster
 from dinoprop.embeddings import distributed
+from dinoprop.propagation import propagate_labels
+from dinoprop.similarity import sample_knn_graph
 
 try:
     import ray
@@ -54,6 +57,21 @@ def _cosines(a, b):
 
 def _modified(dataset):
     return dict(zip(*dataset.values(["id", "last_modified_at"])))
+
+
+def _clustered(num, dim=48, classes=20, seed=0):
+    """``num`` float32 vectors around ``classes`` centres (loose enough that
+    the calibrated IVF search misses some exact neighbours), and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, num)
+    centers = rng.normal(size=(classes, dim)) * 0.6
+    return (centers[labels] + rng.normal(size=(num, dim))).astype(np.float32), labels
+
+
+@pytest.fixture
+def small_approximate_threshold(monkeypatch):
+    """Graphs of 1000+ vectors are searched with the IVF index (not 50k+)."""
+    monkeypatch.setattr(graph, "APPROXIMATE_MIN_NODES", 1000)
 
 
 # ------------------------------------------------------- without a cluster
@@ -120,7 +138,97 @@ def test_an_unreachable_cluster_is_a_clear_error(image_dataset):
                               ray_address="127.0.0.1:9")
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"engine": "spark"}, "engine must be one of"),
+    ({"ray_address": "head:6379"}, "apply to engine='ray' only"),
+    ({"num_workers": 2}, "apply to engine='ray' only"),
+    ({"engine": "ray", "num_workers": 0}, "num_workers must be a positive integer"),
+    ({"engine": "ray", "num_workers": 1.5}, "num_workers must be a positive integer"),
+])
+def test_graph_engine_arguments_are_checked_before_connecting(embedded_dataset, kwargs, message):
+    ray.shutdown()
+    with pytest.raises(DinopropError, match=message):
+        propagate_labels(embedded_dataset, "label", **kwargs)
+    with pytest.raises(DinopropError, match=message):
+        sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5, **kwargs)
+    with pytest.raises(DinopropError, match="shard_rows must be a positive integer"):
+        graph_distributed.ray_graph_search(np.zeros((4, 2)), 2, shard_rows=0)
+    assert not ray.is_initialized()
+    assert "label_propagated" not in embedded_dataset.get_field_schema()
+
+
+def test_the_graph_of_objects_is_not_searched_on_ray(image_dataset):
+    import fiftyone as fo
+
+    image_dataset.add_sample_field("boxes", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    with pytest.raises(DinopropError, match="graph of objects is searched exactly in this process"):
+        propagate_labels(image_dataset, "boxes", engine="ray")
+
+
+@pytest.mark.parametrize("nodes, workers, cpus", [
+    ([2], 1, 2), ([2], 2, 1), ([16, 16], 2, 16), ([3, 5], 4, 1), ([4, 8], 3, 4),
+])
+def test_graph_workers_reserve_the_most_cpus_that_fit_every_one(nodes, workers, cpus):
+    assert graph_distributed._cpus_per_worker(workers, nodes) == cpus
+
+
+def test_more_graph_workers_than_cpus_is_a_clear_error():
+    with pytest.raises(DinopropError, match="num_workers=5 but the Ray cluster has 4 CPUs"):
+        graph_distributed._cpus_per_worker(5, [2, 2])
+
+
+def test_the_graph_on_an_unreachable_cluster_is_a_clear_error(small_approximate_threshold):
+    ray.shutdown()
+    with pytest.raises(DinopropError, match="Cannot connect to the Ray cluster at 127.0.0.1:9 "):
+        graph_distributed.ray_graph_search(_clustered(1200)[0], 10, ray_address="127.0.0.1:9")
+
+
+def test_a_small_graph_is_searched_exactly_here_without_a_cluster():
+    ray.shutdown()
+    x = _clustered(300)[0]
+    found = graph_distributed.ray_graph_search(x, 5, ray_address="127.0.0.1:9")
+    for got, want in zip(found, graph.knn_search(x, 5)):
+        np.testing.assert_array_equal(got, want)
+    assert not ray.is_initialized()
+
+
 # ---------------------------------------------------- a local Ray cluster
+
+
+def test_the_sharded_graph_equals_the_single_process_graph(local_ray, small_approximate_threshold):
+    x, _ = _clustered(3000)
+    neighbors, sims = graph.graph_search(x, 10)
+    exact, _ = graph.knn_search(x, 10)
+    assert (neighbors != exact).any(axis=1).sum() > 30  # the IVF search ran
+    for workers, rows in ((1, graph_distributed.SHARD_ROWS), (2, 700)):  # 1 and 5 shards
+        found, found_sims = graph_distributed.ray_graph_search(
+            x, 10, num_workers=workers, shard_rows=rows
+        )
+        np.testing.assert_array_equal(found, neighbors)
+        np.testing.assert_allclose(found_sims, sims, atol=1e-6)
+
+
+def test_propagate_labels_on_ray_equals_the_local_run(local_ray, small_approximate_threshold):
+    import fiftyone as fo
+
+    x, labels = _clustered(1200, classes=4)
+    dataset = fo.Dataset()
+    try:
+        dataset.add_samples([
+            fo.Sample(filepath="/nonexistent/%d.jpg" % i, vector=v,
+                      truth=fo.Classification(label=str(c)),
+                      label=fo.Classification(label=str(c)) if i < 40 else None)
+            for i, (v, c) in enumerate(zip(x, labels))
+        ])
+        graphs = [sample_knn_graph(dataset, "vector", 10, engine=e) for e in ("local", "ray")]
+        np.testing.assert_array_equal(graphs[0][2], graphs[1][2])
+        local = propagate_labels(dataset, "label", embeddings="vector", output_field="local")
+        on_ray = propagate_labels(dataset, "label", embeddings="vector", output_field="on_ray",
+                                  engine="ray", num_workers=2)
+        assert dataset.values("on_ray.label") == dataset.values("local.label")
+        assert on_ray.summary()["estimated_accuracy"] == local.summary()["estimated_accuracy"]
+    finally:
+        dataset.delete()
 
 
 def _kill_one_actor():
