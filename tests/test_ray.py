@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import dinoprop as dp
 import dinoprop.embeddings as de
 from dinoprop import graph, graph_distributed, ray_cluster
 from dinoprop.core import DinopropError
@@ -227,6 +228,18 @@ def test_propagate_labels_on_ray_equals_the_local_run(local_ray, small_approxima
                                   engine="ray", num_workers=2)
         assert dataset.values("on_ray.label") == dataset.values("local.label")
         assert on_ray.summary()["estimated_accuracy"] == local.summary()["estimated_accuracy"]
+
+        # a similarity run's graph is reused on Ray only once computed (in
+        # one process, the first use computes it: not what engine="ray" is for)
+        index = dp.compute_similarity(dataset, embeddings="vector", brain_key="sim")
+        assert not index.has_knn(10)
+        found = sample_knn_graph(dataset, "vector", 10, engine="ray")
+        np.testing.assert_array_equal(found[2], graphs[0][2])
+        assert not dataset.load_brain_results("sim").has_knn(10)
+        cached = sample_knn_graph(dataset, "vector", 10)  # computes the run's exact graph
+        assert dataset.load_brain_results("sim").has_knn(10)
+        assert not np.array_equal(cached[2], graphs[0][2])
+        np.testing.assert_array_equal(sample_knn_graph(dataset, "vector", 10, engine="ray")[2], cached[2])
     finally:
         dataset.delete()
 

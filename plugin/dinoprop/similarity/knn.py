@@ -30,7 +30,9 @@ def sample_knn_graph(
     cosine metric) indexes ``embeddings_field`` for exactly the samples of
     the view that have an embedding, and its vectors match the field, its
     cached graph is reused instead of searching again (approximate, with the
-    recall that index was calibrated to, when that index is not exact).
+    recall that index was calibrated to, when that index is not exact); the
+    run computes that graph in this process the first time, except with
+    ``engine="ray"``, which reuses it only once computed.
     Otherwise the graph is searched with :func:`dinoprop.graph.graph_search`
     (exact, or approximate for large views), in this process or, with
     ``engine="ray"``, on a Ray cluster
@@ -69,7 +71,9 @@ def sample_knn_graph(
     if loaded is None:
         loaded = load_embeddings(samples, embeddings_field)
     sample_ids, embeddings = loaded
-    cached = cached_knn(samples, embeddings_field, sample_ids, embeddings, k)
+    cached = cached_knn(
+        samples, embeddings_field, sample_ids, embeddings, k, compute=engine == "local"
+    )
     if cached is not None:
         neighbors, sims = cached
     else:
@@ -80,7 +84,7 @@ def sample_knn_graph(
 
 
 def cached_knn(
-    samples, embeddings_field, ids, embeddings, k, patches_field=None
+    samples, embeddings_field, ids, embeddings, k, patches_field=None, compute=True
 ):
     """The kNN of ``ids`` from a matching similarity run, if any.
 
@@ -93,17 +97,21 @@ def cached_knn(
         embeddings: their ``num x dim`` embeddings
         k: neighbours per sample
         patches_field: the patches field, if the graph is one of labels
+        compute: whether the run's graph is computed (in this process) when
+            the run has not cached it yet
 
     Returns:
         a tuple ``(neighbors, similarities)`` as returned by
         :func:`dinoprop.graph.knn_search`, with indices into ``ids``, or None when no
         dinoprop similarity run (cosine) covers exactly these IDs with these
-        embeddings
+        embeddings (or, without ``compute``, has their graph cached)
     """
     key = find_similarity_run(samples, embeddings_field, patches_field)
     if key is None:
         return None
     index = samples._root_dataset.load_brain_results(key)
+    if not compute and not index.has_knn(k):
+        return None
     index_ids = index.label_ids if patches_field else index.sample_ids
     if len(index_ids) != len(ids) or set(index_ids) != set(ids):
         return None

@@ -48,9 +48,8 @@ class IndexSearchMixin:
             -1 where fewer exist, and float32 distances (cosine distance
             ``1 - similarity``, or Euclidean distance), nearest first
         """
-        num = self.total_index_size
-        k = int(min(k, max(num - 1, 0)))
-        if self._graph is None or self._graph[0] < k:
+        k = int(min(k, max(self.total_index_size - 1, 0)))
+        if not self.has_knn(k):
             rows = self._alive_rows
             neighbors, dists = self._search_rows(
                 self._stored_vectors(rows), k, rows, exclude_self=True
@@ -58,6 +57,16 @@ class IndexSearchMixin:
             self._graph = (k, neighbors, dists)
             self._write_file()
         return self._graph[1][:, :k], self._graph[2][:, :k]
+
+    def has_knn(self, k: int) -> bool:
+        """Whether :meth:`knn` of ``k`` neighbours is already computed (and
+        returns without searching).
+
+        Args:
+            k: neighbours per vector (capped at ``index_size - 1``)
+        """
+        k = int(min(k, max(self.total_index_size - 1, 0)))
+        return self._graph is not None and self._graph[0] >= k
 
     def knn_graph(self, k: int):
         """The kNN graph of the full index as a sparse matrix.
