@@ -22,8 +22,11 @@ moving the shards through the object store.
 Usage::
 
     python benchmarks/ray_graph.py [--num 200000] [--dim 384] [--workers 2] [--cpus 2]
+    python benchmarks/ray_graph.py --project results/ray_graph.json [--cores 256]
 
-The last line printed is JSON with the numbers.
+The last line printed is JSON with the numbers. ``--project`` reads such a
+line and prints the cost projected to 1M, 10M and 100M vectors (see
+:func:`project`).
 """
 
 from __future__ import annotations
@@ -133,6 +136,72 @@ def run(name, x, k, search, monitor, truth_rows, truth, reference=None):
     return row, (neighbors, sims)
 
 
+#: Query rows per actor call (dinoprop.graph_distributed.SHARD_ROWS).
+SHARD_ROWS = 65_536
+
+
+def project(measured: dict, num: int, cores: int) -> dict:
+    """The cost of the graph of ``num`` vectors, scaled from a measured run.
+
+    Time: ``nlist = sqrt(N)`` lists, so training (k-means of ``40 nlist``
+    vectors into ``nlist`` centroids) grows as ``N``, filling (each vector
+    against every centroid) as ``N^1.5``, calibration (exact search of 256
+    queries) as ``N``, and the search (each row against the centroids and
+    ``nprobe`` lists of ``N / nlist`` vectors) as ``N^1.5`` with the
+    measured ``nprobe`` (a floor: keeping the recall may take more lists
+    at larger N). The search's CPU seconds are spread over ``cores`` with
+    no loss; the driver's stages are scaled from their wall seconds here.
+
+    Memory (bytes, ``D`` float32 dimensions, ``k`` neighbours): the
+    vectors ``4 N D``; the index ``4 N D + 8 N`` (vectors and ids); the
+    object store holds the serialised index, the query shards (``4 N D``)
+    and the raw results (``12 N (k + 1)``); each actor its own index copy
+    plus a shard and its results; the graph ``12 N k`` (int64 + float32).
+    The driver holds the field's vectors, their unit-norm copy, the index,
+    for a moment its serialised copy, and the raw and final graphs.
+    """
+    dim, k, base = measured["dim"], measured["k"], measured["num"]
+    one = measured["runs"][0]
+    ratio = num / base
+    scale = ratio ** 1.5
+    train = measured["train_seconds"] * ratio
+    add = measured["add_seconds"] * scale
+    calibrate = max(one["rest_seconds"] - measured["train_seconds"] - measured["add_seconds"], 0) * ratio
+    search_cpu = one["search_cpu_seconds"] * scale
+    vectors = 4 * num * dim
+    index = vectors + 8 * num
+    raw, graph_bytes = 12 * num * (k + 1), 12 * num * k
+    shard = min(num, SHARD_ROWS)
+    return {
+        "num": num,
+        "nlist": int(min(max(num ** 0.5, 16), 65536)),
+        "train_s": train, "add_s": add, "calibrate_s": calibrate,
+        "search_cpu_h": search_cpu / 3600, "search_wall_s": search_cpu / cores,
+        "vectors_gb": vectors / 1e9, "index_gb": index / 1e9,
+        "object_store_gb": (index + vectors + raw) / 1e9,
+        "actor_gb": (index + shard * (4 * dim + 12 * (k + 1))) / 1e9,
+        "graph_gb": graph_bytes / 1e9,
+        "driver_gb": (2 * vectors + 2 * index + raw + graph_bytes) / 1e9,
+    }
+
+
+def print_projection(path: str, cores: int) -> None:
+    """Prints the markdown table of :func:`project` at the measured size and
+    at 1M, 10M and 100M vectors."""
+    with open(path) as f:
+        measured = json.loads(f.read().strip().splitlines()[-1])
+    print("| N | nlist | train s | add s | calibrate s | search CPU h | search wall s on %d cores "
+          "| vectors GB | index GB | object store GB | per actor GB | graph GB | driver peak GB |" % cores)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for num in (measured["num"], 1_000_000, 10_000_000, 100_000_000):
+        p = project(measured, num, cores)
+        print("| {:,} | {:,} | {:,.0f} | {:,.0f} | {:,.0f} | {:,.2f} | {:,.0f} | {:,.1f} | {:,.1f} "
+              "| {:,.1f} | {:,.1f} | {:,.2f} | {:,.1f} |".format(
+                  num, p["nlist"], p["train_s"], p["add_s"], p["calibrate_s"], p["search_cpu_h"],
+                  p["search_wall_s"], p["vectors_gb"], p["index_gb"], p["object_store_gb"],
+                  p["actor_gb"], p["graph_gb"], p["driver_gb"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=200_000)
@@ -141,7 +210,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="actors of the second Ray run")
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the Ray cluster")
     parser.add_argument("--recall-queries", type=int, default=1000)
+    parser.add_argument("--project", metavar="JSON", help="print the projection of a saved run")
+    parser.add_argument("--cores", type=int, default=256, help="cluster cores of the projection")
     args = parser.parse_args()
+    if args.project:
+        print_projection(args.project, args.cores)
+        return
 
     import faiss
     import ray
@@ -178,7 +252,7 @@ def main() -> None:
     ray_start_seconds = time.perf_counter() - start
     results = [one]
     for workers in sorted({1, args.workers}):
-        search = ShardedSearch(ray, workers, 65_536)
+        search = ShardedSearch(ray, workers, SHARD_ROWS)
         name = "Ray, %d actor%s x %d CPU" % (workers, "s" if workers > 1 else "", search.num_cpus)
         results.append(run(name, x, args.k, search, monitor, rows, truth, reference)[0])
     monitor.stop()
