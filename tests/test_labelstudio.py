@@ -18,6 +18,7 @@ import requests
 
 import browser_support as bs
 import labelstudio_support as lss
+import test_operators as ops
 from conftest import REPO_ROOT, random_embeddings
 
 PHOTOS = REPO_ROOT / "plugin" / "dinoprop" / "demo_data" / "clothing"
@@ -193,6 +194,36 @@ def test_only_what_humans_submitted_comes_back(label_studio, queued_photos):
         dr.send_to_annotator(queue, "label", url=label_studio.url, api_key="not-a-token")
 
 
+def test_the_operators_send_the_queue_and_load_the_decisions(label_studio, queued_photos):
+    import dinoprop.review as dr
+    from dinoprop.review.labelstudio import LabelStudioClient
+
+    ds = queued_photos
+    server = {"url": label_studio.url, "api_key": label_studio.api_key, "label_field": "label"}
+    form = ops.resolve_form("send_to_label_studio", ds, server)
+    assert ops.blocking_errors(form) == []
+    assert form["queue_notice"].view.label == "%d samples in the review queue" % (
+        dr.queue_view(ds, "review", "label").count()
+    )
+    sent = ops.shown_summary(ops.execute("send_to_label_studio", ds, server))
+    assert sent["num_sent"] == sent["num_prefilled"] > 0
+
+    results = ds.load_annotation_results(sent["anno_key"])
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    first = client.tasks(results.project_id)[0]
+    Human(label_studio).accept(first)
+    form = ops.resolve_form("load_reviewed_labels", ds, server)
+    assert form["anno_key"].default == sent["anno_key"]
+    loaded = ops.shown_summary(
+        ops.execute("load_reviewed_labels", ds, dict(server, anno_key=sent["anno_key"]))
+    )
+    assert (loaded["num_submitted"], loaded["num_promoted"], loaded["num_confirmed"]) == (1, 1, 1)
+    assert loaded["num_left_in_queue"] == sent["num_sent"] - 1
+    assert loaded["repropagated"] is True
+    confirmed = results.uploaded_tasks[first["id"]]
+    assert dr.sample_triage(ds, confirmed, "label")["state"] == "confirmed"
+
+
 # ----------------------------------------------------- errors, no server
 
 
@@ -293,6 +324,11 @@ def test_a_run_key_left_by_a_failed_annotate_is_cleaned_up(propagated):
     with pytest.raises(DinopropError, match="not reachable"):
         send_to_annotator(propagated, "label", anno_key="review1", url=dead, api_key="x")
     _nothing_left(propagated)
+
+
+def test_the_load_form_asks_for_a_sent_run_first(propagated):
+    form = ops.resolve_form("load_reviewed_labels", propagated)
+    assert ops.blocking_errors(form) == ["Nothing sent yet: run send_to_label_studio first"]
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,10 @@ LEGACY_TOKEN_HELP = (
     "personal access token does not work here"
 )
 
+#: Where a local Label Studio listens by default.
+DEFAULT_URL = "http://localhost:8080"
+
+_FIFTYONE_PLACEHOLDER_URL = "https://labelstud.io"  # FiftyOne's default "url"
 _TIMEOUT = 30  # seconds per REST request
 _PAGE_SIZE = 100  # tasks per REST page
 
@@ -174,8 +178,7 @@ def send_to_annotator(
         prefill: whether each task starts with the propagated label as a
             prediction the annotator can accept or change
         backend: the annotation backend; only ``"labelstudio"``
-        url: the Label Studio server; defaults to FiftyOne's annotation
-            config (``FIFTYONE_LABELSTUDIO_URL``)
+        url: the Label Studio server; defaults to :func:`default_url`
         api_key: a legacy API token; defaults to FiftyOne's annotation config
             (``FIFTYONE_LABELSTUDIO_API_KEY``)
         **backend_kwargs: further arguments of FiftyOne's ``annotate()``,
@@ -288,8 +291,7 @@ def load_from_annotator(
     Args:
         samples: the dataset (or a view of it) the run was sent from
         anno_key: :attr:`SendResults.anno_key`
-        url: the Label Studio server; defaults to FiftyOne's annotation
-            config
+        url: the Label Studio server; defaults to :func:`default_url`
         api_key: a legacy API token; defaults to FiftyOne's annotation config
         repropagate: re-run the newest propagation of the seed field when
             any decision was written
@@ -513,17 +515,25 @@ def _check_backend(backend):
         )
 
 
+def default_url() -> str:
+    """The Label Studio server of FiftyOne's annotation config
+    (``FIFTYONE_LABELSTUDIO_URL``), else :data:`DEFAULT_URL`."""
+    import fiftyone as fo
+
+    url = fo.annotation_config.backends.get("labelstudio", {}).get("url")
+    return DEFAULT_URL if url in (None, "", _FIFTYONE_PLACEHOLDER_URL) else url
+
+
 def _credentials(url, api_key):
     """The server and token: the arguments, else FiftyOne's annotation config."""
     import fiftyone as fo
 
-    config = fo.annotation_config.backends.get("labelstudio", {})
-    url = url or config.get("url")
-    api_key = api_key or config.get("api_key")
-    if not url or not api_key:
+    url = url or default_url()
+    api_key = api_key or fo.annotation_config.backends.get("labelstudio", {}).get("api_key")
+    if not api_key:
         raise DinopropError(
-            "Label Studio needs a url and an API key: pass url= and api_key=, "
-            "or set FIFTYONE_LABELSTUDIO_URL and FIFTYONE_LABELSTUDIO_API_KEY"
+            "Label Studio needs an API key (a legacy token): pass api_key=, or "
+            "set FIFTYONE_LABELSTUDIO_API_KEY"
         )
     return url, api_key
 
