@@ -378,6 +378,8 @@ def test_task_decisions():
     assert task_decision({"annotations": [], "predictions": [{"result": choice}]}) == "untouched"
     assert task_decision({"annotations": [], "drafts": [{"result": choice}]}) == "draft"
     assert task_decision({"annotations": [annotation("1", choice)]}) == "submitted"
+    waiting = {"annotations": [annotation("1", choice)], "is_labeled": False}  # overlap 2
+    assert task_decision(waiting) == "incomplete"
     assert task_decision({"annotations": [annotation("1")]}) == "empty"
     assert task_decision({"annotations": [annotation("1", cancelled=True)]}) == "skipped"
     newest_skip = [annotation("1", choice), annotation("2", cancelled=True)]

@@ -45,17 +45,16 @@ ANNOTATOR_STORE = "dinoprop_annotator"
 SCRATCH_PREFIX = "dinoprop_annotator_"
 
 #: What Label Studio holds for a task (see :func:`task_decision`).
-SUBMITTED, EMPTY, SKIPPED, DRAFT, UNTOUCHED = (
-    "submitted", "empty", "skipped", "draft", "untouched"
+SUBMITTED, EMPTY, INCOMPLETE, SKIPPED, DRAFT, UNTOUCHED = DECISIONS = (
+    "submitted", "empty", "incomplete", "skipped", "draft", "untouched"
 )
 
 LEGACY_TOKEN_HELP = (
     "FiftyOne's Label Studio backend authenticates with a legacy API token "
     "(Account & Settings > Legacy Token). Label Studio 1.17+ disables legacy "
     "tokens unless the organisation was created with "
-    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true (start the server with it set, "
-    "or enable legacy tokens in Organization > API Tokens Settings); a "
-    "personal access token does not work here"
+    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true (set it when the server "
+    "creates its database); a personal access token does not work here"
 )
 
 #: Where a local Label Studio listens by default.
@@ -112,6 +111,8 @@ class LoadResults:
         num_corrected: submissions of another class than the suggestion
         num_confirmed: submissions of the suggested class
         num_empty: submissions without a class, reported and not applied
+        num_incomplete: submissions on tasks that wait for more annotators
+            (the project's overlap), not written yet
         num_skipped: tasks the annotator skipped (cancelled)
         num_drafts: tasks with only a draft
         num_untouched: tasks nobody annotated
@@ -134,6 +135,7 @@ class LoadResults:
         self.num_confirmed = counts["confirmed"]
         self.num_promoted = self.num_corrected + self.num_confirmed
         self.num_empty = counts[EMPTY]
+        self.num_incomplete = counts[INCOMPLETE]
         self.num_skipped = counts[SKIPPED]
         self.num_drafts = counts[DRAFT]
         self.num_untouched = counts[UNTOUCHED]
@@ -253,7 +255,6 @@ def send_to_annotator(
         {
             "label_field": label_field,
             "output_field": output_field,
-            "scratch_field": scratch,
             "sent": {
                 sid: [label_version(seed), suggestion if prefill else None]
                 for sid, seed, suggestion in zip(ids, seeds, suggested)
@@ -330,7 +331,7 @@ def load_from_annotator(
         dataset.load_annotations(
             anno_key, dest_field=loaded_field, unexpected="ignore", url=url, api_key=api_key
         )
-        loaded = dict(zip(*dataset.values(["id", loaded_field + ".label"])))
+        loaded = dict(zip(*dataset.exists(loaded_field).values(["id", loaded_field + ".label"])))
     except Exception as error:
         raise client.explain(error) from error
     finally:
@@ -340,7 +341,7 @@ def load_from_annotator(
     label_field, sent = record["label_field"], record["sent"]
     promoted = set(record["promoted"])
     current = _seed_versions(dataset, label_field, list(sent))
-    counts = Counter({k: 0 for k in (SUBMITTED, EMPTY, SKIPPED, DRAFT, UNTOUCHED)})
+    counts = Counter(dict.fromkeys(DECISIONS, 0))
     groups, empty_ids = {}, []
     for sample_id, (version, suggestion) in sent.items():
         decision = decisions.get(sample_id, UNTOUCHED)
@@ -400,6 +401,9 @@ def task_decision(task: dict) -> str:
 
     - :data:`SUBMITTED`: submitted with a result;
     - :data:`EMPTY`: submitted with an empty result;
+    - :data:`INCOMPLETE`: submitted, but the task is not labeled yet (the
+      project's overlap asks for more annotators; FiftyOne would load the
+      prediction);
     - :data:`SKIPPED`: cancelled (the annotator pressed Skip);
     - :data:`DRAFT`: no annotation, only a draft;
     - :data:`UNTOUCHED`: nothing (a prediction is not a decision).
@@ -408,7 +412,7 @@ def task_decision(task: dict) -> str:
         task: a task as ``GET /api/tasks?fields=all`` returns it
 
     Returns:
-        one of the five states above
+        one of :data:`DECISIONS`
     """
     annotations = task.get("annotations") or []
     if not annotations:
@@ -416,7 +420,9 @@ def task_decision(task: dict) -> str:
     newest = max(annotations, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0))
     if newest.get("was_cancelled"):
         return SKIPPED
-    return SUBMITTED if newest.get("result") else EMPTY
+    if not newest.get("result"):
+        return EMPTY
+    return SUBMITTED if task.get("is_labeled", True) else INCOMPLETE
 
 
 class LabelStudioClient:
