@@ -351,6 +351,26 @@ def test_bad_arguments_raise_before_anything_is_sent(propagated, kwargs, message
     _nothing_left(propagated)
 
 
+def test_a_missing_label_studio_sdk_says_what_to_install(propagated, monkeypatch):
+    import importlib.util
+
+    from dinoprop.core import DinopropError
+    from dinoprop.review import load_from_annotator, send_to_annotator
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name == "label_studio_sdk" else find_spec(name, *a),
+    )
+    for call in (
+        lambda: send_to_annotator(propagated, "label", url="http://127.0.0.1:9", api_key="x"),
+        lambda: load_from_annotator(propagated, "run", url="http://127.0.0.1:9", api_key="x"),
+    ):
+        with pytest.raises(DinopropError, match=r"fiftyone-dinoprop\[labelstudio\]"):
+            call()
+    _nothing_left(propagated)
+
+
 def test_samples_without_a_suggestion_cannot_be_prefilled(propagated):
     from dinoprop.core import DinopropError
     from dinoprop.review import send_to_annotator

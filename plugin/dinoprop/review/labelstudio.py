@@ -309,6 +309,7 @@ def load_from_annotator(
     from dinoprop.review.queue import queue_view
     from dinoprop.review.triage import label_samples, label_version
 
+    _check_backend(BACKENDS[0])
     dataset = samples._root_dataset
     store = _store(dataset)
     record = store.get(anno_key)
@@ -513,11 +514,20 @@ class LabelStudioClient:
 
 
 def _check_backend(backend):
+    """Raises unless ``backend`` is supported and its client is installed."""
+    import importlib.util
+
     if backend not in BACKENDS:
         raise DinopropError(
             "Unsupported annotation backend %r; dinoprop can tell human "
             "decisions from pre-filled suggestions only in %s"
             % (backend, ", ".join(BACKENDS))
+        )
+    if importlib.util.find_spec("label_studio_sdk") is None:
+        raise DinopropError(
+            "FiftyOne's Label Studio backend needs label-studio-sdk: pip "
+            "install 'fiftyone-dinoprop[labelstudio]' (or "
+            "'label-studio-sdk>=1.0.20,<2')"
         )
 
 
