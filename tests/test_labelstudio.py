@@ -96,8 +96,11 @@ class Human:
             {"result": prediction["result"], "parent_prediction": prediction["id"]},
         )
 
-    def skip(self, task):
-        self._post("/api/tasks/%d/annotations/" % task["id"], {"result": [], "was_cancelled": True})
+    def skip(self, task):  # the editor sends what the task showed: the suggestion
+        result = task["predictions"][0]["result"]
+        self._post(
+            "/api/tasks/%d/annotations/" % task["id"], {"result": result, "was_cancelled": True}
+        )
 
     def submit_empty(self, task):
         self._post("/api/tasks/%d/annotations/" % task["id"], {"result": []})
