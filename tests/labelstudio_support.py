@@ -66,10 +66,11 @@ def _install():
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
             reason = (
-                "Label Studio %s could not be installed (%s): the Label Studio "
-                "round-trip test did NOT run.\n%s"
-                % (VERSION, " ".join(step[-2:]), done.stderr[-2000:])
+                "Label Studio %s could not be installed (`%s` failed): the Label "
+                "Studio round-trip tests did NOT run.\n%s"
+                % (VERSION, " ".join(step[1:3]), done.stderr[-2000:])
             )
             warnings.warn(reason)
             pytest.skip(reason)
