@@ -58,19 +58,21 @@ def _install():
     staging = VENV.with_name(VENV.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(VENV, ignore_errors=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(staging)],
-        [str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet",
-         "label-studio==" + VERSION],
-    ]
-    for step in steps:
+    steps = {
+        "python -m venv": [sys.executable, "-m", "venv", str(staging)],
+        "pip install label-studio==" + VERSION: [
+            str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet",
+            "label-studio==" + VERSION,
+        ],
+    }
+    for name, step in steps.items():
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
             reason = (
                 "Label Studio %s could not be installed (`%s` failed): the Label "
                 "Studio round-trip tests did NOT run.\n%s"
-                % (VERSION, " ".join(step[1:3]), done.stderr[-2000:])
+                % (VERSION, name, done.stderr[-2000:])
             )
             warnings.warn(reason)
             pytest.skip(reason)
@@ -159,21 +161,13 @@ def start(python, workdir, port):
     one; after a first start from nothing, the stopped server's data
     becomes that cache.
     """
-    workdir = Path(workdir)
-    data_dir = workdir / "labelstudio-data"
-    fresh = not DATA_TEMPLATE.exists()
-    if fresh:
-        server = LabelStudioServer(python, data_dir, port)
-        try:
-            server.wait_ready()
-        finally:
-            server.stop()
-        staging = DATA_TEMPLATE.with_name(DATA_TEMPLATE.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(data_dir, staging)
+    from filelock import FileLock
+
+    data_dir = Path(workdir) / "labelstudio-data"
+    with FileLock(str(CACHE / "labelstudio.lock")):  # one migration at a time
         if not DATA_TEMPLATE.exists():
-            staging.rename(DATA_TEMPLATE)
-    else:
+            _migrate(python, data_dir, port)
+    if not data_dir.exists():
         shutil.copytree(DATA_TEMPLATE, data_dir)
     server = LabelStudioServer(python, data_dir, port)
     try:
@@ -182,3 +176,16 @@ def start(python, workdir, port):
         server.stop()
         raise
     return server
+
+
+def _migrate(python, data_dir, port):
+    """A first start from nothing; its stopped data becomes the template."""
+    server = LabelStudioServer(python, data_dir, port)
+    try:
+        server.wait_ready()
+    finally:
+        server.stop()
+    staging = DATA_TEMPLATE.with_name(DATA_TEMPLATE.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(data_dir, staging)
+    staging.rename(DATA_TEMPLATE)
