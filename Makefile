@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,offline,scale]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,offline,scale,labelstudio]"
 	@MONGOD=$$($(BIN)/python -c "import importlib.util, os; \
 		print(os.path.join(importlib.util.find_spec('fiftyone').submodule_search_locations[0], 'db', 'bin', 'mongod'))"); \
 	if [ -x "$$MONGOD" ]; then \

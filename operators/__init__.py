@@ -31,6 +31,7 @@ from .compute_similarity import ComputeSimilarity  # noqa: E402
 from .compute_visualization import ComputeVisualization  # noqa: E402
 from .open_review_queue import OpenReviewQueue  # noqa: E402
 from .label_selected_samples import LabelSelectedSamples  # noqa: E402
+from .label_studio import LoadReviewedLabels, SendToLabelStudio  # noqa: E402
 from .loop_panel import LoopPanel  # noqa: E402
 from .propagate_labels import PropagateLabels  # noqa: E402
 from .suggest_seeds import SuggestSeeds  # noqa: E402
@@ -46,6 +47,8 @@ OPERATORS = [
     OpenReviewQueue,
     AcceptPropagatedLabels,
     LabelSelectedSamples,
+    SendToLabelStudio,
+    LoadReviewedLabels,
 ]
 
 #: The panel classes: the annotation loop in the grid, triage in the modal.

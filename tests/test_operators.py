@@ -29,6 +29,8 @@ OPERATORS = [
     "open_review_queue",
     "accept_propagated_labels",
     "label_selected_samples",
+    "send_to_label_studio",
+    "load_reviewed_labels",
 ]
 
 

@@ -16,6 +16,9 @@ them, one module per concern:
   overwriting a label someone else set meanwhile;
 - :mod:`~dinoprop.review.loop`: the state of the whole loop and live
   re-propagation (:func:`loop_status`, :func:`repropagate`);
+- :mod:`~dinoprop.review.labelstudio`: review in Label Studio
+  (:func:`send_to_annotator`, :func:`load_from_annotator`), bringing back
+  only what humans decided;
 - :func:`enable_annotation` (in :mod:`dinoprop.label_schema`): the App's
   native Annotate tab for the seed field.
 
@@ -31,6 +34,13 @@ from dinoprop.review.accept import (
     accept_propagated_labels,
     accepted_batches,
     undo_accept,
+)
+from dinoprop.review.labelstudio import (
+    LoadResults,
+    SendResults,
+    annotator_runs,
+    load_from_annotator,
+    send_to_annotator,
 )
 from dinoprop.review.loop import (
     LoopStatus,
@@ -68,14 +78,18 @@ __all__ = [
     "AcceptResults",
     "LabelConflictError",
     "LabelingResults",
+    "LoadResults",
     "LoopStatus",
+    "SendResults",
     "accept_propagated_labels",
     "accepted_batches",
+    "annotator_runs",
     "confirm_label",
     "enable_annotation",
     "label_samples",
     "label_version",
     "labeling_batches",
+    "load_from_annotator",
     "loop_status",
     "next_in_queue",
     "queue_view",
@@ -83,6 +97,7 @@ __all__ = [
     "repropagate_if_due",
     "review_queue_view",
     "sample_triage",
+    "send_to_annotator",
     "skip_sample",
     "threshold_preview",
     "undo_accept",
