@@ -91,39 +91,63 @@ def approximate_knn_search(
     Returns:
         the ``(neighbors, similarities)`` of :func:`knn_search`
     """
-    import faiss
-
     x = np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
     num = x.shape[0]
     k = int(min(k, num - 1))
     if num < 4 * CALIBRATION_QUERIES or k <= 0:
         return knn_search(embeddings, k)
+    sims, nbrs = approximate_search(x, x, k + 1, target_recall)
+    sims, nbrs = _drop_self(sims, nbrs, k)
+    return nbrs.astype(np.int64), sims.astype(np.float32)
+
+
+def approximate_search(
+    x: np.ndarray, queries: np.ndarray, k: int, target_recall: float = 0.97
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``x`` of highest inner product with each query,
+    approximately (exactly for small ``x``).
+
+    A faiss IVF index over ``x`` probes the fewest lists reaching
+    ``target_recall`` (recall@k against exact search, measured on
+    :data:`CALIBRATION_QUERIES` of the queries); a query the probed lists
+    leave short of ``k`` rows is searched exactly.
+
+    Args:
+        x: the ``num x dim`` float32 rows searched (unit norm for cosine)
+        queries: ``num_queries x dim`` float32 rows
+        k: the rows per query, at most ``num``
+        target_recall: the recall@k to reach
+
+    Returns:
+        a tuple ``(similarities, indices)`` of ``num_queries x k`` arrays,
+        best first (faiss's order)
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(x) < 4 * CALIBRATION_QUERIES:
+        return faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
     index = ivf_index(x, faiss.METRIC_INNER_PRODUCT)
     index.add(x)
 
-    def search(queries, nprobe):
+    def search(rows, nprobe):
         params = faiss.SearchParametersIVF(nprobe=nprobe)
-        return index.search(queries, k + 1, params=params)
-
-    def exact(queries):
-        return knn_search_queries(x, queries, k + 1)
+        return index.search(rows, k, params=params)
 
     nprobe, _ = tune_recall(
-        x,
+        queries,
         lambda q, p: search(q, p)[1],
         nprobe_options(index.nlist),
-        exact,
+        lambda q: knn_search_queries(x, q, k),
         target_recall,
     )
-    sims, nbrs = search(x, nprobe)
+    sims, nbrs = search(queries, nprobe)
     missing = (nbrs < 0).any(axis=1)
     if missing.any():
-        nbrs[missing] = knn_search_queries(x, x[missing], k + 1)
-        sims[missing] = np.take_along_axis(
-            x[missing] @ x.T, nbrs[missing], axis=1
-        )
-    sims, nbrs = _drop_self(sims, nbrs, k)
-    return nbrs.astype(np.int64), sims.astype(np.float32)
+        nbrs[missing] = knn_search_queries(x, queries[missing], k)
+        sims[missing] = np.take_along_axis(queries[missing] @ x.T, nbrs[missing], axis=1)
+    return sims, nbrs
 
 
 #: Rows used to measure the recall of approximate searches.
