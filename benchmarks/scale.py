@@ -369,9 +369,9 @@ def write_methods(num: int = 100_000) -> list:
     """Seconds (wall, this process's CPU, mongod's CPU) to write ``num``
     propagated Classifications (label, confidence, 4 top labels and
     confidences) to new fields, each way side by side, twice: dinoprop's
-    writer (one unordered ``bulk_write`` of ``UpdateOne``), the same in
-    batches of 1,000 and 10,000, ``$merge`` from a scratch collection, and
-    FiftyOne's ``set_values``."""
+    writer (``label_writes.bulk_set``: unordered ``UpdateOne`` batches of
+    10,000), the same built here in batches of 1,000 and 10,000,
+    ``$merge`` from a scratch collection, and FiftyOne's ``set_values``."""
     import fiftyone as fo
     import psutil
 
@@ -398,7 +398,7 @@ def write_methods(num: int = 100_000) -> list:
         }, key_field="id")
 
     methods = {
-        "dinoprop writer (one unordered bulk_write)": lambda field: write_classifications(
+        "dinoprop writer (bulk_set, batches of 10,000)": lambda field: write_classifications(
             dataset, field, ids, labels, confidences, attributes),
         "UpdateOne batches of 1,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 1000),
         "UpdateOne batches of 10,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 10_000),
