@@ -4,7 +4,9 @@ Usage::
 
     python benchmarks/scale.py            # 1M samples, 384-d
     python benchmarks/scale.py --quick    # 100k samples, 384-d
-    python benchmarks/scale.py --quick --writes   # and 5 ways to write 100k labels
+    python benchmarks/scale.py --quick --writes   # and 5 ways to write 100k labels,
+                                                  # accepting them, 100k embeddings
+    python benchmarks/scale.py --only-writes      # those write comparisons alone
 
 Synthetic clustered samples (100 classes) are inserted into a private
 FiftyOne database (raw inserts in FiftyOne's own document format, read back
@@ -367,9 +369,9 @@ def write_methods(num: int = 100_000) -> list:
     """Seconds (wall, this process's CPU, mongod's CPU) to write ``num``
     propagated Classifications (label, confidence, 4 top labels and
     confidences) to new fields, each way side by side, twice: dinoprop's
-    writer (one unordered ``bulk_write`` of ``UpdateOne``), the same in
-    batches of 1,000 and 10,000, ``$merge`` from a scratch collection, and
-    FiftyOne's ``set_values``."""
+    writer (``label_writes.bulk_set``: unordered ``UpdateOne`` batches of
+    10,000), the same built here in batches of 1,000 and 10,000,
+    ``$merge`` from a scratch collection, and FiftyOne's ``set_values``."""
     import fiftyone as fo
     import psutil
 
@@ -396,7 +398,7 @@ def write_methods(num: int = 100_000) -> list:
         }, key_field="id")
 
     methods = {
-        "dinoprop writer (one unordered bulk_write)": lambda field: write_classifications(
+        "dinoprop writer (bulk_set, batches of 10,000)": lambda field: write_classifications(
             dataset, field, ids, labels, confidences, attributes),
         "UpdateOne batches of 1,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 1000),
         "UpdateOne batches of 10,000": lambda field: _updates(dataset, field, ids, labels, confidences, attributes, 10_000),
@@ -420,6 +422,81 @@ def write_methods(num: int = 100_000) -> list:
             print("  %-44s %6.1f s (cpu %5.1f s, mongod cpu %5.1f s)" % (
                 name, *[rows[-1][k] for k in ("seconds", "cpu_seconds", "mongod_cpu_seconds")]), flush=True)
     dataset.delete()
+    return rows
+
+
+def other_writes(num: int = 100_000, dim: int = 384, chunk: int = 1024) -> list:
+    """Seconds (wall, this process's and mongod's CPU) of dinoprop's other
+    large writes against the FiftyOne calls they replace, side by side:
+    accepting ``num`` propagated labels (``accept_propagated_labels``
+    against ``set_values`` of the labels then ``tag_samples``, the code it
+    replaced) and writing ``num`` ``dim``-d embeddings in chunks of
+    ``chunk`` (``label_writes.write_vectors`` against ``set_values``)."""
+    import fiftyone as fo
+    import fiftyone.core.fields as fof
+    import psutil
+
+    import private_db
+    from dinoprop.embeddings.writer import _write_chunk
+    from dinoprop.label_writes import write_classifications
+    from dinoprop.review import accept
+
+    mongod, me = psutil.Process(private_db._MONGODS[0].pid), psutil.Process()
+    rng = np.random.default_rng(0)
+    datasets = []
+    for _ in range(2):
+        dataset = fo.Dataset()
+        ids = insert_samples(dataset, np.zeros((num, 4), np.float32), {})
+        write_classifications(
+            dataset, "label_propagated", ids,
+            [str(v) for v in rng.integers(0, NUM_CLASSES, num)], 0.5 + rng.random(num) / 2, {},
+        )
+        dataset.add_sample_field("emb", fof.VectorField)
+        datasets.append((dataset, ids))
+    vectors = rng.standard_normal((num, dim), dtype=np.float32)
+
+    def accept_through_set_values(dataset, ids):
+        propagated = dataset.values("label_propagated")
+        dataset.set_values("label", [
+            fo.Classification(label=p.label, confidence=p.confidence, **{
+                accept.BATCH_ATTRIBUTE: "b", accept.ACCEPTED_LABEL_ATTRIBUTE: p.label})
+            for p in propagated
+        ])
+        dataset.tag_samples(accept.ACCEPTED_TAG)
+
+    def vectors_through(label_values_writer):
+        def write(dataset, ids):
+            for start in range(0, num, chunk):
+                values = dict(zip(ids[start:start + chunk], vectors[start:start + chunk]))
+                label_values_writer(dataset, values)
+        return write
+
+    methods = {
+        ("accept %s labels" % f"{num:,}", "accept_propagated_labels"):
+            lambda dataset, ids: accept.accept_propagated_labels(dataset, "label_propagated", "label"),
+        ("accept %s labels" % f"{num:,}", "set_values + tag_samples"): accept_through_set_values,
+        ("%s x %d-d embeddings, chunks of %d" % (f"{num:,}", dim, chunk), "write_vectors"):
+            vectors_through(lambda d, values: _write_chunk(d, "emb", values, False)),
+        ("%s x %d-d embeddings, chunks of %d" % (f"{num:,}", dim, chunk), "set_values"):
+            vectors_through(lambda d, values: d.set_values("emb", values, key_field="id")),
+    }
+    rows = []
+    for number, ((what, how), write) in enumerate(methods.items()):
+        dataset, ids = datasets[number % 2]
+        cpu, server = _cpu(me), _cpu(mongod)
+        start = time.perf_counter()
+        write(dataset, ids)
+        rows.append({
+            "write": what, "method": how, "seconds": time.perf_counter() - start,
+            "cpu_seconds": _cpu(me) - cpu, "mongod_cpu_seconds": _cpu(mongod) - server,
+        })
+        field = "label" if what.startswith("accept") else "emb"
+        assert dataset.count(field) == num, (how, dataset.count(field))
+        print("  %-44s %-26s %6.1f s (cpu %5.1f s, mongod cpu %5.1f s)" % (
+            what, how, *[rows[-1][k] for k in ("seconds", "cpu_seconds", "mongod_cpu_seconds")]),
+            flush=True)
+    for dataset, _ in datasets:
+        dataset.delete()
     return rows
 
 
@@ -485,12 +562,24 @@ def main():
     parser.add_argument("--num", type=int, help="samples of the workflow")
     parser.add_argument(
         "--writes", action="store_true",
-        help="also compare ways of writing 100k labels (about 5 minutes)",
+        help="also compare ways of writing 100k labels, accepting them and "
+        "writing embeddings (about 10 minutes)",
+    )
+    parser.add_argument(
+        "--only-writes", action="store_true",
+        help="only the write comparisons of --writes (no workflow)",
     )
     args = parser.parse_args()
     use_private_database()
     import private_db
 
+    if args.only_writes:
+        print("writing 100k labels:")
+        writes = {"writes": write_methods()}
+        print("accepting 100k labels, writing 100k embeddings:")
+        writes["other_writes"] = other_writes()
+        print(json.dumps(writes))
+        return
     num = args.num or (100_000 if args.quick else 1_000_000)
     memory = PeakMemory(private_db._MONGODS[0].pid)
     steps = Steps(memory)
@@ -504,6 +593,8 @@ def main():
     if args.writes:
         print("writing 100k labels:")
         comparison["writes"] = write_methods()
+        print("accepting 100k labels, writing 100k embeddings:")
+        comparison["other_writes"] = other_writes()
     memory.stop()
     result = {
         "date": datetime.date.today().isoformat(),
@@ -570,6 +661,16 @@ def report(r: dict) -> str:
                 w["mongod_cpu_seconds"],
             )
             for w in r["writes"]
+        ] + [
+            "",
+            "| write | method | seconds | CPU seconds | mongod CPU seconds |",
+            "|---|---|---|---|---|",
+        ] + [
+            "| %s | %s | %.1f | %.1f | %.1f |" % (
+                w["write"], w["method"], w["seconds"], w["cpu_seconds"],
+                w["mongod_cpu_seconds"],
+            )
+            for w in r["other_writes"]
         ]
     return "\n".join(lines)
 

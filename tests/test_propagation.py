@@ -198,6 +198,49 @@ def test_cross_validation_on_large_graphs_uses_the_seed_neighbourhood():
     assert (small.probs[targets].argmax(1) == labels[targets]).mean() > 0.95
 
 
+class _FixedScores:
+    """A stand-in Problem whose candidates are right on a fixed share of
+    nodes: ``good`` and ``close`` on all, ``bad`` on none."""
+
+    def __init__(self, labels, num_classes):
+        self.labels, self.num_classes = labels, num_classes
+        self.calls = []
+
+    def scores(self, name, seed_idx, seed_labels):
+        self.calls.append(name)
+        truth = self.labels if name != "bad" else (self.labels + 1) % self.num_classes
+        return pm.one_hot(truth, self.num_classes)
+
+
+def test_large_graph_cross_validation_drops_clearly_worse_candidates():
+    """With ``prune`` (cross-validation on a large graph's subgraph), a
+    candidate clearly worse than the default after a fold runs no more
+    folds and is not chosen; without it every candidate runs every fold."""
+    labels = np.repeat(np.arange(4), 25)
+    folds = pm._seed_folds(labels, 5, 0)
+    candidates = ["good", "close", "bad"]
+    seed_idx = np.arange(len(labels))
+    full = pm._out_of_fold(_FixedScores(labels, 4), seed_idx, labels, folds, candidates)
+    assert all(len(p) == len(labels) for p in full.values())
+    problem = _FixedScores(labels, 4)
+    pruned = pm._out_of_fold(problem, seed_idx, labels, folds, candidates, prune=True)
+    assert problem.calls.count("bad") == 1 and problem.calls.count("close") == 5
+    assert len(pruned["bad"]) == len(folds[0])
+    np.testing.assert_array_equal(pruned["good"], full["good"])
+    held_out = labels[np.concatenate(folds)]
+    assert pm._choose(pruned, held_out, candidates) == "good"
+
+
+def test_auto_on_a_large_graph_reports_every_candidate():
+    x, labels = _clusters(num_classes=3, per_class=400, seed=2)
+    problem = _problem(x, 3)
+    seeds = _seeds(labels, 10)
+    result = pm.propagate(problem, seeds, labels[seeds], cv_max_nodes=300)
+    assert set(result.cv_accuracy) == set(pm.AUTO_CANDIDATES)
+    assert result.cv_accuracy[result.method] >= max(result.cv_accuracy.values()) - 0.1
+    assert len(result.oof_labels) == len(seeds)
+
+
 def test_affinity_is_sparse_and_symmetric():
     x, _ = _clusters()
     neighbors, sims = knn_search(x, 5)

@@ -81,8 +81,10 @@ def small_approximate_threshold(monkeypatch):
 def test_vectors_are_stored_in_fiftyones_format():
     import fiftyone.core.utils as fou
 
+    from dinoprop.label_writes import serialize_vector
+
     vector = np.random.default_rng(0).normal(size=384).astype(np.float32)
-    assert distributed.serialize_vector(vector) == fou.serialize_numpy_array(vector)
+    assert serialize_vector(vector) == fou.serialize_numpy_array(vector)
 
 
 @pytest.mark.parametrize("uri, loopback", [

@@ -168,3 +168,48 @@ def test_non_finite_embeddings_are_named_not_mapped(embedded_dataset):
     with pytest.raises(DinopropError, match="1 of the 24 embeddings .* NaN or infinite"):
         dp.compute_visualization(embedded_dataset)
     assert embedded_dataset.list_brain_runs() == []
+
+
+def test_large_maps_fit_on_a_sample_and_transform_the_rest(embedded_dataset):
+    results = dp.compute_visualization(embedded_dataset, max_fit_points=12)
+    assert results.points.shape == (24, 2) and np.isfinite(results.points).all()
+    assert results.summary()["knn_source"].endswith("fitted on 12 sampled points)")
+    info = embedded_dataset.get_brain_info("dinoprop_umap")
+    assert info.config.max_fit_points == 12
+    labels = embedded_dataset.values("ground_truth.label")
+    assert _same_class_neighbour_rate(results.points, labels) >= 0.8
+    with pytest.raises(DinopropError, match="max_fit_points"):
+        dp.compute_visualization(embedded_dataset, max_fit_points=2)
+
+
+def test_sample_search_finds_the_nearest_sample_rows():
+    from dinoprop.visualization import SampleSearch
+
+    rng = np.random.default_rng(0)
+    sample = graph.l2_normalize(rng.normal(size=(3000, 16))).astype(np.float32)
+    queries = graph.l2_normalize(rng.normal(size=(500, 16))).astype(np.float32)
+    indices, dists = SampleSearch(sample).query(queries, 10)
+    exact = np.argsort(-(queries @ sample.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices, exact)])
+    assert recall >= 0.95 and indices.dtype == np.int32
+    np.testing.assert_allclose(
+        dists, 1 - np.take_along_axis(queries @ sample.T, indices, axis=1), atol=1e-5
+    )
+
+
+def test_umap_transform_through_the_faiss_search_keeps_clusters():
+    """Past UMAP's small-data limit (4,096 rows) transform queries the
+    sample index (SampleSearch): transformed points land in their cluster."""
+    from dinoprop.visualization import umap_on_sample
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 5000)
+    x = (rng.normal(size=(5, 16)) * 4)[labels] + rng.normal(size=(5000, 16))
+    points, source = umap_on_sample(x.astype(np.float32), 4200, k=10)
+    assert points.shape == (5000, 2) and np.isfinite(points).all()
+    assert "4200 sampled" in source
+    # each point's class is its 10 nearest map neighbours' majority
+    from sklearn.neighbors import KNeighborsClassifier
+
+    fit = KNeighborsClassifier(10).fit(points[:4000], labels[:4000])
+    assert fit.score(points[4000:], labels[4000:]) >= 0.95

@@ -118,10 +118,8 @@ def unit_vectors(embeddings: np.ndarray) -> np.ndarray:
 def graph_index(x: np.ndarray, k: int, target_recall: float = 0.97) -> tuple:
     """The filled IVF index that :func:`approximate_knn_search` searches.
 
-    Trained by :func:`ivf_index`, filled with ``x``, and calibrated: the
-    number of probed lists is the smallest whose recall@k (self included)
-    reaches ``target_recall`` against exact search on
-    :data:`CALIBRATION_QUERIES` rows of ``x``.
+    :func:`calibrated_index` of ``x`` for its own rows as queries, ``k + 1``
+    results per row (each row finds itself).
 
     Args:
         x: the ``num x dim`` unit vectors of :func:`unit_vectors`
@@ -132,15 +130,36 @@ def graph_index(x: np.ndarray, k: int, target_recall: float = 0.97) -> tuple:
         a tuple ``(index, nprobe)``: a :class:`faiss.IndexIVFFlat` (inner
         product) holding ``x``, and the number of lists to probe
     """
+    return calibrated_index(x, x, k + 1, target_recall)
+
+
+def calibrated_index(
+    x: np.ndarray, queries: np.ndarray, k: int, target_recall: float = 0.97
+) -> tuple:
+    """An IVF index holding ``x``, and how many lists to probe for ``queries``.
+
+    Trained by :func:`ivf_index` and filled with ``x``; the number of
+    probed lists is the smallest whose recall@k reaches ``target_recall``
+    against exact search on :data:`CALIBRATION_QUERIES` of the queries.
+
+    Args:
+        x: the ``num x dim`` float32 rows indexed
+        queries: ``num_queries x dim`` float32 rows like those to search
+        k: the results per query
+        target_recall: the recall@k to reach
+
+    Returns:
+        a tuple ``(index, nprobe)``
+    """
     import faiss
 
     index = ivf_index(x, faiss.METRIC_INNER_PRODUCT)
     index.add(x)
     nprobe, _ = tune_recall(
-        x,
-        lambda queries, p: search_ivf(index, queries, k + 1, p)[1],
+        queries,
+        lambda rows, p: search_ivf(index, rows, k, p)[1],
         nprobe_options(index.nlist),
-        lambda queries: knn_search_queries(x, queries, k + 1),
+        lambda rows: knn_search_queries(x, rows, k),
         target_recall,
     )
     return index, nprobe
@@ -174,14 +193,50 @@ def complete_graph(x: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int) ->
     Returns:
         the ``(neighbors, similarities)`` of :func:`knn_search`
     """
-    missing = (nbrs < 0).any(axis=1)
-    if missing.any():
-        nbrs[missing] = knn_search_queries(x, x[missing], k + 1)
-        sims[missing] = np.take_along_axis(
-            x[missing] @ x.T, nbrs[missing], axis=1
-        )
+    sims, nbrs = _fill_short_rows(x, x, sims, nbrs)
     sims, nbrs = _drop_self(sims, nbrs, k)
     return nbrs.astype(np.int64), sims.astype(np.float32)
+
+
+def approximate_search(
+    x: np.ndarray, queries: np.ndarray, k: int, target_recall: float = 0.97
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``x`` of highest inner product with each query,
+    approximately (exactly for small ``x``).
+
+    A faiss IVF index over ``x`` probes the fewest lists reaching
+    ``target_recall`` (:func:`calibrated_index`); a query the probed lists
+    leave short of ``k`` rows is searched exactly.
+
+    Args:
+        x: the ``num x dim`` float32 rows searched (unit norm for cosine)
+        queries: ``num_queries x dim`` float32 rows
+        k: the rows per query, at most ``num``
+        target_recall: the recall@k to reach
+
+    Returns:
+        a tuple ``(similarities, indices)`` of ``num_queries x k`` arrays,
+        best first (faiss's order)
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(x) < 4 * CALIBRATION_QUERIES:
+        return faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    index, nprobe = calibrated_index(x, queries, k, target_recall)
+    sims, nbrs = search_ivf(index, queries, k, nprobe)
+    return _fill_short_rows(x, queries, sims, nbrs)
+
+
+def _fill_short_rows(x, queries, sims, nbrs):
+    """Searches exactly the queries whose probed lists held too few rows."""
+    k = nbrs.shape[1]
+    missing = (nbrs < 0).any(axis=1)
+    if missing.any():
+        nbrs[missing] = knn_search_queries(x, queries[missing], k)
+        sims[missing] = np.take_along_axis(queries[missing] @ x.T, nbrs[missing], axis=1)
+    return sims, nbrs
 
 
 #: Rows used to measure the recall of approximate searches.

@@ -1,4 +1,4 @@
-"""Writing many Classification labels fast, and only those that changed.
+"""Writing many labels, vectors and tags fast, and only what changed.
 
 FiftyOne's ``set_values`` builds one label object per sample and validates
 it, which at 10k+ samples costs more than the propagation itself. The
@@ -9,6 +9,10 @@ the dataset's schema first, and sends unordered bulk updates that also set
 ``last_modified_at``, as FiftyOne does. A label whose class, confidence and
 attributes are unchanged is not written at all, so repeating a run with the
 same seeds writes nothing, and a rewritten label keeps its ID.
+
+Every large write dinoprop makes goes through :func:`bulk_set` (labels,
+their scores, embedding vectors, accepted and reverted labels) or
+:func:`retag` (tags).
 """
 
 from __future__ import annotations
@@ -17,6 +21,98 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
 import numpy as np
+
+#: Updates sent per unordered bulk write. Batches bound the list of update
+#: operations held at once (at a million samples one list would hold a
+#: million), and write as fast as one ``bulk_write`` of everything
+#: (measured at 100k labels: 14.6 to 15.6 s against 12.3 to 17.7 s; mongod
+#: spends the same CPU either way).
+BULK_BATCH = 10_000
+
+
+def utc_now() -> datetime:
+    """The current time as FiftyOne stores ``last_modified_at`` (naive UTC)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def bulk_set(
+    collection: Any,
+    updates: Iterable[tuple],
+    extra: Optional[dict] = None,
+    batch_size: int = BULK_BATCH,
+    now: Optional[datetime] = None,
+) -> int:
+    """Sets fields of many documents in unordered bulk writes, with
+    ``last_modified_at``, as FiftyOne's own writes do.
+
+    The values must already be serialised as FiftyOne stores them (label
+    documents, :func:`serialize_vector` bytes, None); declaring the fields
+    in the dataset's schema, and reloading samples in memory
+    (``fiftyone.core.sample.Sample._reload_docs``), is the caller's part.
+
+    Args:
+        collection: a pymongo collection (a dataset's ``_sample_collection``)
+        updates: ``(sample ID or filter dict, {path: value})`` pairs, consumed
+            ``batch_size`` at a time
+        extra: other update operators applied with every ``$set`` (e.g.
+            ``{"$pull": {"tags": tag}}``)
+        batch_size: updates per bulk write
+        now: the ``last_modified_at`` written (default :func:`utc_now`)
+
+    Returns:
+        the number of documents modified
+    """
+    from bson import ObjectId
+    from pymongo import UpdateOne
+
+    now = now or utc_now()
+    modified, ops = 0, []
+    for target, fields in updates:
+        query = target if isinstance(target, dict) else {"_id": ObjectId(str(target))}
+        ops.append(UpdateOne(
+            query, dict(extra or {}, **{"$set": dict(fields, last_modified_at=now)})
+        ))
+        if len(ops) == batch_size:
+            modified += collection.bulk_write(ops, ordered=False).modified_count
+            ops = []
+    if ops:
+        modified += collection.bulk_write(ops, ordered=False).modified_count
+    return modified
+
+
+def serialize_vector(vector: Any) -> bytes:
+    """A vector as FiftyOne stores a ``VectorField``.
+
+    The bytes of :func:`fiftyone.core.utils.serialize_numpy_array` (``np.save``
+    then ``zlib``), without importing FiftyOne (seconds per process, which
+    Ray actors writing embeddings avoid); a test checks that both agree.
+    """
+    import io
+    import zlib
+
+    with io.BytesIO() as f:
+        np.save(f, np.asarray(vector), allow_pickle=False)
+        return zlib.compress(f.getvalue())
+
+
+def write_vectors(collection: Any, path: str, ids: Iterable[str], vectors: Any) -> int:
+    """Sets ``path`` of each sample to its vector (:func:`bulk_set`).
+
+    Idempotent: writing the same vectors twice leaves the same documents.
+
+    Args:
+        collection: the dataset's sample collection (pymongo)
+        path: a declared ``VectorField``
+        ids: the sample IDs
+        vectors: one 1-D array per ID
+
+    Returns:
+        the number of documents modified
+    """
+    return bulk_set(
+        collection,
+        ((sample_id, {path: serialize_vector(v)}) for sample_id, v in zip(ids, vectors)),
+    )
 
 
 def write_classifications(
@@ -50,9 +146,6 @@ def write_classifications(
         and ``num_cleared``
     """
     import fiftyone.core.sample as fos
-    import fiftyone.core.utils as fou
-    from bson import ObjectId
-    from pymongo import UpdateOne
 
     dataset = samples._root_dataset
     ids = [str(i) for i in ids]
@@ -65,41 +158,28 @@ def write_classifications(
         *(_plain(attributes[n]) for n in names),
     )
     vectors = vectors or {}
-    blobs = [
-        {n: fou.serialize_numpy_array(np.asarray(v[i])) for n, v in vectors.items()}
-        for i in range(len(ids) if vectors else 0)
-    ]
     old = _current(samples, field, names)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # FiftyOne: naive UTC
-    ops, flipped = [], 0
-    for row, (sample_id, label, confidence, *values) in enumerate(rows):
-        label_id, *before = old.get(sample_id, (None,))
-        if tuple(before) == (label, confidence, *values) and not vectors:
-            continue
-        flipped += bool(before) and before[0] != label
-        doc = _document(label_id, label, confidence, names, values)
-        doc.update(blobs[row] if vectors else {})
-        ops.append(
-            UpdateOne(
-                {"_id": ObjectId(sample_id)},
-                {"$set": {field: doc, "last_modified_at": now}},
+    counts = {"num_written": 0, "num_flipped": 0}
+
+    def changed():
+        for row, (sample_id, label, confidence, *values) in enumerate(rows):
+            label_id, *before = old.get(sample_id, (None,))
+            if tuple(before) == (label, confidence, *values) and not vectors:
+                continue
+            counts["num_written"] += 1
+            counts["num_flipped"] += bool(before) and before[0] != label
+            doc = _document(label_id, label, confidence, names, values)
+            doc.update(
+                (n, serialize_vector(np.asarray(v[row]))) for n, v in vectors.items()
             )
-        )
+            yield sample_id, {field: doc}
+
     cleared = [sid for sid in clear_ids if str(sid) in old]
-    ops += [
-        UpdateOne(
-            {"_id": ObjectId(sid)}, {"$set": {field: None, "last_modified_at": now}}
-        )
-        for sid in cleared
-    ]
-    if ops:
-        dataset._sample_collection.bulk_write(ops, ordered=False)
+    bulk_set(dataset._sample_collection, changed())
+    bulk_set(dataset._sample_collection, ((sid, {field: None}) for sid in cleared))
+    if counts["num_written"] or cleared:
         fos.Sample._reload_docs(dataset._sample_collection_name)
-    return {
-        "num_written": len(ops) - len(cleared),
-        "num_flipped": int(flipped),
-        "num_cleared": len(cleared),
-    }
+    return dict(counts, num_cleared=len(cleared))
 
 
 def _document(label_id, label, confidence, names, values):
@@ -185,7 +265,7 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
     add, remove = wanted - tagged, tagged - wanted
     dataset = samples._root_dataset
     coll = dataset._sample_collection
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = utc_now()
     for chosen, update in (
         (add, {"$addToSet": {"tags": tag}}),
         (remove, {"$pull": {"tags": tag}}),

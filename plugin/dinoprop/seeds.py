@@ -75,6 +75,7 @@ def suggest_seeds(
 
     from dinoprop.core import require_label_field
     from dinoprop.label_schema import try_enable_annotation
+    from dinoprop.label_writes import retag
     from dinoprop.propagation import sample_graph
 
     validate_samples(samples)
@@ -105,9 +106,7 @@ def suggest_seeds(
         )
         bar.update()
         suggested = [str(sample_ids[i]) for i in chosen]
-        samples.untag_samples(tag)
-        if suggested:
-            samples.select(suggested).tag_samples(tag)
+        retag(samples, tag, suggested)  # writes only the tags that change
         if label_field is not None:
             try_enable_annotation(samples, label_field)
         bar.update()

@@ -6,7 +6,9 @@ field, lasso selection) and ``dataset.load_brain_results(brain_key)`` returns
 it. UMAP is fed the kNN graph of a dinoprop similarity run on the same
 embeddings when one covers the samples (no second neighbour search),
 otherwise a faiss kNN graph (exact up to 1,024 points, then IVF calibrated
-to recall@k >= 0.97). numba's compiled UMAP kernels are cached
+to recall@k >= 0.97). Above :data:`UMAP_MAX_FIT_POINTS` points, UMAP is
+fitted on a random sample and the other points are placed in its map by
+UMAP's own ``transform``. numba's compiled UMAP kernels are cached
 on disk (``NUMBA_CACHE_DIR``, by default a ``numba-cache`` folder beside
 dinoprop's index directory), so only the first run in a fresh environment
 pays for JIT compilation.
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 #: The fewest embedded samples UMAP can map.
 UMAP_MIN_POINTS = 4
 
+#: UMAP is fitted on at most this many points by default, a random sample;
+#: the others are placed by ``transform`` (see :func:`compute_visualization`).
+UMAP_MAX_FIT_POINTS = 200_000
+
 _METHODS = ("umap", "pca")
 _NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
 _numba_cache_enabled = False
@@ -68,6 +74,7 @@ def compute_visualization(
     patches_field: str | None = None,
     overwrite: bool = True,
     progress: Any = None,
+    max_fit_points: int | None = UMAP_MAX_FIT_POINTS,
 ):
     """Computes a 2-D or 3-D map of embeddings as a FiftyOne Brain run.
 
@@ -87,6 +94,14 @@ def compute_visualization(
             labels are mapped instead of the samples
         overwrite: whether to replace an existing run with this brain key
         progress: None (FiftyOne's default), a bool, or a progress callback
+        max_fit_points: with more points than this, UMAP fits its map on a
+            random sample of this many (drawn with ``seed``) and places
+            every other point with UMAP's ``transform``: its ``k`` nearest
+            sample points (faiss IVF, recall@k >= 0.97) fix its start,
+            then 30 optimisation epochs (a fit runs 200) move it with the
+            sample held still (``benchmarks/umap_scale.py`` measures the
+            time and trustworthiness against a full fit). None always
+            fits every point
 
     Returns:
         a :class:`DinopropVisualizationResults` (a FiftyOne Brain
@@ -100,6 +115,8 @@ def compute_visualization(
     start = time.perf_counter()
     validate_samples(samples, require_images=False)
     _check_options(samples, brain_key, method, num_dims, k, min_dist, overwrite)
+    if max_fit_points is not None:
+        check_int(max_fit_points, "max_fit_points", minimum=UMAP_MIN_POINTS + 1)
     vectors, sample_ids, label_ids = _load(samples, embeddings, patches_field)
     if method == "umap" and len(vectors) < UMAP_MIN_POINTS:
         raise DinopropError(
@@ -110,11 +127,18 @@ def compute_visualization(
     with progress_bar(2, progress=progress, iters_str="steps") as pb:
         if method == "umap":
             k = _effective_k(k, len(vectors))  # what is recorded is what ran
-            points, knn_source = _umap(
-                samples, embeddings, patches_field, vectors,
-                label_ids if patches_field else sample_ids,
-                num_dims, seed, k, min_dist,
+            umap_options = dict(
+                num_dims=num_dims, seed=seed, k=k, min_dist=min_dist
             )
+            if max_fit_points is not None and len(vectors) > max_fit_points:
+                points, knn_source = umap_on_sample(
+                    vectors, max_fit_points, **umap_options
+                )
+            else:
+                points, knn_source = _umap(
+                    samples, embeddings, patches_field, vectors,
+                    label_ids if patches_field else sample_ids, **umap_options
+                )
         else:
             points, knn_source = _pca(vectors, num_dims, seed), None
         pb.update()
@@ -129,6 +153,7 @@ def compute_visualization(
                 min_dist=min_dist,
                 seed=seed,
                 knn_source=knn_source,
+                max_fit_points=max_fit_points,
             ),
         )
         pb.update()
@@ -177,7 +202,12 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
     else:
         neighbors, sims = approximate_knn_search(vectors, k - 1)
         source = "faiss search"
-    num = len(vectors)
+    return (*_with_self(neighbors, sims), source)
+
+
+def _with_self(neighbors, sims):
+    """``(indices, cosine distances)`` with each point first (distance 0)."""
+    num = len(neighbors)
     indices = np.hstack([np.arange(num)[:, None], neighbors]).astype(np.int64)
     dists = np.hstack(
         [np.zeros((num, 1), np.float32), np.maximum(1.0 - sims, 0.0)]
@@ -185,7 +215,7 @@ def _knn_with_self(samples, field, patches_field, vectors, ids, k):
     missing = indices < 0  # fewer neighbours than asked: repeat self
     indices[missing] = np.nonzero(missing)[0]
     dists[missing] = 0.0
-    return indices, dists, source
+    return indices, dists
 
 
 def _effective_k(k, num_points):
@@ -198,22 +228,99 @@ def _umap(samples, field, patches_field, vectors, ids, num_dims, seed, k,
     indices, dists, source = _knn_with_self(
         samples, field, patches_field, vectors, ids, k
     )
+    reducer = _reducer(num_dims, seed, k, min_dist, (indices, dists))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no search index / n_jobs notices
+        points = reducer.fit_transform(l2_normalize(vectors))
+    return np.asarray(points, dtype=np.float32), source
+
+
+def _reducer(num_dims, seed, k, min_dist, precomputed_knn):
+    """A cosine ``umap.UMAP`` on a precomputed kNN graph."""
     enable_numba_cache()
     import umap
 
-    reducer = umap.UMAP(
+    return umap.UMAP(
         n_neighbors=k,
         n_components=num_dims,
         metric="cosine",
         min_dist=min_dist,
         random_state=seed,
-        precomputed_knn=(indices, dists),
+        precomputed_knn=precomputed_knn,
         verbose=False,
     )
+
+
+def umap_on_sample(
+    vectors: np.ndarray,
+    fit_points: int,
+    num_dims: int = 2,
+    seed: int | None = 51,
+    k: int = 15,
+    min_dist: float = 0.1,
+) -> tuple[np.ndarray, str]:
+    """A UMAP map fitted on a random sample, every other point transformed.
+
+    UMAP is fitted on ``fit_points`` rows drawn at random (``seed``), on
+    their own kNN graph (faiss IVF); the other rows are then placed with
+    ``UMAP.transform``, which searches their ``k`` nearest sample rows
+    through :class:`SampleSearch` and optimises their positions with the
+    sample's held still.
+
+    Args:
+        vectors: ``num x dim`` embeddings, ``num > fit_points``
+        fit_points: the rows the map is fitted on
+        num_dims: 2 or 3
+        seed: the random seed of the sample and of UMAP
+        k: UMAP's number of neighbours (including the point itself)
+        min_dist: UMAP's minimum distance between embedded points
+
+    Returns:
+        a tuple ``(points, knn_source)``: the ``num x num_dims`` float32
+        map and where the kNN graph came from
+    """
+    from dinoprop.graph import approximate_knn_search
+
+    x = l2_normalize(np.asarray(vectors, np.float32))
+    fit = np.sort(np.random.default_rng(seed).choice(len(x), fit_points, replace=False))
+    rest = np.setdiff1d(np.arange(len(x)), fit)
+    sample = np.ascontiguousarray(x[fit])
+    indices, dists = _with_self(*approximate_knn_search(sample, k - 1))
+    reducer = _reducer(num_dims, seed, k, min_dist, (indices, dists, SampleSearch(sample)))
+    points = np.empty((len(x), num_dims), np.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no search index / n_jobs notices
-        points = reducer.fit_transform(l2_normalize(vectors))
-    return np.asarray(points, dtype=np.float32), source
+        warnings.simplefilter("ignore")  # not an NNDescent index / n_jobs notices
+        points[fit] = reducer.fit_transform(sample)
+        del indices, dists
+        points[rest] = reducer.transform(x[rest])
+    return points, "faiss search (UMAP fitted on %d sampled points)" % fit_points
+
+
+class SampleSearch:
+    """The nearest-neighbour search ``UMAP.transform`` asks of its index
+    (pynndescent's ``query``), answered by faiss over the fitted sample.
+
+    Args:
+        sample: the ``num x dim`` unit-norm float32 rows UMAP was fitted on
+    """
+
+    #: what UMAP reads to choose pynndescent's search slack (unused here)
+    _angular_trees = True
+
+    def __init__(self, sample: np.ndarray):
+        self._sample = sample
+
+    def query(self, queries: np.ndarray, k: int, epsilon: float = 0.1):
+        """The ``k`` nearest sample rows of each query.
+
+        Returns:
+            ``(indices, cosine distances)``, ``num_queries x k`` int32
+            and float32 arrays, nearest first
+        """
+        from dinoprop.graph import approximate_search
+
+        sims, nbrs = approximate_search(self._sample, np.asarray(queries, np.float32), k)
+        return nbrs.astype(np.int32), np.maximum(1.0 - sims, 0.0).astype(np.float32)
 
 
 def _pca(vectors, num_dims, seed):

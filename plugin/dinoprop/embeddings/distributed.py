@@ -28,16 +28,14 @@ the same paths, and must reach the dataset's MongoDB.
 
 from __future__ import annotations
 
-import io
-import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from dinoprop.core import DinopropError
 from dinoprop.embeddings.writer import _Runner
+from dinoprop.label_writes import write_vectors
 from dinoprop.ray_cluster import connect, worker_errors
 
 #: How long the actors may take to start (resources, model downloads)
@@ -103,40 +101,6 @@ def check_database_reachable(uri: str, ray: Any) -> None:
             "mongodb://<host>:27017) before loading the dataset"
             % (uri.split("@")[-1], ", ".join(others))
         )
-
-
-def serialize_vector(vector: Any) -> bytes:
-    """A vector as FiftyOne stores a ``VectorField``.
-
-    The bytes of :func:`fiftyone.core.utils.serialize_numpy_array` (``np.save``
-    then ``zlib``), so the actors need not import FiftyOne (seconds per
-    process); a test checks that both agree.
-    """
-    with io.BytesIO() as f:
-        np.save(f, np.asarray(vector), allow_pickle=False)
-        return zlib.compress(f.getvalue())
-
-
-def write_vectors(collection: Any, path: str, ids: Any, vectors: np.ndarray) -> None:
-    """Sets ``path`` of each sample to its vector, in one unordered bulk write.
-
-    Idempotent: writing the same batch twice leaves the same documents.
-    ``last_modified_at`` is set as FiftyOne's own writes do.
-    """
-    from bson import ObjectId
-    from pymongo import UpdateOne
-
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # FiftyOne: naive UTC
-    collection.bulk_write(
-        [
-            UpdateOne(
-                {"_id": ObjectId(str(sample_id))},
-                {"$set": {path: serialize_vector(vector), "last_modified_at": now}},
-            )
-            for sample_id, vector in zip(ids, vectors)
-        ],
-        ordered=False,
-    )
 
 
 def decode_batch(batch: dict, preprocessing: Any) -> dict:

@@ -24,11 +24,22 @@ FAILURE_EXAMPLES = 5
 
 
 def _write_chunk(dataset: Any, path: str, values: dict, label_values: bool) -> None:
-    """Commits one chunk of vectors with a single bulk write."""
+    """Commits one chunk of vectors (``{sample or label ID: vector}``).
+
+    Sample vectors go to the declared field through
+    :func:`dinoprop.label_writes.write_vectors` (unordered bulk updates in
+    FiftyOne's own format); vectors of patches inside label lists through
+    FiftyOne's ``set_label_values``.
+    """
     if label_values:
         dataset.set_label_values(path, values)
-    else:
-        dataset.set_values(path, values, key_field="id")
+        return
+    import fiftyone.core.sample as fos
+
+    from dinoprop.label_writes import write_vectors
+
+    write_vectors(dataset._sample_collection, path, list(values), list(values.values()))
+    fos.Sample._reload_docs(dataset._sample_collection_name, sample_ids=list(values))
 
 
 class _Runner:

@@ -41,6 +41,8 @@ class Propagation:
         oof_labels: the held-out seeds' true classes, aligned with
             ``oof_probs``
         cv_accuracy: the cross-validated seed accuracy of each candidate
+            (on large graphs, a candidate dropped early as clearly worse
+            than the default is scored on the folds it ran)
         num_folds: the number of cross-validation folds (0 if none)
     """
 
@@ -72,7 +74,10 @@ def propagate(
     averaged over it; each held-out seed weighted by how much of the data
     it stands for, :func:`seed_weights`), and estimate accuracy. On graphs larger
     than ``cv_max_nodes``, cross-validation runs on the seeds'
-    neighbourhood subgraph, which is what decides their predictions.
+    neighbourhood subgraph, which is what decides their predictions, and
+    a candidate clearly worse than the default after a fold runs no more
+    folds (:func:`_out_of_fold`): the cost of cross-validation stays
+    bounded as the graph grows.
 
     Args:
         problem: the :class:`Problem`
@@ -94,7 +99,10 @@ def propagate(
     oof = {}
     if folds:
         cv_problem, cv_seeds = _cv_problem(problem, seed_idx, cv_max_nodes)
-        oof = _out_of_fold(cv_problem, cv_seeds, seed_labels, folds, candidates)
+        oof = _out_of_fold(
+            cv_problem, cv_seeds, seed_labels, folds, candidates,
+            prune=cv_problem is not problem,
+        )
     held_out_idx = np.concatenate(folds) if folds else np.arange(len(seed_labels))
     held_out = seed_labels[held_out_idx]
     chosen = _choose(oof, held_out, candidates)
@@ -102,7 +110,7 @@ def propagate(
     result = Propagation(probs=probs, method=chosen, num_folds=len(folds))
     if oof:
         result.cv_accuracy = {
-            name: float((p.argmax(1) == held_out).mean())
+            name: float((p.argmax(1) == held_out[: len(p)]).mean())
             for name, p in oof.items()
         }
         weights = seed_weights(problem.graph, seed_idx)[held_out_idx]
@@ -177,19 +185,52 @@ def _seed_folds(seed_labels, max_folds, random_state):
         return [eligible[test] for _, test in splits]
 
 
-def _out_of_fold(problem, seed_idx, seed_labels, folds, candidates):
+def _out_of_fold(problem, seed_idx, seed_labels, folds, candidates, prune=False):
     """Out-of-fold probabilities of the held-out seeds per candidate.
 
     Folds run in the outer loop so candidates sharing a classifier reuse
-    its fit on the fold.
+    its fit on the fold. With ``prune``, a candidate whose paired accuracy
+    difference to the default (the first candidate) is below zero by more
+    than 2 standard errors after a fold runs no further folds: :func:`_choose`
+    would need it 2 standard errors *better*. Its probabilities then cover
+    the first folds' seeds only (a prefix of the concatenated folds).
     """
     oof = {name: [] for name in candidates}
-    for test in folds:
+    active = list(candidates)
+
+    def may_still_win(name, held_out):
+        gain, stderr = _paired_gain(oof, name, candidates[0], held_out)
+        return gain + 2 * stderr >= 0
+
+    for number, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(seed_idx)), test)
-        for name in candidates:
+        for name in active:
             probs = problem.scores(name, seed_idx[train], seed_labels[train])
             oof[name].append(probs[seed_idx[test]])
+        if prune and number + 1 < len(folds):
+            held_out = seed_labels[np.concatenate(folds[: number + 1])]
+            active = [candidates[0]] + [
+                name for name in active[1:] if may_still_win(name, held_out)
+            ]
     return {name: np.concatenate(parts) for name, parts in oof.items()}
+
+
+def _paired_gain(oof, name, default, seed_labels):
+    """The accuracy gain of candidate ``name`` over ``default`` on the
+    held-out ``seed_labels`` and its paired standard error (infinite for
+    a single seed), as ``(gain, stderr)``.
+
+    ``oof`` maps candidates to lists of per-fold probabilities, or to
+    their concatenation.
+    """
+    def correct(probs):
+        probs = np.concatenate(probs) if isinstance(probs, list) else probs
+        return probs.argmax(1) == seed_labels
+
+    diff = correct(oof[name]).astype(float) - correct(oof[default])
+    gain = diff.mean()
+    stderr = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return gain, stderr
 
 
 def _choose(oof, seed_labels, candidates):
@@ -198,16 +239,18 @@ def _choose(oof, seed_labels, candidates):
     The margin is the paired standard error of the per-seed accuracy
     difference, so ``auto`` only leaves its default on clear evidence and
     stays within noise of the best candidate.
+
+    Candidates dropped early by :func:`_out_of_fold` (fewer out-of-fold
+    rows than seeds) were clearly worse and are not chosen.
     """
     default = candidates[0]
     if len(candidates) == 1 or not oof:
         return default
-    base = oof[default].argmax(1) == seed_labels
     best, best_gain = default, 0.0
     for name in candidates[1:]:
-        diff = (oof[name].argmax(1) == seed_labels).astype(float) - base
-        gain = diff.mean()
-        stderr = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+        if len(oof[name]) < len(seed_labels):
+            continue
+        gain, stderr = _paired_gain(oof, name, default, seed_labels)
         if gain > 2 * stderr and gain > best_gain:
             best, best_gain = name, gain
     return best

@@ -96,6 +96,7 @@ def linear_logits(
         ``N x C`` logits (columns of classes without seeds are ``-inf``-like)
     """
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     present = np.unique(seed_labels)
     logits = np.full((x.shape[0], num_classes), -30.0, np.float32)
@@ -109,7 +110,15 @@ def linear_logits(
     # problem, then map the weights back.
     basis = np.linalg.qr(train.T)[0] if len(train) < train.shape[1] else None
     model = LogisticRegression(C=c, max_iter=300, class_weight="balanced")
-    model.fit(train if basis is None else train @ basis, seed_labels, sample_weight=sample_weight)
+    # The fit's matrices are small (seeds x D x C): BLAS threads only wait
+    # on each other there (measured on 2 shared cores, 800 seeds, 64-d,
+    # 100 classes: 1.26 CPU s with 2 threads, 0.12 s with one).
+    with threadpool_limits(limits=1, user_api="blas"):
+        model.fit(
+            train if basis is None else train @ basis,
+            seed_labels,
+            sample_weight=sample_weight,
+        )
     weights = model.coef_ if basis is None else model.coef_ @ basis.T
     scores = (x @ weights.T.astype(np.float32)) + model.intercept_.astype(np.float32)
     if scores.shape[1] == 1:  # binary problem: sklearn fits one column

@@ -135,7 +135,6 @@ def accept_propagated_labels(
             not finish (it is running, or was interrupted); nothing is
             written then
     """
-    import fiftyone as fo
     from fiftyone import ViewField as F
 
     from dinoprop.propagation.runs import check_run_complete
@@ -151,24 +150,13 @@ def accept_propagated_labels(
         num_labeled = samples.exists(label_field).count()
         num_machine = len(accepted_unedited_ids(samples, label_field))
     confident = unlabeled.match(F(output_field + ".confidence") >= min_confidence)
-    ids = confident.values("id")
+    ids, labels, confidences = confident.values(
+        ["id", output_field + ".label", output_field + ".confidence"]
+    )
     num_unlabeled = unlabeled.count()
     batch = _new_batch_id()
     if ids:
-        selected = samples.select(ids)
-        propagated = selected.values(output_field)
-        selected.set_values(
-            label_field,
-            [
-                fo.Classification(
-                    label=p.label,
-                    confidence=p.confidence,
-                    **{BATCH_ATTRIBUTE: batch, ACCEPTED_LABEL_ATTRIBUTE: p.label},
-                )
-                for p in propagated
-            ],
-        )
-        selected.tag_samples(ACCEPTED_TAG)
+        _write_accepted(samples._root_dataset, label_field, ids, labels, confidences, batch)
     return AcceptResults(
         batch=batch,
         label_field=label_field,
@@ -224,17 +212,50 @@ def undo_accept(
         else:
             corrected[sample_id] = _without_accept_marker(label)
     if reverted:
-        samples.select(reverted).set_values(label_field, [None] * len(reverted))
+        _bulk_set_labels(
+            samples._root_dataset, ((sid, {label_field: None}) for sid in reverted),
+            reverted, {"$pull": {"tags": ACCEPTED_TAG}},
+        )
     if corrected:
         samples.set_values(label_field, corrected, key_field="id")
-    if ids:
-        samples.select(ids).untag_samples(ACCEPTED_TAG)
+        samples.select(list(corrected)).untag_samples(ACCEPTED_TAG)
     return {
         "num_reverted": len(reverted),
         "num_kept_corrected": len(corrected),
         "label_field": label_field,
         "batch": batch,
     }
+
+
+def _write_accepted(dataset, label_field, ids, labels, confidences, batch):
+    """Writes the accepted labels, and tags their samples, in one bulk
+    update per sample: the documents ``set_values`` of
+    ``Classification(label, confidence, **markers)`` would write, and the
+    ``dinoprop:accepted`` tag."""
+    from dinoprop.label_writes import _declare, _document
+
+    _declare(dataset, label_field, {})
+    names = [BATCH_ATTRIBUTE, ACCEPTED_LABEL_ATTRIBUTE]
+    _bulk_set_labels(
+        dataset,
+        (
+            (sid, {label_field: _document(None, label, confidence, names, [batch, label])})
+            for sid, label, confidence in zip(ids, labels, confidences)
+        ),
+        ids,
+        {"$addToSet": {"tags": ACCEPTED_TAG}},
+    )
+
+
+def _bulk_set_labels(dataset, updates, ids, extra):
+    """:func:`dinoprop.label_writes.bulk_set`, then the samples of ``ids``
+    in memory are reloaded."""
+    import fiftyone.core.sample as fos
+
+    from dinoprop.label_writes import bulk_set
+
+    bulk_set(dataset._sample_collection, updates, extra=extra)
+    fos.Sample._reload_docs(dataset._sample_collection_name, sample_ids=ids)
 
 
 def _is_unedited(label: Any) -> bool:

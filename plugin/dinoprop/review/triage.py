@@ -142,9 +142,9 @@ def label_samples(
     import fiftyone.core.labels as fol
     import fiftyone.core.sample as fos
     from bson import ObjectId
-    from pymongo import UpdateOne
 
     from dinoprop.label_schema import try_enable_annotation
+    from dinoprop.label_writes import bulk_set, utc_now
 
     validate_samples(samples, require_images=False)
     if not isinstance(label, str) or not label.strip():
@@ -156,23 +156,21 @@ def label_samples(
     ids, current = samples.values(["id", label_field])
     if expected:
         _check_expected(dict(zip(ids, current)), expected)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # FiftyOne stores naive UTC
+    now = utc_now()
     extra = {CONFIRMED_ATTRIBUTE: label} if confirmed else {}
-    written, ops = {}, []
+    written, updates = {}, []
     for sample_id, old in zip(ids, current):
         doc = fol.Classification(label=label, **extra).to_mongo()
         written[sample_id] = (str(doc["_id"]), old)
-        ops.append(
-            UpdateOne(
-                dict(_unchanged(label_field, old), _id=ObjectId(sample_id)),
-                {
-                    "$set": {label_field: doc, "last_modified_at": now},
-                    "$pull": {"tags": SKIPPED_TAG},
-                },
-            )
+        updates.append((
+            dict(_unchanged(label_field, old), _id=ObjectId(sample_id)),
+            {label_field: doc},
+        ))
+    if updates:
+        bulk_set(
+            dataset._sample_collection, updates,
+            extra={"$pull": {"tags": SKIPPED_TAG}}, now=now,
         )
-    if ops:
-        dataset._sample_collection.bulk_write(ops, ordered=False)
         fos.Sample._reload_docs(dataset._sample_collection_name, sample_ids=ids)
     conflicts = _not_written(dataset, label_field, written)
     for sample_id in conflicts:
@@ -262,7 +260,8 @@ def undo_labeling(samples: Any, batch: Optional[str] = None) -> dict:
     import fiftyone.core.labels as fol
     import fiftyone.core.sample as fos
     from bson import ObjectId
-    from pymongo import UpdateOne
+
+    from dinoprop.label_writes import bulk_set
 
     dataset = samples._root_dataset
     store = _store(dataset)
@@ -272,26 +271,23 @@ def undo_labeling(samples: Any, batch: Optional[str] = None) -> dict:
     if header is None:
         raise DinopropError("No labeling batch %r to undo on dataset '%s'" % (batch, dataset.name))
     label_field = header["label_field"]
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    ops, ids = [], []
+    updates, ids = [], []
     for part in range(header["num_parts"]):
         for sample_id, written_id, previous in store.get("%s/%d" % (batch, part)) or []:
             value = None if previous is None else fol.Classification.from_dict(previous).to_mongo()
             ids.append(sample_id)
-            ops.append(
-                UpdateOne(
-                    {"_id": ObjectId(sample_id), label_field + "._id": ObjectId(written_id)},
-                    {"$set": {label_field: value, "last_modified_at": now}},
-                )
-            )
+            updates.append((
+                {"_id": ObjectId(sample_id), label_field + "._id": ObjectId(written_id)},
+                {label_field: value},
+            ))
     restored = 0
-    if ops:
-        restored = dataset._sample_collection.bulk_write(ops, ordered=False).modified_count
+    if updates:
+        restored = bulk_set(dataset._sample_collection, updates)
         fos.Sample._reload_docs(dataset._sample_collection_name, sample_ids=ids)
     for part in range(header["num_parts"]):
         store.delete("%s/%d" % (batch, part))
     store.delete(batch)
-    return {"batch": batch, "num_restored": restored, "num_kept_changed": len(ops) - restored}
+    return {"batch": batch, "num_restored": restored, "num_kept_changed": len(updates) - restored}
 
 
 def labeling_batches(samples: Any) -> list:
