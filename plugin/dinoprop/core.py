@@ -473,6 +473,25 @@ def progress_bar(total: int, progress: Any = None, iters_str: str = "samples"):
     return fou.ProgressBar(total=total, progress=progress, iters_str=iters_str)
 
 
+def dataset_store(dataset: Any, name: str) -> Any:
+    """The FiftyOne execution store ``name`` of ``dataset`` (created on first use).
+
+    dinoprop keeps state that must outlive one operator run (labeling
+    history, what was sent to an annotator) in FiftyOne's own per-dataset
+    stores, so it is deleted with the dataset.
+
+    Args:
+        dataset: a :class:`fiftyone.core.dataset.Dataset`
+        name: the store's name
+
+    Returns:
+        a :class:`fiftyone.operators.store.ExecutionStore`
+    """
+    from fiftyone.operators.store import ExecutionStore
+
+    return ExecutionStore.create(name, dataset_id=dataset._doc.id)
+
+
 def _describe_field(schema_field: Any) -> str:
     doc_type = getattr(schema_field, "document_type", None)
     if doc_type is not None:

@@ -31,7 +31,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from dinoprop.core import DinopropError, validate_samples
+from dinoprop.core import DinopropError, dataset_store, validate_samples
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +206,14 @@ def send_to_annotator(
     dataset = samples._root_dataset
     output_field = output_field or label_field + "_propagated"
     require_label_field(samples, output_field, (fol.Classification,))
-    if samples.get_field(label_field) is not None:
+    has_seeds = samples.get_field(label_field) is not None
+    if has_seeds:
         require_label_field(samples, label_field, (fol.Classification,))
     anno_key = anno_key or datetime.now(timezone.utc).strftime("dinoprop_%Y%m%d_%H%M%S")
     _free_run_key(dataset, anno_key)
-    ids, suggested = samples.values(["id", output_field + ".label"])
+    columns = samples.values(["id", output_field + ".label"] + [label_field] * has_seeds)
+    ids, suggested = columns[:2]
+    seeds = columns[2] if has_seeds else [None] * len(ids)
     missing = sum(s is None for s in suggested)
     if prefill and missing:
         raise DinopropError(
@@ -221,11 +224,6 @@ def send_to_annotator(
     url, api_key = _credentials(url, api_key)
     client = LabelStudioClient(url, api_key)
     client.check()
-    seeds = (
-        samples.values(label_field)
-        if samples.get_field(label_field) is not None
-        else [None] * len(ids)
-    )
     scratch = SCRATCH_PREFIX + anno_key + "_sent"
     if prefill:
         samples.clone_sample_field(output_field, scratch)
@@ -250,7 +248,7 @@ def send_to_annotator(
     finally:
         if dataset.has_sample_field(scratch):
             dataset.delete_sample_field(scratch)
-    _store(dataset).set(
+    dataset_store(dataset, ANNOTATOR_STORE).set(
         anno_key,
         {
             "label_field": label_field,
@@ -311,7 +309,7 @@ def load_from_annotator(
 
     _check_backend(BACKENDS[0])
     dataset = samples._root_dataset
-    store = _store(dataset)
+    store = dataset_store(dataset, ANNOTATOR_STORE)
     record = store.get(anno_key)
     if record is None or not dataset.has_annotation_run(anno_key):
         raise DinopropError(
@@ -391,7 +389,8 @@ def annotator_runs(samples: Any) -> list:
         samples: a FiftyOne dataset or view (its dataset is used)
     """
     dataset = samples._root_dataset
-    keys = [k for k in _store(dataset).list_keys() if dataset.has_annotation_run(k)]
+    store = dataset_store(dataset, ANNOTATOR_STORE)
+    keys = [k for k in store.list_keys() if dataset.has_annotation_run(k)]
     return sorted(keys, key=lambda k: dataset.get_annotation_info(k).timestamp, reverse=True)
 
 
@@ -584,12 +583,6 @@ def _seed_versions(dataset, label_field, ids):
         return {}
     found, seeds = dataset.select(ids).values(["id", label_field])
     return {sid: label_version(seed) for sid, seed in zip(found, seeds)}
-
-
-def _store(dataset):
-    from fiftyone.operators.store import ExecutionStore
-
-    return ExecutionStore.create(ANNOTATOR_STORE, dataset_id=dataset._doc.id)
 
 
 def _detail(response):

@@ -29,7 +29,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from dinoprop.core import DinopropError, validate_samples
+from dinoprop.core import DinopropError, dataset_store, validate_samples
 from dinoprop.label_states import (
     ACCEPTED,
     CONFIRMED_ATTRIBUTE,
@@ -264,7 +264,7 @@ def undo_labeling(samples: Any, batch: Optional[str] = None) -> dict:
     from dinoprop.label_writes import bulk_set
 
     dataset = samples._root_dataset
-    store = _store(dataset)
+    store = dataset_store(dataset, LABELING_STORE)
     if batch is None:
         batch = next((b["batch"] for b in labeling_batches(dataset)), None)
     header = store.get(batch) if batch else None
@@ -297,7 +297,7 @@ def labeling_batches(samples: Any) -> list:
         a list of dicts with ``batch``, ``label_field``, ``label``,
         ``num_labeled`` and ``created_at`` (ISO 8601)
     """
-    store = _store(samples._root_dataset)
+    store = dataset_store(samples._root_dataset, LABELING_STORE)
     headers = [
         dict(store.get(key), batch=key) for key in store.list_keys() if "/" not in key
     ]
@@ -430,16 +430,10 @@ def _not_written(dataset, label_field, written):
     }
 
 
-def _store(dataset):
-    from fiftyone.operators.store import ExecutionStore
-
-    return ExecutionStore.create(LABELING_STORE, dataset_id=dataset._doc.id)
-
-
 def _save_batch(dataset, batch, label_field, label, written, now):
     if not written:
         return
-    store = _store(dataset)
+    store = dataset_store(dataset, LABELING_STORE)
     rows = [
         [sid, new_id, None if old is None else old.to_dict()]
         for sid, (new_id, old) in written.items()
