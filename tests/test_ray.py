@@ -87,6 +87,33 @@ def test_vectors_are_stored_in_fiftyones_format():
     assert serialize_vector(vector) == fou.serialize_numpy_array(vector)
 
 
+def test_decode_tasks_crop_as_the_local_engine_without_importing_torch(image_items):
+    import subprocess
+    import sys
+
+    from dinoprop.models import Preprocessing, open_image, preprocess_image
+
+    paths = [path for path, _ in image_items[:3]] + ["/nonexistent.jpg"]
+    preprocessing = Preprocessing.for_size(56)
+    batch = {"index": np.arange(4), "id": np.array(list("abcd")), "filepath": np.array(paths)}
+    decoded = distributed.decode_batch(batch, preprocessing)
+    for image, path in zip(decoded["image"], paths[:3]):
+        np.testing.assert_array_equal(image, preprocess_image(open_image(path, preprocessing), preprocessing).numpy())
+    assert [bool(e) for e in decoded["error"]] == [False] * 3 + [True]
+    assert not decoded["image"][3].any()
+    code = (
+        "import sys, numpy as np\n"
+        "from dinoprop.embeddings.distributed import decode_batch\n"
+        "from dinoprop.models import Preprocessing\n"
+        "out = decode_batch({'index': np.arange(1), 'id': np.array(['a']), "
+        "'filepath': np.array([%r])}, Preprocessing.for_size(56))\n"
+        "assert out['image'].any() and not out['error'][0]\n"
+        "print(sorted({'torch', 'transformers', 'fiftyone'} & set(sys.modules)))\n" % paths[0]
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("uri, loopback", [
     ("mongodb://localhost:27017/", True),
     ("mongodb://user:pw@127.0.0.1:4242/?authSource=admin", True),
