@@ -29,6 +29,9 @@ DELEGATE = "delegate"
 #: Default embeddings field, as in the SDK.
 DEFAULT_EMBEDDINGS = "dinoprop_embedding"
 
+#: Where a run goes (``engine``), as the forms name it.
+ENGINES = {"local": "This machine", "ray": "A Ray cluster"}
+
 #: Why a form that needs embeddings cannot be submitted yet.
 NO_EMBEDDINGS = "No embeddings yet: run compute_embeddings first"
 
@@ -111,8 +114,9 @@ class DinopropOperator(foo.Operator):
 
     def always_delegated(self, params):
         """Whether a run with these form ``params`` can only run delegated
-        (the form then shows no immediate / delegated choice)."""
-        return False
+        (the form then shows no immediate / delegated choice): runs on a
+        Ray cluster (see :func:`engine_choice`) are long, so they do."""
+        return params.get("engine") == "ray"
 
     def resolve_delegation(self, ctx):
         if self.DELEGATE_THRESHOLD is None:
@@ -289,6 +293,84 @@ def warn(inputs, name, label, description=None):
 def notice(inputs, name, label):
     """Shows an informative (non-blocking) notice."""
     inputs.view(name + "_notice", types.Notice(label=label))
+
+
+def ray_installed():
+    """Whether Ray (the ``scale`` extra) can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def engine_choice(ctx, inputs, description):
+    """Adds the "Run on" choice (this machine or a Ray cluster) when Ray is
+    installed.
+
+    Args:
+        ctx: the operator's execution context
+        inputs: the form's :class:`fiftyone.operators.types.Object`
+        description: what a Ray cluster does for this operator
+
+    Returns:
+        whether the form's ``engine`` is ``"ray"``
+    """
+    if not ray_installed():
+        return False
+    choice_input(
+        inputs,
+        "engine",
+        ENGINES,
+        "Run on",
+        default="local",
+        view=types.RadioGroup(),
+        description=description,
+    )
+    return ctx.params.get("engine") == "ray"
+
+
+def ray_cluster_inputs(inputs, workers_label, workers_description):
+    """Adds the Ray cluster's address and the number of Ray workers.
+
+    Args:
+        inputs: the form's :class:`fiftyone.operators.types.Object`
+        workers_label: what the workers are, e.g. "Embedding workers"
+        workers_description: what one worker holds, and the default count
+    """
+    inputs.str(
+        "ray_address",
+        label="Ray cluster address",
+        description="e.g. head-node:6379 or ray://head-node:10001; empty "
+        "uses RAY_ADDRESS, else a cluster started with `ray start` on the "
+        "machine running the operation, else a new local one",
+    )
+    inputs.int(
+        "num_workers",
+        min=1,
+        label=workers_label,
+        description=workers_description,
+    )
+
+
+def ray_notice(inputs):
+    """Says that Ray runs are delegated and what processes them."""
+    notice(
+        inputs,
+        "ray",
+        "Ray runs are delegated: start `fiftyone delegated launch` on a "
+        "machine that reaches the cluster, and follow the run in the Runs list",
+    )
+
+
+def ray_options(params):
+    """The SDK's ``engine``, ``ray_address`` and ``num_workers`` from the
+    form's ``params``: empty unless the form chose a Ray cluster."""
+    if params.get("engine") != "ray":
+        return {}
+    return {
+        "engine": "ray",
+        "ray_address": params.get("ray_address") or None,
+        "num_workers": params.get("num_workers") or None,
+    }
 
 
 def delegation(ctx, inputs, samples, threshold):

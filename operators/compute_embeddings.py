@@ -9,9 +9,6 @@ from . import _common
 
 DEFAULT_MODEL = "dinov2-small"
 
-#: Where the embeddings run, as the form names them.
-ENGINES = {"local": "This machine", "ray": "A Ray cluster"}
-
 
 class ComputeEmbeddings(_common.DinopropOperator):
     """Computes DINOv2 or DINOv3 embeddings (``dinoprop.compute_embeddings``)."""
@@ -137,20 +134,14 @@ class ComputeEmbeddings(_common.DinopropOperator):
             label="Batch size",
             description="Leave empty to pick one for the device",
         )
-        if ray_installed():
-            _common.choice_input(
-                inputs,
-                "engine",
-                ENGINES,
-                "Run on",
-                default="local",
-                view=types.RadioGroup(),
-                description="A Ray cluster embeds on all its machines; every "
-                "node needs fiftyone-dinoprop[scale], the images at the same "
-                "paths and this dataset's MongoDB",
-            )
-            if ctx.params.get("engine") == "ray":
-                return _ray_inputs(inputs, patches)
+        if _common.engine_choice(
+            ctx,
+            inputs,
+            "A Ray cluster embeds on all its machines; every node needs "
+            "fiftyone-dinoprop[scale], the images at the same paths and this "
+            "dataset's MongoDB",
+        ):
+            return _ray_inputs(inputs, patches)
         inputs.str(
             "device",
             label="Device",
@@ -158,10 +149,6 @@ class ComputeEmbeddings(_common.DinopropOperator):
             "else CPU",
         )
         return True
-
-    def always_delegated(self, params):
-        """Runs on a Ray cluster are long: they always run delegated."""
-        return params.get("engine") == "ray"
 
     def follow_up(self, ctx, results):
         """Reloads the dataset, and warns when some images failed."""
@@ -172,13 +159,11 @@ class ComputeEmbeddings(_common.DinopropOperator):
     def call(self, view, params, progress):
         import dinoprop
 
-        on_ray = params.get("engine") == "ray"
-        ray_options = {
-            "engine": "ray",
-            "ray_address": params.get("ray_address") or None,
-            "num_workers": params.get("num_workers") or None,
-            "num_gpus_per_worker": params.get("num_gpus_per_worker"),
-        } if on_ray else {"device": params.get("device") or None}
+        ray_options = _common.ray_options(params)
+        if ray_options:
+            ray_options["num_gpus_per_worker"] = params.get("num_gpus_per_worker")
+        else:
+            ray_options["device"] = params.get("device") or None
         return dinoprop.compute_embeddings(
             view,
             model=params.get("model") or DEFAULT_MODEL,
@@ -195,13 +180,6 @@ class ComputeEmbeddings(_common.DinopropOperator):
         )
 
 
-def ray_installed():
-    """Whether Ray (the ``scale`` extra) can be imported here."""
-    import importlib.util
-
-    return importlib.util.find_spec("ray") is not None
-
-
 def _ray_inputs(inputs, patches):
     """The Ray cluster's fields; blocks the form for object patches."""
     if patches:
@@ -212,19 +190,11 @@ def _ray_inputs(inputs, patches):
             "Clear 'Object patches', or run on this machine",
         )
         return False
-    inputs.str(
-        "ray_address",
-        label="Ray cluster address",
-        description="e.g. head-node:6379 or ray://head-node:10001; empty "
-        "uses RAY_ADDRESS, else a cluster started with `ray start` on the "
-        "machine running the operation, else a new local one",
-    )
-    inputs.int(
-        "num_workers",
-        min=1,
-        label="Embedding workers",
-        description="Ray actors, each holding the model; empty: one per GPU "
-        "of the cluster, else half its CPUs",
+    _common.ray_cluster_inputs(
+        inputs,
+        "Embedding workers",
+        "Ray actors, each holding the model; empty: one per GPU of the "
+        "cluster, else half its CPUs",
     )
     inputs.float(
         "num_gpus_per_worker",
@@ -233,12 +203,7 @@ def _ray_inputs(inputs, patches):
         description="Fractions share a GPU; empty: 1 when the cluster has "
         "GPUs, else 0",
     )
-    _common.notice(
-        inputs,
-        "ray",
-        "Ray runs are delegated: start `fiftyone delegated launch` on a "
-        "machine that reaches the cluster, and follow the run in the Runs list",
-    )
+    _common.ray_notice(inputs)
     return True
 
 

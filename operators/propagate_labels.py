@@ -160,6 +160,8 @@ class PropagateLabels(_common.DinopropOperator):
                 "Only seeds tagged",
                 description="Optional: use only the seeds with this tag",
             )
+        if not objects:
+            _engine_inputs(ctx, inputs)
         return True
 
     def call(self, view, params, progress):
@@ -179,6 +181,7 @@ class PropagateLabels(_common.DinopropOperator):
             target_precision=params.get("target_precision") or DEFAULT_TARGET_PRECISION,
             target_accuracy=params.get("target_accuracy") or DEFAULT_TARGET_ACCURACY,
             progress=progress,
+            **_common.ray_options(params),
         )
 
     def follow_up(self, ctx, results):
@@ -206,6 +209,28 @@ def _default_label_field(fields):
 
 def _is_detections(view, label_field):
     return issubclass(view.get_field(label_field).document_type, fol.Detections)
+
+
+def _engine_inputs(ctx, inputs):
+    """Where the kNN graph is searched: offers a Ray cluster when Ray is
+    installed, and its fields when chosen."""
+    from dinoprop.graph import APPROXIMATE_MIN_NODES
+
+    if _common.engine_choice(
+        ctx,
+        inputs,
+        "A Ray cluster searches the similarity graph of large views (from "
+        "%d samples; smaller ones are searched exactly without it) on all "
+        "its machines; the propagation itself runs where the operation runs"
+        % APPROXIMATE_MIN_NODES,
+    ):
+        _common.ray_cluster_inputs(
+            inputs,
+            "Graph search workers",
+            "Ray actors, each holding a copy of the search index; empty: one "
+            "per node of the cluster",
+        )
+        _common.ray_notice(inputs)
 
 
 def _seeds_ok(inputs, view, label_field, objects, seed_tag):

@@ -645,18 +645,23 @@ def test_propagate_form_sets_the_dataset_accuracy_target_and_says_when_to_stop(e
     assert shown_summary(triggered)["stop_advice"] == summary["stop_plan"]["advice"]
 
 
-def test_compute_embeddings_offers_a_ray_cluster_when_ray_is_installed(
-    image_dataset, monkeypatch
-):
+def _ray_installed(monkeypatch, installed):
+    """Makes the plugin's forms see Ray installed, or not."""
     import sys
 
     from fiftyone.operators.registry import OperatorRegistry
 
     operator = OperatorRegistry().get_operator(uri("compute_embeddings"))
-    op = sys.modules[type(operator).__module__]  # as FiftyOne loaded the plugin
-    monkeypatch.setattr(op, "ray_installed", lambda: False)
+    common = sys.modules[type(operator).__module__]._common  # as FiftyOne loaded the plugin
+    monkeypatch.setattr(common, "ray_installed", lambda: installed)
+
+
+def test_compute_embeddings_offers_a_ray_cluster_when_ray_is_installed(
+    image_dataset, monkeypatch
+):
+    _ray_installed(monkeypatch, False)
     assert "engine" not in resolve_form("compute_embeddings", image_dataset)
-    monkeypatch.setattr(op, "ray_installed", lambda: True)
+    _ray_installed(monkeypatch, True)
     form = resolve_form("compute_embeddings", image_dataset)
     assert form["engine"].default == "local" and "device" in form and "delegate" in form
     form = resolve_form("compute_embeddings", image_dataset, {"engine": "ray"})
@@ -695,3 +700,67 @@ def test_a_ray_run_from_the_app_is_delegated_with_the_cluster_fields(
     assert {k: passed[k] for k in ("engine", "ray_address", "num_workers", "num_gpus_per_worker")} \
         == {"engine": "ray", "ray_address": "head:6379", "num_workers": 2, "num_gpus_per_worker": 0.5}
     assert "device" not in passed and image_dataset.count("dinoprop_embedding") == 24
+
+
+def test_propagate_offers_a_ray_cluster_for_the_graph_when_ray_is_installed(
+    embedded_dataset, monkeypatch
+):
+    ds = embedded_dataset
+    _ray_installed(monkeypatch, False)
+    assert "engine" not in resolve_form("propagate_labels", ds, {"label_field": "label"})
+    _ray_installed(monkeypatch, True)
+    form = resolve_form("propagate_labels", ds, {"label_field": "label"})
+    assert form["engine"].default == "local" and "delegate" in form
+    assert "ray_address" not in form
+    form = resolve_form("propagate_labels", ds, {"label_field": "label", "engine": "ray"})
+    assert {"ray_address", "num_workers", "ray_notice"} <= set(form)
+    assert "delegate" not in form  # always delegated
+    assert not blocking_errors(form)
+
+
+def test_propagate_offers_no_ray_cluster_for_objects(image_dataset, monkeypatch):
+    ds = image_dataset
+    _ray_installed(monkeypatch, True)
+    labels = ds.values("ground_truth.label")  # 8 red, then green, then blue
+    ds.set_values("boxes", [
+        fo.Detections(detections=[fo.Detection(
+            label=label if i < 10 else None, bounding_box=[0, 0, 1, 1],
+            dinoprop_embedding=np.eye(3)[i % 3],
+        )])
+        for i, label in enumerate(labels)
+    ])
+    form = resolve_form("propagate_labels", ds, {"label_field": "boxes", "engine": "ray"})
+    assert not blocking_errors(form)
+    assert "engine" not in form and "ray_address" not in form
+
+
+def test_a_ray_propagation_from_the_app_is_delegated_with_the_cluster_fields(
+    embedded_dataset, monkeypatch
+):
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    passed = {}
+    real = dinoprop.propagate_labels
+
+    def on_this_machine(view, label_field, **kwargs):  # the Ray engine itself: tests/test_ray.py
+        passed.update(kwargs)
+        local = {"engine": "local", "ray_address": None, "num_workers": None}
+        return real(view, label_field, **{**kwargs, **local})
+
+    monkeypatch.setattr(dinoprop, "propagate_labels", on_this_machine)
+    params = {"label_field": "label", "engine": "ray", "ray_address": "head:6379",
+              "num_workers": 3, "delegate": False}
+    queued = foo.execute_operator(uri("propagate_labels"), dataset=embedded_dataset, params=params)
+    assert queued.delegated  # even though the form asked for an immediate run
+    service = DelegatedOperationService()
+    doc = service.get(queued.result["id"])
+    try:
+        service.execute_operation(doc)
+        assert service.get(doc.id).run_state == "completed"
+    finally:
+        service.delete_operation(doc.id)
+    assert {k: passed[k] for k in ("engine", "ray_address", "num_workers")} \
+        == {"engine": "ray", "ray_address": "head:6379", "num_workers": 3}
+    ds = embedded_dataset
+    assert ds.count("label_propagated") == len(ds) - ds.count("label")  # every non-seed

@@ -1,5 +1,6 @@
-"""compute_embeddings(engine="ray") on real local Ray clusters, writing to
-the test session's private mongod, and the kNN graph searched on them
+"""compute_embeddings(engine="ray") on a real Ray cluster of two simulated
+nodes (one shared by every test that needs one), writing to the test
+session's private mongod, and the kNN graph searched on it
 (dinoprop.graph_distributed)."""
 
 import os
@@ -16,6 +17,8 @@ from dinoprop.core import DinopropError
 from dinoprop.embeddings import distributed
 from dinoprop.propagation import propagate_labels
 from dinoprop.similarity import sample_knn_graph
+
+from conftest import seeded_dataset
 
 try:
     import ray
@@ -40,12 +43,30 @@ def _start_checked(**init_args):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A real local Ray cluster with 2 logical CPUs (an actor, a decoder)."""
+def two_nodes():
+    """A simulated 2-node Ray cluster (``ray.cluster_utils.Cluster``), 2 CPUs
+    and one logical GPU per node, shared by every test that needs a cluster
+    (starting one costs more than most of them); yields its node IDs.
+
+    Idle workers are kept (not stopped after 1 s), so that a CPU task
+    loading the model finds a worker that already imported torch, and Ray's
+    usage statistics (one more worker process) are off."""
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
-    _start_checked(num_cpus=2)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "num_gpus": 1,
+            "_system_config": {"idle_worker_killing_time_threshold_ms": 600_000},
+        })
+        try:
+            cluster.add_node(num_cpus=2, num_gpus=1)
+            _start_checked(address=cluster.address)
+            yield {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _vectors(dataset, field):
@@ -85,6 +106,33 @@ def test_vectors_are_stored_in_fiftyones_format():
 
     vector = np.random.default_rng(0).normal(size=384).astype(np.float32)
     assert serialize_vector(vector) == fou.serialize_numpy_array(vector)
+
+
+def test_decode_tasks_crop_as_the_local_engine_without_importing_torch(image_items):
+    import subprocess
+    import sys
+
+    from dinoprop.models import Preprocessing, open_image, preprocess_image
+
+    paths = [path for path, _ in image_items[:3]] + ["/nonexistent.jpg"]
+    preprocessing = Preprocessing.for_size(56)
+    batch = {"index": np.arange(4), "id": np.array(list("abcd")), "filepath": np.array(paths)}
+    decoded = distributed.decode_batch(batch, preprocessing)
+    for image, path in zip(decoded["image"], paths[:3]):
+        np.testing.assert_array_equal(image, preprocess_image(open_image(path, preprocessing), preprocessing).numpy())
+    assert [bool(e) for e in decoded["error"]] == [False] * 3 + [True]
+    assert not decoded["image"][3].any()
+    code = (
+        "import sys, numpy as np\n"
+        "from dinoprop.embeddings.distributed import decode_batch\n"
+        "from dinoprop.models import Preprocessing\n"
+        "out = decode_batch({'index': np.arange(1), 'id': np.array(['a']), "
+        "'filepath': np.array([%r])}, Preprocessing.for_size(56))\n"
+        "assert out['image'].any() and not out['error'][0]\n"
+        "print(sorted({'torch', 'transformers', 'fiftyone'} & set(sys.modules)))\n" % paths[0]
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("uri, loopback", [
@@ -195,10 +243,10 @@ def test_a_small_graph_is_searched_exactly_here_without_a_cluster():
     assert not ray.is_initialized()
 
 
-# ---------------------------------------------------- a local Ray cluster
+# ------------------------------- a local 2-node Ray cluster with logical GPUs
 
 
-def test_the_sharded_graph_equals_the_single_process_graph(local_ray, small_approximate_threshold):
+def test_the_sharded_graph_equals_the_single_process_graph(two_nodes, small_approximate_threshold):
     x, _ = _clustered(3000)
     neighbors, sims = graph.graph_search(x, 10)
     exact, _ = graph.knn_search(x, 10)
@@ -211,7 +259,7 @@ def test_the_sharded_graph_equals_the_single_process_graph(local_ray, small_appr
         np.testing.assert_allclose(found_sims, sims, atol=1e-6)
 
 
-def test_propagate_labels_on_ray_equals_the_local_run(local_ray, small_approximate_threshold):
+def test_propagate_labels_on_ray_equals_the_local_run(two_nodes, small_approximate_threshold):
     import fiftyone as fo
 
     x, labels = _clustered(1200, classes=4)
@@ -257,67 +305,69 @@ def _kill_one_actor():
     return None
 
 
-def test_a_killed_actor_loses_nothing_and_a_rerun_recomputes_nothing_stored(
-    local_ray, image_dataset, tiny_dinov2_dir
-):
+@pytest.fixture(scope="module")
+def ray_runs(two_nodes, image_items, tiny_dinov2_dir):
+    """The generated images embedded in this process (``LOCAL``) and on the
+    2-node cluster: by one CPU actor (``num_gpus_per_worker=0``, as on a
+    CPU-only cluster) killed after its first batch (``ray1``), and by the
+    default one actor per GPU, so two (``ray2``)."""
+    import fiftyone as fo
+
+    dataset = seeded_dataset(image_items)
     killed = []
 
     def kill_after_first_batch(pb):
         if not killed:
             killed.append(_kill_one_actor())
 
-    options = {"model": tiny_dinov2_dir, "engine": "ray", "num_workers": 1, "batch_size": 2}
-    results = de.compute_embeddings(image_dataset, progress=kill_after_first_batch, **options)
-    assert killed and killed[0] is not None  # an actor was really killed mid-run
-    assert (results.num_embedded, results.num_failed) == (24, 0)
-    assert len(image_dataset) == image_dataset.count("dinoprop_embedding") == 24
-    assert len(set(image_dataset.values("id"))) == 24
-
-    cleared = image_dataset.values("id")[:5]  # a run that died before writing these
-    image_dataset.select(cleared).set_field("dinoprop_embedding", None).save()
-    before = _modified(image_dataset)
-    rerun = de.compute_embeddings(image_dataset, **options)
-    assert (rerun.num_embedded, rerun.num_skipped) == (5, 19)
-    after = _modified(image_dataset)
-    assert [i for i in after if after[i] != before[i]] == cleared
-    again = de.compute_embeddings(image_dataset, **options)
-    assert (again.num_embedded, again.num_skipped) == (0, 24)
-    assert _modified(image_dataset) == after
-
-
-# ------------------------------------------- two nodes with logical GPUs
+    options = {"model": tiny_dinov2_dir, "batch_size": 4}
+    de.compute_embeddings(dataset, num_workers=0, embeddings_field=LOCAL, **options)
+    one_cpu_actor = {**options, "engine": "ray", "num_workers": 1, "num_gpus_per_worker": 0,
+                     "embeddings_field": "ray1"}
+    runs = {
+        1: de.compute_embeddings(dataset, progress=kill_after_first_batch, **one_cpu_actor),
+        2: de.compute_embeddings(dataset, engine="ray", embeddings_field="ray2", **options),
+    }
+    yield SimpleNamespace(dataset=dataset, nodes=two_nodes, killed=killed, runs=runs,
+                          one_cpu_actor=one_cpu_actor)
+    if fo.dataset_exists(dataset.name):
+        dataset.delete()
 
 
 def test_two_nodes_with_a_gpu_each_run_one_actor_each_and_equal_1_actor_and_local_vectors(
-    image_dataset, tiny_dinov2_dir
+    ray_runs,
 ):
-    from ray.cluster_utils import Cluster
-
-    de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, num_workers=0,
-                          batch_size=4, embeddings_field=LOCAL)
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
-    try:
-        cluster.add_node(num_cpus=2, num_gpus=1)
-        _start_checked(address=cluster.address)
-        runs = {  # by default 1 GPU per actor, so 2 actors
-            n: de.compute_embeddings(image_dataset, model=tiny_dinov2_dir, engine="ray",
-                                     num_workers=n, batch_size=4, embeddings_field="ray%s" % n)
-            for n in (1, None)
-        }
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    assert len(nodes) == 2
+    dataset, runs = ray_runs.dataset, ray_runs.runs
+    assert len(ray_runs.nodes) == 2
     for n, results in runs.items():
         assert (results.engine, results.num_embedded, results.num_failed) == ("ray", 24, 0)
         assert sum(results.images_per_node.values()) == 24
-        assert de.get_embeddings_run(image_dataset, "ray%s" % n)["status"] == "completed"
+        assert de.get_embeddings_run(dataset, "ray%d" % n)["status"] == "completed"
     assert len(runs[1].images_per_worker) == 1
-    assert set(runs[None].images_per_node) == nodes  # one actor on each node
-    assert len(runs[None].images_per_worker) == 2
-    expected = _vectors(image_dataset, LOCAL)
-    assert _cosines(_vectors(image_dataset, "rayNone"), expected).min() >= 0.9999
-    np.testing.assert_array_equal(_vectors(image_dataset, "ray1"), _vectors(image_dataset, "rayNone"))
-    assert runs[1].fingerprint == de.get_embeddings_run(image_dataset, LOCAL)["fingerprint"]
+    assert set(runs[2].images_per_node) == ray_runs.nodes  # one actor on each node
+    assert len(runs[2].images_per_worker) == 2
+    expected = _vectors(dataset, LOCAL)
+    assert _cosines(_vectors(dataset, "ray2"), expected).min() >= 0.9999
+    np.testing.assert_array_equal(_vectors(dataset, "ray1"), _vectors(dataset, "ray2"))
+    assert runs[1].fingerprint == de.get_embeddings_run(dataset, LOCAL)["fingerprint"]
+
+
+def test_a_killed_actor_loses_nothing_and_a_rerun_recomputes_nothing_stored(ray_runs):
+    dataset, killed_run = ray_runs.dataset, ray_runs.runs[1]
+    assert ray_runs.killed and ray_runs.killed[0] is not None  # an actor was really killed mid-run
+    assert (killed_run.num_embedded, killed_run.num_failed) == (24, 0)
+    assert len(dataset) == dataset.count("ray1") == 24
+    assert len(set(dataset.values("id"))) == 24
+
+    options = ray_runs.one_cpu_actor
+    cleared = dataset.values("id")[:5]  # a run that died before writing these
+    dataset.select(cleared).set_field("ray1", None).save()
+    before = _modified(dataset)
+    rerun = de.compute_embeddings(dataset, **options)
+    assert (rerun.num_embedded, rerun.num_skipped) == (5, 19)
+    after = _modified(dataset)
+    assert [i for i in after if after[i] != before[i]] == cleared
+    np.testing.assert_array_equal(_vectors(dataset, "ray1"), _vectors(dataset, "ray2"))
+    again = de.compute_embeddings(dataset, **options)
+    assert (again.num_embedded, again.num_skipped) == (0, 24)
+    assert _modified(dataset) == after

@@ -21,6 +21,7 @@ from dinoprop.models import (
     center_crop_to_tensor,
     open_image,
     preprocess_image,
+    preprocess_image_array,
     preprocess_whole_image,
     to_rgb,
 )
@@ -49,6 +50,13 @@ class ImageItems:
             return index, self.transform(image, self.preprocessing), None
         except Exception as e:  # reported per sample, never fatal here
             return index, None, describe_failure(e)
+
+
+class ArrayImageItems(ImageItems):
+    """:class:`ImageItems` whose images are ``3 x S x S`` uint8 numpy arrays:
+    decoding without importing torch (the Ray engine's decode tasks)."""
+
+    transform = staticmethod(preprocess_image_array)
 
 
 class WholeImageItems(ImageItems):

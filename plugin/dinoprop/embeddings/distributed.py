@@ -114,16 +114,16 @@ def decode_batch(batch: dict, preprocessing: Any) -> dict:
         ``index``, ``id``, ``image`` (``N x 3 x S x S`` uint8, zeros where
         decoding failed) and ``error`` ("" or the failure reason)
     """
-    from dinoprop.embeddings_data import ImageItems
+    from dinoprop.embeddings_data import ArrayImageItems
 
-    items = ImageItems([str(p) for p in batch["filepath"]], preprocessing)
+    items = ArrayImageItems([str(p) for p in batch["filepath"]], preprocessing)
     size = preprocessing.crop_size
     images = np.zeros((len(items), 3, size, size), np.uint8)
     errors = []
     for position in range(len(items)):
-        _, tensor, error = items[position]
-        if tensor is not None:
-            images[position] = tensor.numpy()
+        _, array, error = items[position]
+        if array is not None:
+            images[position] = array
         errors.append(error or "")
     return {"index": batch["index"], "id": batch["id"], "image": images,
             "error": np.array(errors, dtype=object)}

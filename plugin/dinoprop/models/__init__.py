@@ -72,6 +72,7 @@ from dinoprop.models.preprocessing import (
     dinov2_image_processor,
     fit_to_patches,
     preprocess_image,
+    preprocess_image_array,
     preprocess_whole_image,
 )
 
@@ -107,6 +108,7 @@ __all__ = [
     "model_summary",
     "open_image",
     "preprocess_image",
+    "preprocess_image_array",
     "preprocess_whole_image",
     "resolve_device",
     "safe_torch_load",

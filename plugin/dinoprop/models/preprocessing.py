@@ -63,6 +63,18 @@ class Preprocessing:
 def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
     """Resizes, centre-crops and converts a PIL image to a uint8 tensor.
 
+    :func:`preprocess_image_array` (see there) as a ``3 x crop_size x
+    crop_size`` torch tensor.
+    """
+    import torch
+
+    return torch.from_numpy(preprocess_image_array(image, preprocessing))
+
+
+def preprocess_image_array(image: Any, preprocessing: Preprocessing) -> np.ndarray:
+    """Resizes, centre-crops and converts a PIL image to a uint8 array,
+    without torch (the Ray engine's decode tasks do not import it).
+
     The shorter side is resized to ``preprocessing.resize_size`` with bicubic
     resampling, then the centre ``crop_size`` square is kept: DINOv2's
     evaluation transform (normalisation happens on the device).
@@ -76,7 +88,7 @@ def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
         preprocessing: a :class:`Preprocessing`
 
     Returns:
-        a ``3 x crop_size x crop_size`` uint8 tensor
+        a ``3 x crop_size x crop_size`` uint8 array
 
     Raises:
         UnsupportedImage: for an extreme aspect ratio
@@ -92,7 +104,7 @@ def preprocess_image(image: Any, preprocessing: Preprocessing) -> Any:
     else:
         size = (int(short * width / height), short)
     image = image.resize(size, Image.BICUBIC)
-    return center_crop_to_tensor(image, preprocessing.crop_size)
+    return center_crop_array(image, preprocessing.crop_size)
 
 
 def preprocess_whole_image(image: Any, preprocessing: Preprocessing) -> Any:
@@ -118,12 +130,17 @@ def center_crop_to_tensor(image: Any, crop: int) -> Any:
     """The centre ``crop x crop`` square of a PIL image as a uint8 tensor."""
     import torch
 
+    return torch.from_numpy(center_crop_array(image, crop))
+
+
+def center_crop_array(image: Any, crop: int) -> np.ndarray:
+    """The centre ``crop x crop`` square of a PIL image as a ``3 x crop x
+    crop`` uint8 array (a channels-first view of a fresh copy)."""
     width, height = image.size
     left = int((width - crop) / 2)
     top = int((height - crop) / 2)
     image = image.crop((left, top, left + crop, top + crop))
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return np.asarray(image, dtype=np.uint8).copy().transpose(2, 0, 1)
 
 
 def dinov2_image_processor(preprocessing: Preprocessing | None = None) -> Any:
