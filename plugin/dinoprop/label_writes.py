@@ -22,6 +22,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from dinoprop.bulk_reads import raw_values
+
 #: Updates sent per unordered bulk write. Batches bound the list of update
 #: operations held at once (at a million samples one list would hold a
 #: million), and write as fast as one ``bulk_write`` of everything
@@ -203,9 +205,9 @@ def _current(samples, field, names):
     labels present."""
     if samples.get_field(field) is None:
         return {}
-    paths = ["id", field + "._id", field + ".label", field + ".confidence"]
+    paths = ["_id", field + "._id", field + ".label", field + ".confidence"]
     paths += [field + "." + n for n in names]
-    columns = samples.values(paths, _raw=True)  # no per-value conversion
+    columns = raw_values(samples, paths)
     return {
         str(row[0]): tuple(row[1:])
         for row in zip(*columns)
