@@ -81,3 +81,12 @@ def test_gc_paused_restores_the_collector():
     with pytest.raises(ValueError), gc_paused():
         raise ValueError
     assert gc.isenabled()
+
+
+def test_gc_paused_decorates_a_function():
+    @gc_paused()
+    def collector_state():
+        return gc.isenabled()
+
+    assert collector_state() is False
+    assert gc.isenabled()

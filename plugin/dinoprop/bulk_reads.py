@@ -11,7 +11,8 @@ Building or decoding 100k documents allocates millions of small dicts and
 lists, none of them cyclic, and each full pass of Python's cyclic garbage
 collector rescans every one still alive: :func:`gc_paused` switches it off
 for such blocks (measured writing 100k labels: 4.0 CPU s with it, 1.5 s
-without). Reference counting still frees everything.
+without; loading 100k vectors 1.2 to 1.6 s against 0.7 to 0.8 s).
+Reference counting still frees everything.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any, Iterator
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pauses Python's cyclic garbage collector for the block (it is
-    switched back on after, if it was on)."""
+    """Pauses Python's cyclic garbage collector for the block, or for a
+    function it decorates (it is switched back on after, if it was on)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

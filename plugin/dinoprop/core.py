@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dinoprop.bulk_reads import raw_values
+from dinoprop.bulk_reads import gc_paused, raw_values
 
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
@@ -293,6 +293,7 @@ def require_embeddings_field(
     return count
 
 
+@gc_paused()
 def load_embeddings(
     samples: Any, field: str, allow_empty: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -223,6 +223,7 @@ def _document(label_id, label, confidence, names, values):
     return doc
 
 
+@gc_paused()
 def _current(samples, field, names):
     """``{sample_id: (label ID, label, confidence, *attributes)}`` of the
     labels present."""
