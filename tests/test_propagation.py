@@ -7,6 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
+import fiftyone as fo
+
 import dinoprop
 from dinoprop import propagation_methods as pm
 from dinoprop import review
@@ -419,18 +421,15 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monke
 
 
 def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatch):
-    import fiftyone.core.collections as foc
-
     reads = []
-    values = foc.SampleCollection.values
+    for cls in (fo.Dataset, fo.DatasetView):  # values() and raw_values() end here
+        def counted(self, *args, _aggregate=cls._aggregate, **kwargs):
+            stages = str(self.view()._serialize(include_uuids=False))
+            if "dinoprop_embedding" in str(args) + str(kwargs) + stages:
+                reads.append(kwargs.get("pipeline"))
+            return _aggregate(self, *args, **kwargs)
 
-    def counted(self, *args, **kwargs):
-        stages = str(self.view()._serialize(include_uuids=False))
-        if "dinoprop_embedding" in str(args[:1]) + stages:
-            reads.append(args[:1])
-        return values(self, *args, **kwargs)
-
-    monkeypatch.setattr(foc.SampleCollection, "values", counted)
+        monkeypatch.setattr(cls, "_aggregate", counted)
     dinoprop.propagate_labels(embedded_dataset, "label")
     assert len(reads) == 1, reads  # one scan over the samples with embeddings
     assert embedded_dataset.count("label_propagated") == 18
