@@ -60,7 +60,7 @@ def raw_values(samples: Any, paths: list) -> list:
     return columns
 
 
-def _projection(paths):
+def _projection(paths: list) -> dict:
     """An inclusion projection of ``paths`` (a path under another one
     requested is covered by it: MongoDB refuses both)."""
     return {
@@ -70,7 +70,7 @@ def _projection(paths):
     }
 
 
-def _pick(doc, key):
+def _pick(doc: Any, key: list) -> Any:
     """The value at the path ``key`` (a list of names) of ``doc``, or None."""
     for name in key:
         if not isinstance(doc, dict):

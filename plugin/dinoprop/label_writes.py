@@ -18,7 +18,7 @@ their scores, embedding vectors, accepted and reverted labels) or
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -82,7 +82,9 @@ def bulk_set(
     return modified
 
 
-def _operations(updates, extra, now, batch_size):
+def _operations(
+    updates: Iterable[tuple], extra: dict, now: datetime, batch_size: int
+) -> Iterator[list]:
     """Lists of at most ``batch_size`` ``UpdateOne`` of ``updates``."""
     from bson import ObjectId
     from pymongo import UpdateOne
@@ -100,7 +102,7 @@ def _operations(updates, extra, now, batch_size):
         yield ops
 
 
-def _send(collection, ops):
+def _send(collection: Any, ops: list) -> int:
     """Sends one unordered bulk write; returns the documents modified."""
     return collection.bulk_write(ops, ordered=False).modified_count
 
