@@ -2,6 +2,7 @@
 FiftyOne's own ``set_values`` / ``tag_samples`` would have written."""
 
 import numpy as np
+import pytest
 
 import fiftyone as fo
 
@@ -148,3 +149,16 @@ def test_bulk_set_sends_batches_and_counts_what_it_modified():
     assert modified == 10
     dataset.add_sample_field("n", fo.IntField)
     assert dataset.values("n") == list(range(10))
+
+
+def test_bulk_set_raises_what_a_batch_sent_by_its_thread_failed_with():
+    from pymongo.errors import BulkWriteError
+
+    dataset, _ = _twins(num=6)
+    ids = dataset.values("id")
+    updates = [(sid, {"n": i}) for i, sid in enumerate(ids)]
+    updates[4] = (ids[4], {"_id": "immutable"})  # in the third batch of 2
+    with pytest.raises(BulkWriteError):
+        label_writes.bulk_set(dataset._sample_collection, iter(updates), batch_size=2)
+    dataset.add_sample_field("n", fo.IntField)
+    assert dataset.values("n") == [0, 1, 2, 3, None, 5]  # unordered: the rest is written

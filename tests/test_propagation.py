@@ -7,6 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
+import fiftyone as fo
+
 import dinoprop
 from dinoprop import propagation_methods as pm
 from dinoprop import review
@@ -419,18 +421,15 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monke
 
 
 def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatch):
-    import fiftyone.core.collections as foc
-
     reads = []
-    values = foc.SampleCollection.values
+    for cls in (fo.Dataset, fo.DatasetView):  # values() and raw_values() end here
+        def counted(self, *args, _aggregate=cls._aggregate, **kwargs):
+            stages = str(self.view()._serialize(include_uuids=False))
+            if "dinoprop_embedding" in str(args) + str(kwargs) + stages:
+                reads.append(kwargs.get("pipeline"))
+            return _aggregate(self, *args, **kwargs)
 
-    def counted(self, *args, **kwargs):
-        stages = str(self.view()._serialize(include_uuids=False))
-        if "dinoprop_embedding" in str(args[:1]) + stages:
-            reads.append(args[:1])
-        return values(self, *args, **kwargs)
-
-    monkeypatch.setattr(foc.SampleCollection, "values", counted)
+        monkeypatch.setattr(cls, "_aggregate", counted)
     dinoprop.propagate_labels(embedded_dataset, "label")
     assert len(reads) == 1, reads  # one scan over the samples with embeddings
     assert embedded_dataset.count("label_propagated") == 18
@@ -777,3 +776,31 @@ def test_deleting_an_interrupted_run_removes_what_it_wrote(embedded_dataset):
         assert dataset.list_runs() == []
     finally:
         dataset.persistent = False
+
+
+def _stored_outputs(dataset, field="label_propagated"):
+    """Every sample's propagated label as stored (without its ID) and tags."""
+    return [
+        None if label is None else {k: v for k, v in label.to_dict().items() if k != "_id"}
+        for label in dataset.values(field)
+    ], dataset.values("tags")
+
+
+def test_rerun_stores_what_a_full_write_of_the_same_seeds_stores(embedded_dataset):
+    dataset = embedded_dataset
+    dinoprop.propagate_labels(dataset, "label")
+    target = dataset.match(fo.ViewField("label") == None).first()  # noqa: E711
+    target["label"] = fo.Classification(label=target.ground_truth.label)
+    target.save()
+    dinoprop.propagate_labels(dataset, "label")  # rewrites what changed
+    written = dataset.values("last_modified_at")
+    dinoprop.propagate_labels(dataset, "label")  # nothing changed: writes nothing
+    assert dataset.values("last_modified_at") == written
+    fresh = dataset.clone()
+    fresh.delete_sample_field("label_propagated")
+    fresh.untag_samples("dinoprop:needs_review")
+    try:
+        dinoprop.propagate_labels(fresh, "label")  # every label written anew
+        assert _stored_outputs(dataset) == _stored_outputs(fresh)
+    finally:
+        fresh.delete()

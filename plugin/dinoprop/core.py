@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dinoprop.bulk_reads import gc_paused, raw_values
+
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
 
@@ -291,6 +293,7 @@ def require_embeddings_field(
     return count
 
 
+@gc_paused()
 def load_embeddings(
     samples: Any, field: str, allow_empty: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +322,7 @@ def load_embeddings(
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, field)
-    ids, raw = samples.values(["id", field], _raw=True)
+    ids, raw = raw_values(samples, ["_id", field])
     keep = [i for i, v in enumerate(raw) if v is not None]
     if not keep and allow_empty:
         return np.array([], dtype=str), np.zeros((0, 0), np.float32)
@@ -416,7 +419,8 @@ def decode_vectors(stored: list) -> np.ndarray | None:
     (about 1.5x faster for large views, with no per-vector arrays).
 
     Args:
-        stored: the raw values of a vector field (``values(..., _raw=True)``)
+        stored: the raw values of a vector field
+            (:func:`dinoprop.bulk_reads.raw_values`)
 
     Returns:
         the ``num x dim`` array, or None when the values are not uniform

@@ -18,9 +18,11 @@ their scores, embedding vectors, accepted and reverted labels) or
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
+
+from dinoprop.bulk_reads import gc_paused, raw_values
 
 #: Updates sent per unordered bulk write. Batches bound the list of update
 #: operations held at once (at a million samples one list would hold a
@@ -50,6 +52,12 @@ def bulk_set(
     in the dataset's schema, and reloading samples in memory
     (``fiftyone.core.sample.Sample._reload_docs``), is the caller's part.
 
+    One batch is in flight at a time, sent by a second thread while this
+    one builds the next (consuming ``updates``), so mongod's work and
+    Python's overlap: at 100k labels mongod spends 7 to 9 CPU s, Python
+    1.5 s. Python's cyclic garbage collector is paused meanwhile
+    (:func:`dinoprop.bulk_reads.gc_paused`).
+
     Args:
         collection: a pymongo collection (a dataset's ``_sample_collection``)
         updates: ``(sample ID or filter dict, {path: value})`` pairs, consumed
@@ -62,22 +70,41 @@ def bulk_set(
     Returns:
         the number of documents modified
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    now = now or utc_now()
+    modified, sending = 0, None
+    with gc_paused(), ThreadPoolExecutor(1) as sender:
+        for ops in _operations(updates, extra or {}, now, batch_size):
+            modified += sending.result() if sending else 0
+            sending = sender.submit(_send, collection, ops)
+        modified += sending.result() if sending else 0
+    return modified
+
+
+def _operations(
+    updates: Iterable[tuple], extra: dict, now: datetime, batch_size: int
+) -> Iterator[list]:
+    """Lists of at most ``batch_size`` ``UpdateOne`` of ``updates``."""
     from bson import ObjectId
     from pymongo import UpdateOne
 
-    now = now or utc_now()
-    modified, ops = 0, []
+    ops = []
     for target, fields in updates:
         query = target if isinstance(target, dict) else {"_id": ObjectId(str(target))}
         ops.append(UpdateOne(
-            query, dict(extra or {}, **{"$set": dict(fields, last_modified_at=now)})
+            query, dict(extra, **{"$set": dict(fields, last_modified_at=now)})
         ))
         if len(ops) == batch_size:
-            modified += collection.bulk_write(ops, ordered=False).modified_count
+            yield ops
             ops = []
     if ops:
-        modified += collection.bulk_write(ops, ordered=False).modified_count
-    return modified
+        yield ops
+
+
+def _send(collection: Any, ops: list) -> int:
+    """Sends one unordered bulk write; returns the documents modified."""
+    return collection.bulk_write(ops, ordered=False).modified_count
 
 
 def serialize_vector(vector: Any) -> bytes:
@@ -198,14 +225,15 @@ def _document(label_id, label, confidence, names, values):
     return doc
 
 
+@gc_paused()
 def _current(samples, field, names):
     """``{sample_id: (label ID, label, confidence, *attributes)}`` of the
     labels present."""
     if samples.get_field(field) is None:
         return {}
-    paths = ["id", field + "._id", field + ".label", field + ".confidence"]
+    paths = ["_id", field + "._id", field + ".label", field + ".confidence"]
     paths += [field + "." + n for n in names]
-    columns = samples.values(paths, _raw=True)  # no per-value conversion
+    columns = raw_values(samples, paths)
     return {
         str(row[0]): tuple(row[1:])
         for row in zip(*columns)

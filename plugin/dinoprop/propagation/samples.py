@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from dinoprop import propagation_methods as pm
+from dinoprop.bulk_reads import gc_paused, raw_values
 from dinoprop.core import (
     DinopropError,
     check_vector_field,
@@ -73,10 +74,11 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k, graph_engine=Non
     }
 
 
+@gc_paused()
 def _sample_seeds(samples, label_field, seed_tag):
     """Sample IDs, their labels, and which of them are seeds."""
     paths = ["_id", label_field + ".label"] + (["tags"] if seed_tag else [])
-    columns = samples.values(paths, _raw=True)  # no per-value conversion
+    columns = raw_values(samples, paths)
     ids = [str(i) for i in columns[0]]
     labels = columns[1]
     tags = columns[2] if seed_tag else [None] * len(ids)
@@ -150,6 +152,7 @@ def sample_graph(samples, embeddings, k, loaded=None, **engine):
     return entry
 
 
+@gc_paused()
 def _write_samples(
     samples, data, output_field, targets, classes, probs, needs_review,
     store_scores,
