@@ -57,6 +57,40 @@ def test_approximate_knn_search_reaches_its_recall():
     assert np.allclose(sims, found, atol=1e-5)
 
 
+def test_list_by_list_search_finds_what_the_index_search_finds():
+    import faiss
+
+    rng = np.random.default_rng(2)
+    x = graph.unit_vectors(rng.normal(size=(4000, 24)).astype(np.float32))
+    index = graph.ivf_index(x, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    # probing fewer lists than a query needs leaves some rows short (-1)
+    for nprobe, k in [(4, 11), (1, 80)]:
+        sims, nbrs = index.search(x, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        found_sims, found = graph.search_list_by_list(index, x, k, nprobe)
+        assert found.dtype == np.int64 and found_sims.dtype == np.float32
+        assert ((nbrs < 0) == (found < 0)).all()
+        assert (found == nbrs).mean() > 0.999  # equal similarities may swap
+        filled = nbrs >= 0
+        assert np.allclose(found_sims[filled], sims[filled], atol=1e-5)
+    assert (nbrs < 0).any()
+
+
+def test_large_query_sets_are_searched_list_by_list(monkeypatch):
+    calls = []
+    rng = np.random.default_rng(3)
+    for dim, searched in [(8, False), (64, True)]:
+        x = graph.unit_vectors(rng.normal(size=(2000, dim)).astype(np.float32))
+        index, nprobe = graph.graph_index(x, 5)
+        monkeypatch.setattr(graph, "search_list_by_list", lambda *a: calls.append(a) or a)
+        monkeypatch.setattr(graph, "LIST_BY_LIST_MIN_QUERIES", 100)
+        graph.search_ivf(index, x[:99], 6, nprobe)
+        assert not calls  # small sets: faiss's own search
+        graph.search_ivf(index, x, 6, nprobe)
+        assert len(calls) == searched  # few dimensions: faiss's own search
+        monkeypatch.undo()
+
+
 def test_index_graph_equals_exact_knn(embedded_dataset):
     index = dp.compute_similarity(embedded_dataset, brain_key="g")
     vectors, _, _ = index.get_embeddings()

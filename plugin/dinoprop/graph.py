@@ -165,8 +165,30 @@ def calibrated_index(
     return index, nprobe
 
 
+#: Query sets at least this large, of at least this many dimensions, are
+#: searched list by list (:func:`search_ivf`). Measured here on clustered
+#: data at 100k rows, list by list took 0.15x the CPU of faiss's search at
+#: 384-d, 0.3x at 128-d, 0.7x at 64-d and 1.2x at 32-d (where the
+#: products are too small to pay for the bookkeeping).
+LIST_BY_LIST_MIN_QUERIES = 20_000
+LIST_BY_LIST_MIN_DIM = 64
+
+
 def search_ivf(index, queries: np.ndarray, k: int, nprobe: int) -> tuple:
     """``index.search(queries, k)`` probing ``nprobe`` lists.
+
+    Large query sets (from :data:`LIST_BY_LIST_MIN_QUERIES` rows of
+    :data:`LIST_BY_LIST_MIN_DIM` dimensions, such as every row of a
+    collection searching for its graph neighbours) are searched list by
+    list instead (:func:`search_list_by_list`): the same probed lists and
+    the same exact similarities, so the same results, for a sixth to a
+    tenth of the CPU at 384-d.
+
+    Args:
+        index: a filled :class:`faiss.IndexIVFFlat`
+        queries: ``num_queries x dim`` float32 rows
+        k: the results per query
+        nprobe: the lists to probe per query
 
     Returns:
         faiss's ``(similarities, neighbors)``: ``num_queries x k`` float32
@@ -174,8 +196,51 @@ def search_ivf(index, queries: np.ndarray, k: int, nprobe: int) -> tuple:
     """
     import faiss
 
+    num, dim = queries.shape
+    if num >= LIST_BY_LIST_MIN_QUERIES and dim >= LIST_BY_LIST_MIN_DIM:
+        return search_list_by_list(index, queries, k, nprobe)
     params = faiss.SearchParametersIVF(nprobe=int(nprobe))
     return index.search(queries, k, params=params)
+
+
+def search_list_by_list(index, queries: np.ndarray, k: int, nprobe: int) -> tuple:
+    """:func:`search_ivf` of many queries, one inverted list at a time.
+
+    faiss's ``index.search`` scans the probed lists query by query, so
+    each query reads ``nprobe`` lists from memory and the search is bound
+    by memory bandwidth (at 1M 384-d rows, 1,000 lists and 4 probes: about
+    1,450 CPU s on this project's 2-core machine). faiss's big-batch search
+    (:mod:`faiss.contrib.big_batch_search`) instead assigns every query to
+    its probed lists first, then compares each list with all the queries
+    probing it in one matrix product: 135 CPU s for the same results.
+    faiss's driver function prints progress on every list, so its
+    sequential loop is run here with the same parts.
+
+    Args:
+        index: a filled :class:`faiss.IndexIVFFlat`
+        queries: ``num_queries x dim`` float32 rows
+        k: the results per query
+        nprobe: the lists to probe per query
+
+    Returns:
+        the ``(similarities, neighbors)`` of :func:`search_ivf`
+    """
+    from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    searcher = BigBatchSearcher(index, queries, k)
+    computer = BlockComputer(index)
+    searcher.decode_func = computer.decode_func
+    searcher.by_residual = computer.by_residual
+    _, assign = index.quantizer.search(queries, int(nprobe))
+    searcher.q_assign = assign.astype(np.int32)
+    searcher.reorder_assign()
+    for lst in range(index.nlist):
+        rows, list_queries, list_ids, list_vectors = searcher.prepare_bucket(lst)
+        sims, found = computer.block_search(list_queries, list_vectors, list_ids, k)
+        searcher.add_results_to_heap(rows, sims, list_ids, found)
+    searcher.rh.finalize()
+    return searcher.rh.D, searcher.rh.I
 
 
 def complete_graph(x: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, k: int) -> tuple:
