@@ -420,6 +420,36 @@ def test_rerun_after_correction_updates_outputs_and_tags(embedded_dataset, monke
     assert len(dataset.list_runs()) == 1
 
 
+def test_a_changed_embedding_is_not_answered_from_the_graph_cache(embedded_dataset, monkeypatch):
+    from dinoprop import graph
+
+    dataset = embedded_dataset
+    dinoprop.propagate_labels(dataset, "label")
+    sample = dataset.first()
+    sample["dinoprop_embedding"] = -sample["dinoprop_embedding"]
+    sample.save()
+    searches = []
+    search = graph.knn_search
+    monkeypatch.setattr(graph, "knn_search", lambda *a, **kw: searches.append(1) or search(*a, **kw))
+    dinoprop.propagate_labels(dataset, "label", overwrite=True)
+    assert searches  # the graph of the new vectors was searched
+    searches.clear()
+    dinoprop.propagate_labels(dataset, "label", overwrite=True)
+    assert not searches  # and is reused while they stay the same
+
+
+def test_center_and_normalize_copies_unless_told_not_to():
+    x = np.random.default_rng(0).normal(3.0, 1.0, size=(50, 8)).astype(np.float32)
+    raw = x.copy()
+    unit = pm.center_and_normalize(x)
+    assert np.array_equal(x, raw)  # the caller's array is untouched
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    expected = (raw - raw.mean(0)) / np.linalg.norm(raw - raw.mean(0), axis=1, keepdims=True)
+    assert np.allclose(unit, expected, atol=1e-6)
+    in_place = pm.center_and_normalize(x, copy=False)
+    assert in_place is x and np.allclose(x, unit, atol=1e-7)
+
+
 def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatch):
     reads = []
     for cls in (fo.Dataset, fo.DatasetView):  # values() and raw_values() end here

@@ -195,7 +195,7 @@ def propagate_labels(
         bar.update()
         classes, seed_labels = np.unique(data["seed_labels"], return_inverse=True)
         problem = pm.Problem(
-            pm.center_and_normalize(data["embeddings"]),
+            pm.center_and_normalize(data.pop("embeddings"), copy=False),
             data["graph"],
             len(classes),
             knn_k=k,
