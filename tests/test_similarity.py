@@ -211,6 +211,30 @@ def test_add_remove_matches_exact_search(vector_dataset, index_type):
     assert not set(removed) & {i for f in found for i in f}
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_the_ivf_graph_searched_list_by_list_equals_faiss_search(vector_dataset, monkeypatch, metric):
+    from dinoprop import graph
+
+    index = dp.compute_similarity(
+        vector_dataset, brain_key="lbl", index_type="ivf", exact_threshold=0, metric=metric
+    )
+    graphs = {}
+    for name, min_queries in (("faiss", 10**9), ("list by list", 1)):
+        monkeypatch.setattr(graph, "LIST_BY_LIST_MIN_QUERIES", min_queries)
+        monkeypatch.setattr(graph, "LIST_BY_LIST_MIN_DIM", 1)
+        calls = []
+        by_list = graph.search_list_by_list
+        monkeypatch.setattr(
+            graph, "search_list_by_list", lambda *a: calls.append(1) or by_list(*a)
+        )
+        index._graph = None
+        graphs[name] = index.knn(8)
+        assert len(calls) == (name == "list by list")
+        monkeypatch.undo()
+    assert (graphs["faiss"][0] == graphs["list by list"][0]).mean() > 0.999
+    assert np.allclose(graphs["faiss"][1], graphs["list by list"][1], atol=1e-5)
+
+
 def test_deleted_samples_are_dropped_when_loading(vector_dataset):
     dp.compute_similarity(vector_dataset, brain_key="del", index_type="ivf")
     gone = vector_dataset.take(50, seed=2)

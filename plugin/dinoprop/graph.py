@@ -197,7 +197,8 @@ def search_ivf(index, queries: np.ndarray, k: int, nprobe: int) -> tuple:
     import faiss
 
     num, dim = queries.shape
-    if num >= LIST_BY_LIST_MIN_QUERIES and dim >= LIST_BY_LIST_MIN_DIM:
+    many = num >= LIST_BY_LIST_MIN_QUERIES and dim >= LIST_BY_LIST_MIN_DIM
+    if many and type(index) is faiss.IndexIVFFlat:  # what faiss's parts support
         return search_list_by_list(index, queries, k, nprobe)
     params = faiss.SearchParametersIVF(nprobe=int(nprobe))
     return index.search(queries, k, params=params)

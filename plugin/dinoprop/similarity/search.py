@@ -15,7 +15,7 @@ import eta.core.utils as etau
 from fiftyone.brain.similarity import SimilarityIndex
 
 from dinoprop.core import DinopropError, check_int
-from dinoprop.graph import _drop_self, neighbors_to_csr
+from dinoprop.graph import _drop_self, neighbors_to_csr, search_ivf
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,11 @@ class IndexSearchMixin:
                 sel_ids = np.ascontiguousarray(rows, dtype=np.int64)
                 sel = faiss.IDSelectorBatch(sel_ids.size, faiss.swig_ptr(sel_ids))
             params = self._params(kk, sel=sel, fraction=fraction)
-            scores, found = self._index.search(queries, kk, params=params)
+            if sel is None and self._resolved_type == "ivf":
+                # many queries (the kNN graph) go list by list
+                scores, found = search_ivf(self._index, queries, kk, params.nprobe)
+            else:
+                scores, found = self._index.search(queries, kk, params=params)
             if self.config.metric == "euclidean":
                 scores = -scores
             dists = self._to_distance(scores)
