@@ -670,12 +670,26 @@ def test_compute_embeddings_offers_a_ray_cluster_when_ray_is_installed(
     assert not blocking_errors(form)
 
 
-def test_a_ray_run_from_the_app_is_delegated_with_the_cluster_fields(
-    image_dataset, tiny_dinov2_dir, monkeypatch
-):
+def _run_delegated_anyway(name, dataset, params):
+    """Runs operator ``name``, which must delegate itself although the form
+    asked for an immediate run, through FiftyOne's delegated service."""
     import fiftyone.operators as foo
     from fiftyone.operators.delegated import DelegatedOperationService
 
+    queued = foo.execute_operator(uri(name), dataset=dataset, params=params)
+    assert queued.delegated
+    service = DelegatedOperationService()
+    doc = service.get(queued.result["id"])
+    try:
+        service.execute_operation(doc)
+        assert service.get(doc.id).run_state == "completed"
+    finally:
+        service.delete_operation(doc.id)
+
+
+def test_a_ray_run_from_the_app_is_delegated_with_the_cluster_fields(
+    image_dataset, tiny_dinov2_dir, monkeypatch
+):
     passed = {}
     real = dinoprop.compute_embeddings
 
@@ -688,15 +702,7 @@ def test_a_ray_run_from_the_app_is_delegated_with_the_cluster_fields(
     monkeypatch.setattr(dinoprop, "compute_embeddings", on_this_machine)
     params = {"model": tiny_dinov2_dir, "engine": "ray", "ray_address": "head:6379",
               "num_workers": 2, "num_gpus_per_worker": 0.5, "delegate": False}
-    queued = foo.execute_operator(uri("compute_embeddings"), dataset=image_dataset, params=params)
-    assert queued.delegated  # even though the form asked for an immediate run
-    service = DelegatedOperationService()
-    doc = service.get(queued.result["id"])
-    try:
-        service.execute_operation(doc)
-        assert service.get(doc.id).run_state == "completed"
-    finally:
-        service.delete_operation(doc.id)
+    _run_delegated_anyway("compute_embeddings", image_dataset, params)
     assert {k: passed[k] for k in ("engine", "ray_address", "num_workers", "num_gpus_per_worker")} \
         == {"engine": "ray", "ray_address": "head:6379", "num_workers": 2, "num_gpus_per_worker": 0.5}
     assert "device" not in passed and image_dataset.count("dinoprop_embedding") == 24
@@ -737,9 +743,6 @@ def test_propagate_offers_no_ray_cluster_for_objects(image_dataset, monkeypatch)
 def test_a_ray_propagation_from_the_app_is_delegated_with_the_cluster_fields(
     embedded_dataset, monkeypatch
 ):
-    import fiftyone.operators as foo
-    from fiftyone.operators.delegated import DelegatedOperationService
-
     passed = {}
     real = dinoprop.propagate_labels
 
@@ -751,15 +754,7 @@ def test_a_ray_propagation_from_the_app_is_delegated_with_the_cluster_fields(
     monkeypatch.setattr(dinoprop, "propagate_labels", on_this_machine)
     params = {"label_field": "label", "engine": "ray", "ray_address": "head:6379",
               "num_workers": 3, "delegate": False}
-    queued = foo.execute_operator(uri("propagate_labels"), dataset=embedded_dataset, params=params)
-    assert queued.delegated  # even though the form asked for an immediate run
-    service = DelegatedOperationService()
-    doc = service.get(queued.result["id"])
-    try:
-        service.execute_operation(doc)
-        assert service.get(doc.id).run_state == "completed"
-    finally:
-        service.delete_operation(doc.id)
+    _run_delegated_anyway("propagate_labels", embedded_dataset, params)
     assert {k: passed[k] for k in ("engine", "ray_address", "num_workers")} \
         == {"engine": "ray", "ray_address": "head:6379", "num_workers": 3}
     ds = embedded_dataset

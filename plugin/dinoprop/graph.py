@@ -215,16 +215,8 @@ def search_list_by_list(index, queries: np.ndarray, k: int, nprobe: int) -> tupl
     its probed lists first, then compares each list with all the queries
     probing it in one matrix product: 135 CPU s for the same results.
     faiss's driver function prints progress on every list, so its
-    sequential loop is run here with the same parts.
-
-    Args:
-        index: a filled :class:`faiss.IndexIVFFlat`
-        queries: ``num_queries x dim`` float32 rows
-        k: the results per query
-        nprobe: the lists to probe per query
-
-    Returns:
-        the ``(similarities, neighbors)`` of :func:`search_ivf`
+    sequential loop is run here with the same parts. Arguments and
+    results are those of :func:`search_ivf`.
     """
     from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 
