@@ -111,8 +111,9 @@ def approximate_knn_search(
 
 
 def unit_vectors(embeddings: np.ndarray) -> np.ndarray:
-    """The rows of ``embeddings`` as unit-norm, C-contiguous float32."""
-    return np.ascontiguousarray(l2_normalize(embeddings.astype(np.float32)))
+    """The rows of ``embeddings`` as unit-norm, C-contiguous float32 (a new
+    array; float32 input is not copied first)."""
+    return np.ascontiguousarray(l2_normalize(np.asarray(embeddings, np.float32)))
 
 
 def graph_index(x: np.ndarray, k: int, target_recall: float = 0.97) -> tuple:

@@ -35,7 +35,7 @@ _GRAPH_CACHE: dict = {}
 _GRAPH_CACHE_SIZE = 4
 
 
-def _sample_data(samples, label_field, embeddings, seed_tag, k, graph_engine=None):
+def _sample_data(samples, label_field, embeddings, seed_tag, k, graph_engine):
     require_field(
         samples, embeddings,
         "an embeddings field (run dinoprop.compute_embeddings first)",
@@ -56,7 +56,7 @@ def _sample_data(samples, label_field, embeddings, seed_tag, k, graph_engine=Non
         "sample" + where,
     )
     sample_ids, vectors, graph = sample_graph(
-        samples, embeddings, k, loaded, **(graph_engine or {})
+        samples, embeddings, k, loaded, **graph_engine
     )
     if len(sample_ids) == len(seed_ids):
         raise DinopropError(
