@@ -213,3 +213,52 @@ def test_umap_transform_through_the_faiss_search_keeps_clusters():
 
     fit = KNeighborsClassifier(10).fit(points[:4000], labels[:4000])
     assert fit.score(points[4000:], labels[4000:]) >= 0.95
+
+
+def test_vectorized_transform_init_matches_umaps_own():
+    """Rows with several neighbours, one of strength 1 mid-row, and none."""
+    import scipy.sparse
+    import umap.umap_
+
+    from dinoprop.visualization import init_graph_transform
+
+    rng = np.random.default_rng(0)
+    graph = scipy.sparse.random(300, 80, density=0.1, format="csr", random_state=0)
+    graph.data = graph.data.astype(np.float32)
+    graph[7, graph[7].indices[1]] = 1.0  # exact match: its position, not a mean
+    graph[9] = 0
+    graph.eliminate_zeros()
+    embedding = rng.normal(size=(80, 2)).astype(np.float32)
+
+    ours = init_graph_transform(graph, embedding)
+    theirs = umap.umap_.init_graph_transform(graph, embedding)
+    assert ours.dtype == np.float32 and np.isnan(ours[9]).all()
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[7], embedding[graph[7].indices[1]])
+
+
+def test_umap_transform_with_the_vectorized_init_is_umaps_transform():
+    from dinoprop.visualization import (
+        SampleSearch,
+        _reducer,
+        _with_self,
+        vectorized_transform_init,
+    )
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 6000)
+    x = (rng.normal(size=(5, 16)) * 4)[labels] + rng.normal(size=(6000, 16))
+    x = graph.l2_normalize(x).astype(np.float32)
+    sample, rest = x[:4200], x[4200:]
+    reducer = _reducer(
+        2, 51, 10, 0.1,
+        (*_with_self(*graph.approximate_knn_search(sample, 9)), SampleSearch(sample)),
+    )
+    reducer.fit(sample)
+    theirs = reducer.transform(rest)
+    with vectorized_transform_init():
+        ours = reducer.transform(rest)
+    np.testing.assert_array_equal(ours, theirs)  # the layout amplifies any rounding
+    import umap.umap_
+
+    assert umap.umap_.init_graph_transform.__module__ == "umap.umap_"
