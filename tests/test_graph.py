@@ -245,3 +245,29 @@ def test_propagation_on_the_approximate_graph_is_as_accurate(monkeypatch):
     assert searches == [2400]  # the second run searched approximately
     assert accuracy["exact"] > 0.9
     assert abs(accuracy["approx"] - accuracy["exact"]) <= 0.01, accuracy
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_serialized_faiss_index_is_faiss_own_bytes(kind):
+    import faiss
+
+    x = graph.l2_normalize(np.random.default_rng(0).normal(size=(3000, 16))).astype(np.float32)
+    index = (
+        faiss.IndexFlatIP(16) if kind == "flat"
+        else graph.ivf_index(x, faiss.METRIC_INNER_PRODUCT)
+    )
+    index.add(x)
+    data = graph.serialize_faiss_index(index)
+    np.testing.assert_array_equal(data, faiss.serialize_index(index))
+    assert faiss.deserialize_index(data).ntotal == 3000
+
+
+def test_row_norms_and_l2_normalize():
+    from dinoprop.core import row_norms
+
+    x = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32)
+    x[3] = 0
+    np.testing.assert_allclose(row_norms(x), np.linalg.norm(x, axis=1), rtol=1e-6)
+    unit = l2_normalize(x)
+    assert unit.dtype == np.float32 and not unit[3].any()
+    np.testing.assert_allclose(np.linalg.norm(unit[np.arange(50) != 3], axis=1), 1, rtol=1e-6)

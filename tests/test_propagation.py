@@ -54,6 +54,16 @@ def test_each_method_is_accurate_on_clustered_data(method):
     np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-4)
 
 
+
+def test_the_last_scoring_frees_the_graph_features_and_scores_the_same():
+    x, labels = _clusters()
+    seeds = _seeds(labels, 3)
+    kept, freed = _problem(x, 4), _problem(x, 4)
+    expected = kept.scores("graph_linear", seeds, labels[seeds])
+    got = freed.scores("graph_linear", seeds, labels[seeds], last=True)
+    np.testing.assert_array_equal(got, expected)
+    assert kept._xg is not None and freed._xg is None and not freed._linear_cache
+
 def test_diffusion_follows_the_graph_where_prototypes_fail():
     """Two interleaved half-moons: only graph methods follow the manifold."""
     from sklearn.datasets import make_moons

@@ -454,10 +454,15 @@ def decode_vectors(stored: list) -> np.ndarray | None:
     return np.frombuffer(payload, dtype=dtype).reshape(len(blobs), shape[0])
 
 
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """The L2 norm of every row of the 2-D array ``x``, without the
+    ``N x D`` temporary of ``np.linalg.norm`` (1.5 GB at 1M x 384)."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Returns the rows of ``x`` scaled to unit L2 norm (zero rows kept)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    return x / np.maximum(row_norms(x), 1e-12)[:, None]
 
 
 def progress_bar(total: int, progress: Any = None, iters_str: str = "samples"):

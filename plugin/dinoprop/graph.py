@@ -362,16 +362,49 @@ def tune_recall(x, search, options, exact, target):
     return option, recall
 
 
-def knn_search_queries(x: np.ndarray, queries: np.ndarray, k: int):
-    """Exact top-``k`` rows of ``x`` by inner product for each query."""
+def knn_search_queries(
+    x: np.ndarray, queries: np.ndarray, k: int, metric_type: int | None = None
+) -> np.ndarray:
+    """Exact top-``k`` rows of ``x`` for each query, by inner product or
+    by another faiss ``metric_type`` (``faiss.METRIC_L2``); searched in
+    blocks, so it holds no ``num_queries x num`` score matrix."""
     import faiss
 
     return faiss.knn(
         np.ascontiguousarray(queries),
         np.ascontiguousarray(x),
         k,
-        metric=faiss.METRIC_INNER_PRODUCT,
+        metric=faiss.METRIC_INNER_PRODUCT if metric_type is None else metric_type,
     )[1]
+
+
+def serialize_faiss_index(index) -> np.ndarray:
+    """What ``faiss.serialize_index`` returns, a ``uint8`` array, holding
+    one copy of the index's bytes rather than its 2.5 (a growing buffer,
+    then a copy): a first pass counts the bytes, a second fills the array."""
+    import faiss
+
+    size = 0
+
+    def count(chunk):
+        nonlocal size
+        size += len(chunk)
+        return len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    data = np.empty(size, np.uint8)
+    filled = 0
+
+    def fill(chunk):
+        nonlocal filled
+        data[filled : filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        filled += len(chunk)
+        return len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(fill))
+    if filled != size:
+        raise RuntimeError("faiss wrote %d bytes, then %d" % (size, filled))
+    return data
 
 
 def knn_graph(embeddings: np.ndarray, k: int):

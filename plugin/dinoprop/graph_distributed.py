@@ -7,7 +7,7 @@ costly stage, searching every row in the IVF index, spread over Ray actors
 
 - the driver (the calling process) trains, fills and calibrates the IVF
   index exactly as :func:`dinoprop.graph.graph_index` does in one process,
-  serialises it once (``faiss.serialize_index``) into the Ray object store,
+  serialises it once (``graph.serialize_faiss_index``) into the Ray object store,
   and puts the rows to search there in shards of :data:`SHARD_ROWS`;
 - ``num_workers`` actors each deserialise the index once and search the
   shards the pool hands them, probing the driver's number of lists with as
@@ -187,10 +187,8 @@ class ShardedSearch:
     def __call__(self, index: Any, x: np.ndarray, k: int, nprobe: int) -> tuple:
         """Searches every row of ``x`` in ``index``; see
         :func:`dinoprop.graph.search_ivf`."""
-        import faiss
-
         ray = self.ray
-        index_ref = ray.put(faiss.serialize_index(index))
+        index_ref = ray.put(graph.serialize_faiss_index(index))
         shards = [
             ray.put(x[start : start + self.shard_rows])
             for start in range(0, len(x), self.shard_rows)

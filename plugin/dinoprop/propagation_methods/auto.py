@@ -106,7 +106,7 @@ def propagate(
     held_out_idx = np.concatenate(folds) if folds else np.arange(len(seed_labels))
     held_out = seed_labels[held_out_idx]
     chosen = _choose(oof, held_out, candidates)
-    probs = problem.scores(chosen, seed_idx, seed_labels)
+    probs = problem.scores(chosen, seed_idx, seed_labels, last=True)
     result = Propagation(probs=probs, method=chosen, num_folds=len(folds))
     if oof:
         result.cv_accuracy = {

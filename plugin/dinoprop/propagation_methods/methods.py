@@ -233,7 +233,7 @@ class Problem:
             self._xg = graph_features(self.x, self.graph)
         return self._xg
 
-    def scores(self, name: str, seed_idx, seed_labels) -> np.ndarray:
+    def scores(self, name: str, seed_idx, seed_labels, last: bool = False) -> np.ndarray:
         """The ``N x C`` probabilities of method ``name``.
 
         Args:
@@ -244,6 +244,9 @@ class Problem:
                 graph with the seeds clamped
             seed_idx: seed node indices
             seed_labels: seed class indices
+            last: this problem's last use: the graph-augmented features and
+                the kept fit are dropped once the classifier has run, before
+                the smoothing (3 GB at 1M x 384-d)
         """
         c = self.num_classes
         if name == "knn":
@@ -257,6 +260,8 @@ class Problem:
         if name.startswith("graph_linear"):
             strength = float(name.rsplit("@", 1)[1]) if "@" in name else 0.8
             probs = self.linear_probs(True, seed_idx, seed_labels)
+            if last:
+                self._xg, self._linear_cache = None, {}
             return smooth_scores(
                 self.graph, probs, seed_idx, seed_labels, alpha=strength
             )

@@ -19,8 +19,15 @@ import eta.core.utils as etau
 import fiftyone.core.utils as fou
 from fiftyone.brain.similarity import DuplicatesMixin, SimilarityIndex
 
-from dinoprop.core import DinopropError, l2_normalize, progress_bar, read_embeddings
-from dinoprop.graph import CALIBRATION_QUERIES, ivf_index, nprobe_options, tune_recall
+from dinoprop.core import DinopropError, progress_bar, read_embeddings, row_norms
+from dinoprop.graph import (
+    CALIBRATION_QUERIES,
+    ivf_index,
+    knn_search_queries,
+    nprobe_options,
+    serialize_faiss_index,
+    tune_recall,
+)
 from dinoprop.similarity import files
 from dinoprop.similarity.brain import config_index_path
 from dinoprop.similarity.search import IndexSearchMixin
@@ -183,9 +190,9 @@ class DinopropSimilarityIndex(
 
     def _prepare(self, vectors):
         x = self._checked(vectors)
-        norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        norms = row_norms(x).astype(np.float32, copy=False)
         if self.config.metric == "cosine":
-            x = np.ascontiguousarray(l2_normalize(x), dtype=np.float32)
+            x = x / np.maximum(norms, 1e-12)[:, None]
         return x, norms
 
     def _checked(self, vectors):
@@ -259,7 +266,7 @@ class DinopropSimilarityIndex(
             x,
             search,
             options,
-            lambda q: self._exact_topk(q, 10, np.arange(len(x)))[0],
+            lambda q: knn_search_queries(x, q, 10, self._index.metric_type),
             TARGET_RECALL + 0.02,
         )
 
@@ -335,8 +342,6 @@ class DinopropSimilarityIndex(
     # --- persistence -----------------------------------------------------
 
     def _write_file(self):
-        import faiss
-
         arrays = {
             "sample_ids": self._row_sample_ids.astype("<U24"),
             "norms": self._row_norms,
@@ -345,7 +350,7 @@ class DinopropSimilarityIndex(
         if self._row_label_ids is not None:
             arrays["label_ids"] = self._row_label_ids.astype("<U24")
         if self._index is not None:
-            arrays["index"] = faiss.serialize_index(self._index)
+            arrays["index"] = serialize_faiss_index(self._index)
         if self._graph is not None:
             arrays["graph_neighbors"] = self._graph[1]
             arrays["graph_distances"] = self._graph[2]
