@@ -460,9 +460,15 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x))
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Returns the rows of ``x`` scaled to unit L2 norm (zero rows kept)."""
-    return x / np.maximum(row_norms(x), 1e-12)[:, None]
+def l2_normalize(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Returns the rows of ``x`` scaled to unit L2 norm (zero rows kept).
+
+    Args:
+        x: a 2-D array
+        norms: its :func:`row_norms`, when the caller has them already
+    """
+    norms = row_norms(x) if norms is None else norms
+    return x / np.maximum(norms, 1e-12)[:, None]
 
 
 def progress_bar(total: int, progress: Any = None, iters_str: str = "samples"):

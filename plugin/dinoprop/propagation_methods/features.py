@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dinoprop.core import row_norms
+
 
 _EPS = 1e-12
 
@@ -62,6 +64,6 @@ def _normalize_rows(scores: np.ndarray) -> np.ndarray:
 
 def _normalize_rows_in_place(x: np.ndarray) -> None:
     """Scales the rows of ``x`` to unit L2 norm without a copy of ``x``."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms = row_norms(x)
     np.maximum(norms, 1e-12, out=norms)
     x /= norms[:, None]

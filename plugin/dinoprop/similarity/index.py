@@ -19,7 +19,13 @@ import eta.core.utils as etau
 import fiftyone.core.utils as fou
 from fiftyone.brain.similarity import DuplicatesMixin, SimilarityIndex
 
-from dinoprop.core import DinopropError, progress_bar, read_embeddings, row_norms
+from dinoprop.core import (
+    DinopropError,
+    l2_normalize,
+    progress_bar,
+    read_embeddings,
+    row_norms,
+)
 from dinoprop.graph import (
     CALIBRATION_QUERIES,
     ivf_index,
@@ -192,7 +198,7 @@ class DinopropSimilarityIndex(
         x = self._checked(vectors)
         norms = row_norms(x).astype(np.float32, copy=False)
         if self.config.metric == "cosine":
-            x = x / np.maximum(norms, 1e-12)[:, None]
+            x = l2_normalize(x, norms)
         return x, norms
 
     def _checked(self, vectors):
