@@ -351,6 +351,25 @@ def ray_cluster_inputs(inputs, workers_label, workers_description):
     )
 
 
+def graph_engine_inputs(ctx, inputs, description):
+    """Where a kNN graph is searched: offers a Ray cluster when Ray is
+    installed (:func:`engine_choice`), and its fields when chosen.
+
+    Args:
+        ctx: the operator's execution context
+        inputs: the form's :class:`fiftyone.operators.types.Object`
+        description: what a Ray cluster searches for this operator
+    """
+    if engine_choice(ctx, inputs, description):
+        ray_cluster_inputs(
+            inputs,
+            "Graph search workers",
+            "Ray actors, each holding a copy of the search index; empty: one "
+            "per node of the cluster",
+        )
+        ray_notice(inputs)
+
+
 def ray_notice(inputs):
     """Says that Ray runs are delegated and what processes them."""
     notice(

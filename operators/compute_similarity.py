@@ -55,6 +55,14 @@ class ComputeSimilarity(_common.DinopropOperator):
         _common.choice_input(
             inputs, "metric", METRICS, "Metric", default="cosine"
         )
+        _common.graph_engine_inputs(
+            ctx,
+            inputs,
+            "A Ray cluster searches the index's similarity graph (which label "
+            "propagation and the embeddings map reuse) on all its machines "
+            "once the index is built here; only approximate (IVF) indexes "
+            "are searched there",
+        )
         return True
 
     def call(self, view, params, progress):
@@ -67,4 +75,5 @@ class ComputeSimilarity(_common.DinopropOperator):
             index_type=params.get("index_type") or "auto",
             metric=params.get("metric") or "cosine",
             progress=progress,
+            **_common.ray_options(params),
         )

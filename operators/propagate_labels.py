@@ -212,25 +212,17 @@ def _is_detections(view, label_field):
 
 
 def _engine_inputs(ctx, inputs):
-    """Where the kNN graph is searched: offers a Ray cluster when Ray is
-    installed, and its fields when chosen."""
+    """Where the kNN graph is searched (this machine or a Ray cluster)."""
     from dinoprop.graph import APPROXIMATE_MIN_NODES
 
-    if _common.engine_choice(
+    _common.graph_engine_inputs(
         ctx,
         inputs,
         "A Ray cluster searches the similarity graph of large views (from "
         "%d samples; smaller ones are searched exactly without it) on all "
         "its machines; the propagation itself runs where the operation runs"
         % APPROXIMATE_MIN_NODES,
-    ):
-        _common.ray_cluster_inputs(
-            inputs,
-            "Graph search workers",
-            "Ray actors, each holding a copy of the search index; empty: one "
-            "per node of the cluster",
-        )
-        _common.ray_notice(inputs)
+    )
 
 
 def _seeds_ok(inputs, view, label_field, objects, seed_tag):

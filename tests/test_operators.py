@@ -724,6 +724,34 @@ def test_propagate_offers_a_ray_cluster_for_the_graph_when_ray_is_installed(
     assert not blocking_errors(form)
 
 
+def test_similarity_offers_a_ray_cluster_for_its_graph_and_passes_its_fields(
+    embedded_dataset, monkeypatch
+):
+    ds = embedded_dataset
+    _ray_installed(monkeypatch, False)
+    assert "engine" not in resolve_form("compute_similarity", ds)
+    _ray_installed(monkeypatch, True)
+    form = resolve_form("compute_similarity", ds)
+    assert form["engine"].default == "local" and "ray_address" not in form
+    form = resolve_form("compute_similarity", ds, {"engine": "ray"})
+    assert {"ray_address", "num_workers", "ray_notice"} <= set(form)
+    assert "delegate" not in form and not blocking_errors(form)  # always delegated
+
+    passed = {}
+    real = dinoprop.compute_similarity
+
+    def on_this_machine(view, **kwargs):  # the Ray engine itself: tests/test_ray.py
+        passed.update(kwargs)
+        return real(view, **{**kwargs, "engine": "local", "ray_address": None, "num_workers": None})
+
+    monkeypatch.setattr(dinoprop, "compute_similarity", on_this_machine)
+    params = {"engine": "ray", "ray_address": "head:6379", "num_workers": 2, "delegate": False}
+    _run_delegated_anyway("compute_similarity", ds, params)
+    assert {k: passed[k] for k in ("engine", "ray_address", "num_workers")} \
+        == {"engine": "ray", "ray_address": "head:6379", "num_workers": 2}
+    assert ds.list_brain_runs() == ["dinoprop_similarity"]
+
+
 def test_propagate_offers_no_ray_cluster_for_objects(image_dataset, monkeypatch):
     ds = image_dataset
     _ray_installed(monkeypatch, True)

@@ -202,10 +202,25 @@ def test_graph_engine_arguments_are_checked_before_connecting(embedded_dataset, 
         propagate_labels(embedded_dataset, "label", **kwargs)
     with pytest.raises(DinopropError, match=message):
         sample_knn_graph(embedded_dataset, "dinoprop_embedding", 5, **kwargs)
+    with pytest.raises(DinopropError, match=message):
+        dp.compute_similarity(embedded_dataset, **kwargs)
     with pytest.raises(DinopropError, match="shard_rows must be a positive integer"):
         graph_distributed.ray_graph_search(np.zeros((4, 2)), 2, shard_rows=0)
     assert not ray.is_initialized()
     assert "label_propagated" not in embedded_dataset.get_field_schema()
+    assert not embedded_dataset.list_brain_runs()
+
+
+def test_compute_similarity_on_an_unreachable_cluster_builds_nothing(embedded_dataset):
+    ray.shutdown()
+    dp.compute_similarity(embedded_dataset, brain_key="kept")
+    kept = embedded_dataset.get_brain_info("kept").config.index_id
+    with pytest.raises(DinopropError, match="Cannot connect to the Ray cluster at 127.0.0.1:9 "):
+        dp.compute_similarity(embedded_dataset, brain_key="kept", engine="ray",
+                              ray_address="127.0.0.1:9")
+    embedded_dataset.reload()
+    assert embedded_dataset.list_brain_runs() == ["kept"]
+    assert embedded_dataset.get_brain_info("kept").config.index_id == kept
 
 
 def test_the_graph_of_objects_is_not_searched_on_ray(image_dataset):
@@ -290,6 +305,38 @@ def test_propagate_labels_on_ray_equals_the_local_run(two_nodes, small_approxima
         assert dataset.load_brain_results("sim").has_knn(10)
         assert not np.array_equal(cached[2], graphs[0][2])
         np.testing.assert_array_equal(sample_knn_graph(dataset, "vector", 10, engine="ray")[2], cached[2])
+    finally:
+        dataset.delete()
+
+
+def test_compute_similarity_on_ray_caches_the_graph_a_local_search_finds(two_nodes, monkeypatch):
+    import fiftyone as fo
+
+    x, _ = _clustered(3000)
+    dataset = fo.Dataset()
+    calls = []
+    search = graph_distributed.ShardedSearch.__call__
+    monkeypatch.setattr(graph_distributed.ShardedSearch, "__call__",
+                        lambda self, *args: calls.append(len(args[1])) or search(self, *args))
+    try:
+        dataset.add_samples([fo.Sample(filepath="/nonexistent/%d.jpg" % i, vector=v)
+                             for i, v in enumerate(x)])
+        options = dict(embeddings="vector", index_type="ivf", exact_threshold=0)
+        local = dp.compute_similarity(dataset, brain_key="local", **options)
+        neighbors, dists = local.knn(12)
+        assert calls == []
+        dp.compute_similarity(dataset, brain_key="on_ray", engine="ray", num_workers=2,
+                              knn_k=12, **options)
+        assert calls == [3000]  # every vector searched on the cluster, once
+        on_ray = dataset.load_brain_results("on_ray")
+        assert on_ray.has_knn(12)  # cached in the index file, with the run
+        got, got_dists = on_ray.knn(12)
+        exact = np.argsort(-(x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+            x / np.linalg.norm(x, axis=1, keepdims=True)).T, axis=1)[:, 1:13]
+        assert (np.sort(neighbors, 1) != np.sort(exact, 1)).any(axis=1).sum() > 30  # IVF, not exact
+        np.testing.assert_array_equal(got, neighbors)
+        np.testing.assert_allclose(got_dists, dists, atol=1e-5)
+        assert calls == [3000]
     finally:
         dataset.delete()
 

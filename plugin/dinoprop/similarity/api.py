@@ -26,6 +26,10 @@ def compute_similarity(
     exact_threshold: int = EXACT_THRESHOLD,
     overwrite: bool = True,
     progress: Any = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_workers: int | None = None,
+    knn_k: int = 10,
 ) -> DinopropSimilarityIndex:
     """Builds a faiss similarity index of the embeddings in a field.
 
@@ -48,12 +52,32 @@ def compute_similarity(
         exact_threshold: the largest index that ``"auto"`` keeps exact
         overwrite: whether to replace an existing run with this brain key
         progress: None (FiftyOne's default), a bool, or a progress callback
+        engine: ``"local"``, or ``"ray"`` to also search the index's kNN
+            graph (:meth:`DinopropSimilarityIndex.knn`, cached in the index
+            file, which :func:`dinoprop.propagate_labels` and
+            :func:`dinoprop.compute_visualization` reuse) on a Ray
+            cluster: the index is built here, then Ray actors search its
+            vectors shard by shard
+            (:class:`dinoprop.graph_distributed.ShardedSearch`), finding
+            the neighbours a search here would. Only an ``"ivf"`` index is
+            searched on the cluster; flat and HNSW indexes (small
+            collections) search their graph here. The run is registered
+            once its graph is cached
+        ray_address: with ``engine="ray"``, the cluster's address; None
+            uses ``RAY_ADDRESS``, a cluster started on this machine, or a
+            new local one
+        num_workers: with ``engine="ray"``, the searching actors (default
+            one per node), each holding a copy of the index
+        knn_k: with ``engine="ray"``, the neighbours per sample of the
+            cached graph (propagation's default is 10; it reuses a graph of
+            at least its ``k``)
 
     Returns:
         a :class:`DinopropSimilarityIndex`
 
     Raises:
-        DinopropError: if the input is invalid; nothing is written then
+        DinopropError: if the input is invalid, or Ray is missing or its
+            cluster cannot be reached; nothing is written then
     """
     import time
 
@@ -63,14 +87,17 @@ def compute_similarity(
     check_options(metric, index_type, exact_threshold)
     replacing = check_brain_key(samples, brain_key, "similarity", overwrite)
     _check_embeddings(samples, embeddings, patches_field)
+    search = _graph_search(engine, ray_address, num_workers, knn_k)
+    # an existing run is replaced only once its successor is built (with
+    # engine="ray", once its graph is searched too)
+    register_later = replacing or search is not None
     start = time.perf_counter()
     token = PROGRESS.set(progress)
     try:
-        # an existing run is replaced only once its successor is built
         results = fob.compute_similarity(
             samples,
             embeddings=embeddings,
-            brain_key=None if replacing else brain_key,
+            brain_key=None if register_later else brain_key,
             patches_field=patches_field,
             backend=DinopropSimilarityConfig,
             metric=metric,
@@ -80,10 +107,38 @@ def compute_similarity(
         )
     finally:
         PROGRESS.reset(token)
-    if replacing:
+    if search is not None:
+        _search_graph(samples._root_dataset, results, knn_k, search)
+    if register_later:
         _replace_run(samples._root_dataset, brain_key, results)
     results._seconds = time.perf_counter() - start
     return results
+
+
+def _graph_search(engine, ray_address, num_workers, knn_k):
+    """The Ray search of ``engine="ray"`` (connected now, so that a missing
+    cluster fails before the index is built), or None."""
+    from dinoprop import graph_distributed
+    from dinoprop.core import check_int
+    from dinoprop.ray_cluster import connect
+
+    graph_distributed.check_engine(engine, ray_address, num_workers)
+    check_int(knn_k, "knn_k")
+    if engine != "ray":
+        return None
+    return graph_distributed.ShardedSearch(
+        connect(ray_address), num_workers, graph_distributed.SHARD_ROWS
+    )
+
+
+def _search_graph(dataset, results, k, search):
+    """Caches the kNN graph of the unregistered index ``results``, searched
+    with ``search``; on failure its index file is removed."""
+    try:
+        results.knn(k, search=search)
+    except BaseException:
+        files.remove_index_file(config_index_path(dataset, results.config))
+        raise
 
 
 def _replace_run(dataset, key, results):

@@ -32,7 +32,7 @@ class IndexSearchMixin:
 
     # --- the shared kNN graph ---------------------------------------------
 
-    def knn(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def knn(self, k: int, search=None) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest neighbours of every vector of the full index.
 
         Computed once with the index (approximate for ``"ivf"``/``"hnsw"``
@@ -41,6 +41,12 @@ class IndexSearchMixin:
 
         Args:
             k: neighbours per vector (capped at ``index_size - 1``)
+            search: optionally, how an ``"ivf"`` index without deleted rows
+                searches all its vectors when the graph is computed: a
+                function like :func:`dinoprop.graph.search_ivf` (the
+                default), e.g. a
+                :class:`dinoprop.graph_distributed.ShardedSearch` on a Ray
+                cluster, which finds the same neighbours
 
         Returns:
             a tuple ``(neighbors, distances)`` of ``index_size x k`` arrays:
@@ -52,7 +58,7 @@ class IndexSearchMixin:
         if not self.has_knn(k):
             rows = self._alive_rows
             neighbors, dists = self._search_rows(
-                self._stored_vectors(rows), k, rows, exclude_self=True
+                self._stored_vectors(rows), k, rows, exclude_self=True, search=search
             )
             self._graph = (k, neighbors, dists)
             self._write_file()
@@ -134,8 +140,11 @@ class IndexSearchMixin:
             return (1.0 - scores).astype(np.float32)
         return np.sqrt(np.maximum(-scores, 0)).astype(np.float32)
 
-    def _search_rows(self, queries, k, rows, exclude_self=False, reverse=False):
-        """Top-k search restricted to ``rows``; returns positions in rows."""
+    def _search_rows(
+        self, queries, k, rows, exclude_self=False, reverse=False, search=None
+    ):
+        """Top-k search restricted to ``rows``; returns positions in rows.
+        ``search`` replaces :func:`search_ivf` for all-row IVF searches."""
         import faiss
 
         num = rows.size
@@ -160,7 +169,8 @@ class IndexSearchMixin:
             params = self._params(kk, sel=sel, fraction=fraction)
             if sel is None and self._resolved_type == "ivf":
                 # many queries (the kNN graph) go list by list
-                scores, found = search_ivf(self._index, queries, kk, params.nprobe)
+                search = search or search_ivf
+                scores, found = search(self._index, queries, kk, params.nprobe)
             else:
                 scores, found = self._index.search(queries, kk, params=params)
             if self.config.metric == "euclidean":
