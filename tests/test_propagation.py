@@ -280,6 +280,21 @@ def test_graph_products_match_scipy():
     np.testing.assert_allclose(pm.graph_features(x, graph), expected, rtol=1e-5, atol=1e-6)
 
 
+
+def test_graph_features_hold_one_smoothed_copy_and_act_as_the_dense_array():
+    """The propagation keeps N x D smoothed floats beside x, not an N x 2D
+    copy, and its rows and products are those of the dense features."""
+    x, labels = _clusters()
+    problem = _problem(x, 4)
+    features, dense = problem.xg, pm.graph_features(problem.x, problem.graph)
+    assert features.shape == dense.shape
+    assert features.x is problem.x and features.smoothed.nbytes == problem.x.nbytes
+    rows = np.array([5, 0, 17])
+    np.testing.assert_allclose(features[rows], dense[rows], rtol=1e-5, atol=1e-6)
+    weights = np.random.default_rng(0).normal(size=(dense.shape[1], 3)).astype(np.float32)
+    features.BLOCK_ROWS = 7  # several blocks, the last one short
+    np.testing.assert_allclose(features @ weights, dense @ weights, rtol=1e-4, atol=1e-5)
+
 # ---------------------------------------------------------- FiftyOne run
 
 

@@ -52,12 +52,14 @@ from dinoprop.propagation_methods.graphs import (  # noqa: F401
 )
 from dinoprop.propagation_methods.methods import (  # noqa: F401
     GRAPH_LINEAR_C,
+    GraphFeatures,
     Problem,
     diffusion_scores,
     graph_features,
     knn_scores,
     linear_logits,
     smooth_scores,
+    smoothed_features,
 )
 from dinoprop.propagation_methods.stopping import (  # noqa: F401
     DEFAULT_TARGET_ACCURACY,
