@@ -220,7 +220,7 @@ def test_vectorized_transform_init_matches_umaps_own():
     import scipy.sparse
     import umap.umap_
 
-    from dinoprop.visualization import init_graph_transform
+    from dinoprop.umap_transform import init_graph_transform
 
     rng = np.random.default_rng(0)
     graph = scipy.sparse.random(300, 80, density=0.1, format="csr", random_state=0)
@@ -237,13 +237,12 @@ def test_vectorized_transform_init_matches_umaps_own():
     np.testing.assert_array_equal(ours[7], embedding[graph[7].indices[1]])
 
 
-def test_umap_transform_with_the_vectorized_init_is_umaps_transform():
-    from dinoprop.visualization import (
-        SampleSearch,
-        _reducer,
-        _with_self,
-        vectorized_transform_init,
-    )
+@pytest.fixture(scope="module")
+def fitted_transform():
+    """A UMAP fitted on 4,200 sample rows (past its small-data limit, so
+    transform queries SampleSearch), the 1,800 other rows, and umap-learn's
+    own transform of them."""
+    from dinoprop.visualization import SampleSearch, _reducer, _with_self
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 5, 6000)
@@ -255,10 +254,45 @@ def test_umap_transform_with_the_vectorized_init_is_umaps_transform():
         (*_with_self(*graph.approximate_knn_search(sample, 9)), SampleSearch(sample)),
     )
     reducer.fit(sample)
-    theirs = reducer.transform(rest)
+    return reducer, rest, reducer.transform(rest)
+
+
+def test_umap_transform_with_the_vectorized_init_is_umaps_transform(fitted_transform):
+    import umap.umap_
+
+    from dinoprop.umap_transform import vectorized_transform_init
+
+    reducer, rest, theirs = fitted_transform
     with vectorized_transform_init():
         ours = reducer.transform(rest)
     np.testing.assert_array_equal(ours, theirs)  # the layout amplifies any rounding
+    assert umap.umap_.init_graph_transform.__module__ == "umap.umap_"
+
+
+def test_the_layout_of_blocks_of_new_points_on_threads_is_umaps_own(
+    fitted_transform, monkeypatch
+):
+    """Each transformed point moves alone, so blocks optimised apart on
+    several threads give umap-learn's one-core layout bit for bit."""
+    import umap.layouts
     import umap.umap_
 
-    assert umap.umap_.init_graph_transform.__module__ == "umap.umap_"
+    from dinoprop import umap_transform
+
+    reducer, rest, theirs = fitted_transform
+    monkeypatch.setattr(umap_transform, "LAYOUT_BLOCK_POINTS", 250)  # 8 blocks, the last short
+    blocks = []
+    real = umap.umap_.optimize_layout_euclidean
+
+    def counted(head_embedding, *args, **kwargs):
+        blocks.append(len(head_embedding))
+        return real(head_embedding, *args, **kwargs)
+
+    monkeypatch.setattr(umap.umap_, "optimize_layout_euclidean", counted)
+    epoch = umap.layouts._get_optimize_layout_euclidean_single_epoch_fn
+    with umap_transform.parallel_transform_layout(threads=3):
+        ours = reducer.transform(rest)
+    assert blocks == [250] * 7 + [50]
+    np.testing.assert_array_equal(ours, theirs)
+    assert umap.umap_.optimize_layout_euclidean is counted  # restored after the block
+    assert umap.layouts._get_optimize_layout_euclidean_single_epoch_fn is epoch

@@ -16,12 +16,11 @@ pays for JIT compilation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +33,11 @@ from dinoprop.core import (
     check_number,
     l2_normalize,
     progress_bar,
+)
+from dinoprop.umap_transform import (  # noqa: F401 (public names kept here)
+    init_graph_transform,
+    parallel_transform_layout,
+    vectorized_transform_init,
 )
 
 logger = logging.getLogger(__name__)
@@ -293,7 +297,7 @@ def umap_on_sample(
         warnings.simplefilter("ignore")  # not an NNDescent index / n_jobs notices
         points[fit] = reducer.fit_transform(sample)
         del indices, dists
-        with vectorized_transform_init():
+        with vectorized_transform_init(), parallel_transform_layout():
             points[rest] = reducer.transform(x[rest])
     return points, "faiss search (UMAP fitted on %d sampled points)" % fit_points
 
@@ -323,59 +327,6 @@ class SampleSearch:
 
         sims, nbrs = approximate_search(self._sample, np.asarray(queries, np.float32), k)
         return nbrs.astype(np.int32), np.maximum(1.0 - sims, 0.0).astype(np.float32)
-
-
-def init_graph_transform(graph: Any, embedding: np.ndarray) -> np.ndarray:
-    """The start of ``UMAP.transform``'s layout, vectorized.
-
-    Gives exactly what ``umap.umap_.init_graph_transform`` gives (each new
-    point at the membership-weighted mean of its fitted neighbours' map
-    positions, at the first neighbour of strength 1 when it has one, NaN
-    when it has none), with the same float32 operations in the same order,
-    but without its Python loop over rows, which took most of the
-    transform's time at 1M points. Bit-for-bit equality matters: the
-    layout's optimisation amplifies any rounding difference.
-
-    Args:
-        graph: the ``num_new x num_fitted`` CSR membership graph
-        embedding: the ``num_fitted x num_dims`` fitted map
-
-    Returns:
-        the ``num_new x num_dims`` float32 start positions
-    """
-    degrees = np.diff(graph.indptr)
-    row_sums = np.zeros(len(degrees), graph.data.dtype)
-    for degree in np.unique(degrees[degrees > 0]):
-        rows = np.flatnonzero(degrees == degree)
-        entries = graph.indptr[rows, None] + np.arange(degree)
-        row_sums[rows] = graph.data[entries].sum(axis=1)  # numpy's pairwise sum, as scipy's
-    weights = graph.data / np.repeat(row_sums, degrees)
-    result = np.zeros((len(degrees), embedding.shape[1]), np.float32)
-    for position in range(degrees.max(initial=0)):  # in each row's order
-        rows = np.flatnonzero(degrees > position)
-        entries = graph.indptr[rows] + position
-        result[rows] += weights[entries, None] * embedding[graph.indices[entries]]
-    exact = np.flatnonzero(graph.data == 1)
-    exact_rows = np.repeat(np.arange(len(degrees)), degrees)[exact]
-    exact_rows, first = np.unique(exact_rows, return_index=True)
-    result[exact_rows] = embedding[graph.indices[exact[first]]]
-    result[degrees == 0] = np.nan
-    return result
-
-
-@contextlib.contextmanager
-def vectorized_transform_init() -> Iterator[None]:
-    """Makes ``UMAP.transform`` start from :func:`init_graph_transform`
-    while the block runs (umap-learn's own version loops over rows in
-    Python); everything else in the transform stays umap-learn's."""
-    import umap.umap_
-
-    original = umap.umap_.init_graph_transform
-    umap.umap_.init_graph_transform = init_graph_transform
-    try:
-        yield
-    finally:
-        umap.umap_.init_graph_transform = original
 
 
 def _pca(vectors, num_dims, seed):
