@@ -454,6 +454,16 @@ def decode_vectors(stored: list) -> np.ndarray | None:
     return np.frombuffer(payload, dtype=dtype).reshape(len(blobs), shape[0])
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS
+    has one, as on Linux; otherwise every core)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def row_norms(x: np.ndarray) -> np.ndarray:
     """The L2 norm of every row of the 2-D array ``x``, without the
     ``N x D`` temporary of ``np.linalg.norm`` (1.5 GB at 1M x 384)."""

@@ -12,7 +12,6 @@ crashing it; reasons read ``"<kind>: <detail>"`` (see
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from dinoprop.models import (
@@ -193,7 +192,9 @@ def default_num_workers(device: Any) -> int:
     decoding with inference is the sweet spot; GPUs are fed by as many
     workers as there are cores (capped at 16).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from dinoprop.core import usable_cores
+
+    cores = usable_cores()
     if device.type == "cuda":
         return max(1, min(16, cores - 1))
     return 1 if cores <= 4 else min(4, cores // 4)

@@ -12,11 +12,12 @@ the transform stays umap-learn's. :mod:`dinoprop.visualization` uses both.
 from __future__ import annotations
 
 import contextlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
+
+from dinoprop.core import usable_cores
 
 
 def init_graph_transform(graph: Any, embedding: np.ndarray) -> np.ndarray:
@@ -104,7 +105,7 @@ def parallel_transform_layout(threads: int | None = None) -> Iterator[None]:
     and umap-learn older than 0.5.12, run unchanged.
 
     Args:
-        threads: the threads (default ``len(os.sched_getaffinity(0))``)
+        threads: the threads (default :func:`dinoprop.core.usable_cores`)
     """
     import umap.layouts
     import umap.umap_
@@ -113,7 +114,7 @@ def parallel_transform_layout(threads: int | None = None) -> Iterator[None]:
     if _umap_version() < _PER_POINT_RNG_UMAP or threads == 1:
         yield
         return
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
 
     def optimize(head_embedding, tail_embedding, head, tail, n_epochs, n_vertices,
                  epochs_per_sample, a, b, rng_state, gamma=1.0, initial_alpha=1.0,
