@@ -101,8 +101,9 @@ def parallel_transform_layout(threads: int | None = None) -> Iterator[None]:
     this runs the blocks (:data:`LAYOUT_BLOCK_POINTS` points each) on
     ``threads`` threads (default: every core this process may use), each
     through umap-learn's own ``optimize_layout_euclidean`` with its epoch
-    compiled to release the GIL. Seedless, densMAP or fitting layouts,
-    and umap-learn older than 0.5.12, run unchanged.
+    compiled to release the GIL. Seedless, densMAP or fitting layouts
+    (or snapshots at several epochs), a single thread, and umap-learn
+    older than 0.5.12 run unchanged.
 
     Args:
         threads: the threads (default :func:`dinoprop.core.usable_cores`)
@@ -111,16 +112,17 @@ def parallel_transform_layout(threads: int | None = None) -> Iterator[None]:
     import umap.umap_
 
     original = umap.umap_.optimize_layout_euclidean
+    threads = threads or usable_cores()
     if _umap_version() < _PER_POINT_RNG_UMAP or threads == 1:
         yield
         return
-    threads = threads or usable_cores()
 
     def optimize(head_embedding, tail_embedding, head, tail, n_epochs, n_vertices,
                  epochs_per_sample, a, b, rng_state, gamma=1.0, initial_alpha=1.0,
                  negative_sample_rate=5.0, parallel=False, **options):
         blocks = _layout_blocks(head, len(head_embedding))
-        if parallel or options.get("densmap") or options.get("move_other") or blocks is None:
+        alone = not (parallel or options.get("densmap") or options.get("move_other"))
+        if blocks is None or not alone or isinstance(n_epochs, list):
             return original(
                 head_embedding, tail_embedding, head, tail, n_epochs, n_vertices,
                 epochs_per_sample, a, b, rng_state, gamma, initial_alpha,
