@@ -5,6 +5,7 @@ Everything here imports FiftyOne lazily so that ``import dinoprop`` stays fast.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -457,8 +458,6 @@ def decode_vectors(stored: list) -> np.ndarray | None:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity where the OS
     has one, as on Linux; otherwise every core)."""
-    import os
-
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

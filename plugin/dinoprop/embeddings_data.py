@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from dinoprop.core import usable_cores
 from dinoprop.models import (
     Preprocessing,
     UnsupportedImage,
@@ -192,8 +193,6 @@ def default_num_workers(device: Any) -> int:
     decoding with inference is the sweet spot; GPUs are fed by as many
     workers as there are cores (capped at 16).
     """
-    from dinoprop.core import usable_cores
-
     cores = usable_cores()
     if device.type == "cuda":
         return max(1, min(16, cores - 1))

@@ -108,7 +108,6 @@ def parallel_transform_layout(threads: int | None = None) -> Iterator[None]:
     Args:
         threads: the threads (default :func:`dinoprop.core.usable_cores`)
     """
-    import umap.layouts
     import umap.umap_
 
     original = umap.umap_.optimize_layout_euclidean
