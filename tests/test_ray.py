@@ -353,68 +353,67 @@ def _kill_one_actor():
 
 
 @pytest.fixture(scope="module")
-def ray_runs(two_nodes, image_items, tiny_dinov2_dir):
-    """The generated images embedded in this process (``LOCAL``) and on the
-    2-node cluster: by one CPU actor (``num_gpus_per_worker=0``, as on a
-    CPU-only cluster) killed after its first batch (``ray1``), and by the
-    default one actor per GPU, so two (``ray2``)."""
+def ray_runs(two_nodes, image_items):
+    """The generated images embedded with the offline backbone (the Ray
+    engine is the same for every model; this one loads in a third of a tiny
+    transformers model's time, and every actor loads it): in this process
+    (``LOCAL``); on the 2-node cluster by the default one actor per GPU, so
+    two (``ray``); then, with the vectors of the first 12 samples cleared
+    (as if a run had died before writing them), by one CPU actor
+    (``num_gpus_per_worker=0``, as on a CPU-only cluster) killed after its
+    first batch."""
     import fiftyone as fo
 
     dataset = seeded_dataset(image_items)
+    options = {"model": "efficientnet-lite0", "batch_size": 4}
+    de.compute_embeddings(dataset, num_workers=0, embeddings_field=LOCAL, **options)
+    two_actors = de.compute_embeddings(dataset, engine="ray", embeddings_field="ray", **options)
+    stored = _vectors(dataset, "ray")
+    cleared = dataset.values("id")[:12]  # three batches of 4
+    dataset.select(cleared).set_field("ray", None).save()
+    before_rerun = _modified(dataset)
     killed = []
 
     def kill_after_first_batch(pb):
         if not killed:
             killed.append(_kill_one_actor())
 
-    options = {"model": tiny_dinov2_dir, "batch_size": 4}
-    de.compute_embeddings(dataset, num_workers=0, embeddings_field=LOCAL, **options)
     one_cpu_actor = {**options, "engine": "ray", "num_workers": 1, "num_gpus_per_worker": 0,
-                     "embeddings_field": "ray1"}
-    runs = {
-        1: de.compute_embeddings(dataset, progress=kill_after_first_batch, **one_cpu_actor),
-        2: de.compute_embeddings(dataset, engine="ray", embeddings_field="ray2", **options),
-    }
-    yield SimpleNamespace(dataset=dataset, nodes=two_nodes, killed=killed, runs=runs,
-                          one_cpu_actor=one_cpu_actor)
+                     "embeddings_field": "ray"}
+    rerun = de.compute_embeddings(dataset, progress=kill_after_first_batch, **one_cpu_actor)
+    yield SimpleNamespace(
+        dataset=dataset, nodes=two_nodes, two_actors=two_actors, stored=stored,
+        cleared=cleared, before_rerun=before_rerun, killed=killed, rerun=rerun,
+        one_cpu_actor=one_cpu_actor,
+    )
     if fo.dataset_exists(dataset.name):
         dataset.delete()
 
 
-def test_two_nodes_with_a_gpu_each_run_one_actor_each_and_equal_1_actor_and_local_vectors(
-    ray_runs,
-):
-    dataset, runs = ray_runs.dataset, ray_runs.runs
+def test_two_nodes_with_a_gpu_each_run_one_actor_each_with_the_local_vectors(ray_runs):
+    dataset, run = ray_runs.dataset, ray_runs.two_actors
     assert len(ray_runs.nodes) == 2
-    for n, results in runs.items():
-        assert (results.engine, results.num_embedded, results.num_failed) == ("ray", 24, 0)
-        assert sum(results.images_per_node.values()) == 24
-        assert de.get_embeddings_run(dataset, "ray%d" % n)["status"] == "completed"
-    assert len(runs[1].images_per_worker) == 1
-    assert set(runs[2].images_per_node) == ray_runs.nodes  # one actor on each node
-    assert len(runs[2].images_per_worker) == 2
-    expected = _vectors(dataset, LOCAL)
-    assert _cosines(_vectors(dataset, "ray2"), expected).min() >= 0.9999
-    np.testing.assert_array_equal(_vectors(dataset, "ray1"), _vectors(dataset, "ray2"))
-    assert runs[1].fingerprint == de.get_embeddings_run(dataset, LOCAL)["fingerprint"]
+    assert (run.engine, run.num_embedded, run.num_failed) == ("ray", 24, 0)
+    assert sum(run.images_per_node.values()) == 24
+    assert set(run.images_per_node) == ray_runs.nodes  # one actor on each node
+    assert len(run.images_per_worker) == 2
+    assert _cosines(ray_runs.stored, _vectors(dataset, LOCAL)).min() >= 0.9999
+    assert run.fingerprint == de.get_embeddings_run(dataset, LOCAL)["fingerprint"]
 
 
-def test_a_killed_actor_loses_nothing_and_a_rerun_recomputes_nothing_stored(ray_runs):
-    dataset, killed_run = ray_runs.dataset, ray_runs.runs[1]
+def test_a_killed_actor_loses_nothing_and_a_rerun_embeds_only_what_is_missing(ray_runs):
+    dataset, rerun = ray_runs.dataset, ray_runs.rerun
     assert ray_runs.killed and ray_runs.killed[0] is not None  # an actor was really killed mid-run
-    assert (killed_run.num_embedded, killed_run.num_failed) == (24, 0)
-    assert len(dataset) == dataset.count("ray1") == 24
+    assert (rerun.num_embedded, rerun.num_skipped, rerun.num_failed) == (12, 12, 0)
+    assert len(rerun.images_per_worker) == 1
+    assert de.get_embeddings_run(dataset, "ray")["status"] == "completed"
+    assert len(dataset) == dataset.count("ray") == 24
     assert len(set(dataset.values("id"))) == 24
-
-    options = ray_runs.one_cpu_actor
-    cleared = dataset.values("id")[:5]  # a run that died before writing these
-    dataset.select(cleared).set_field("ray1", None).save()
-    before = _modified(dataset)
-    rerun = de.compute_embeddings(dataset, **options)
-    assert (rerun.num_embedded, rerun.num_skipped) == (5, 19)
     after = _modified(dataset)
-    assert [i for i in after if after[i] != before[i]] == cleared
-    np.testing.assert_array_equal(_vectors(dataset, "ray1"), _vectors(dataset, "ray2"))
-    again = de.compute_embeddings(dataset, **options)
+    assert [i for i in after if after[i] != ray_runs.before_rerun[i]] == ray_runs.cleared
+    # one CPU actor (its batches retried after the kill) wrote what two GPU actors wrote
+    np.testing.assert_array_equal(_vectors(dataset, "ray"), ray_runs.stored)
+
+    again = de.compute_embeddings(dataset, **ray_runs.one_cpu_actor)
     assert (again.num_embedded, again.num_skipped) == (0, 24)
     assert _modified(dataset) == after
