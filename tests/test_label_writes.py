@@ -151,6 +151,28 @@ def test_bulk_set_sends_batches_and_counts_what_it_modified():
     assert dataset.values("n") == list(range(10))
 
 
+def test_bulk_set_keeps_two_batches_in_flight(monkeypatch):
+    import threading
+    import time
+
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_send(collection, ops):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # mongod working on it
+        with lock:
+            active[0] -= 1
+        return len(ops)
+
+    monkeypatch.setattr(label_writes, "_send", slow_send)
+    updates = (("%024x" % i, {"n": i}) for i in range(12))
+    assert label_writes.bulk_set(None, updates, batch_size=2) == 12
+    assert most[0] == label_writes.WRITES_IN_FLIGHT == 2
+
+
 def test_bulk_set_raises_what_a_batch_sent_by_its_thread_failed_with():
     from pymongo.errors import BulkWriteError
 
