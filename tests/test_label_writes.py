@@ -139,6 +139,26 @@ def test_accepted_labels_and_tags_read_back_as_set_values_writes_them():
     _same(ours, theirs, "new_field")
 
 
+def test_retag_in_several_batches_tags_as_fiftyone_does(monkeypatch):
+    import time
+
+    monkeypatch.setattr(label_writes, "BULK_BATCH", 2)
+    ours, theirs = _twins()
+    ids = ours.values("id")
+    first, second = set(ids[:7]), set(ids[4:11])  # three kept, four added, four removed
+    for dataset in (ours, theirs):
+        dataset.select([dataset.values("id")[i] for i in range(7)]).tag_samples("review")
+    before = ours.values("last_modified_at")
+    time.sleep(0.01)
+    assert label_writes.retag(ours, "review", second) == {"num_tagged": 4, "num_untagged": 4}
+    wanted = [theirs.values("id")[i] for i in range(4, 11)]
+    theirs.untag_samples("review")
+    theirs.select(wanted).tag_samples("review")
+    _same(ours, theirs, "label")
+    changed = [b != a for b, a in zip(before, ours.values("last_modified_at"))]
+    assert changed == [i in first ^ second for i in ids]
+
+
 def test_bulk_set_sends_batches_and_counts_what_it_modified():
     dataset, _ = _twins(num=10)
     ids = dataset.values("id")

@@ -79,13 +79,21 @@ def bulk_set(
     Returns:
         the number of documents modified
     """
+    now = now or utc_now()
+    with gc_paused():
+        return _send_in_flight(collection, _operations(updates, extra or {}, now, batch_size))
+
+
+def _send_in_flight(collection: Any, batches: Iterable[list]) -> int:
+    """Sends each list of write operations as one unordered bulk write,
+    :data:`WRITES_IN_FLIGHT` at a time, while the next is built; returns
+    the documents modified."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    now = now or utc_now()
     modified, sending = 0, deque()
-    with gc_paused(), ThreadPoolExecutor(WRITES_IN_FLIGHT) as senders:
-        for ops in _operations(updates, extra or {}, now, batch_size):
+    with ThreadPoolExecutor(WRITES_IN_FLIGHT) as senders:
+        for ops in batches:
             if len(sending) == WRITES_IN_FLIGHT:
                 modified += sending.popleft().result()
             sending.append(senders.submit(_send, collection, ops))
@@ -287,7 +295,8 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
     """Makes ``tag`` mark exactly ``ids`` among the samples of ``samples``.
 
     Only samples whose tags change are written (with ``last_modified_at``,
-    as FiftyOne's ``tag_samples`` does), in two bulk updates.
+    as FiftyOne's ``tag_samples`` does), :data:`BULK_BATCH` samples per
+    update, :data:`WRITES_IN_FLIGHT` updates at a time.
 
     Args:
         samples: a FiftyOne dataset or view
@@ -299,22 +308,25 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
     """
     import fiftyone.core.sample as fos
     from bson import ObjectId
+    from pymongo import UpdateMany
 
     wanted = {str(i) for i in ids}
     tagged = {str(i) for i in samples.match_tags(tag).values("_id", _raw=True)}
-    add, remove = wanted - tagged, tagged - wanted
+    add, remove = sorted(wanted - tagged), sorted(tagged - wanted)
     dataset = samples._root_dataset
-    coll = dataset._sample_collection
     now = utc_now()
-    for chosen, update in (
-        (add, {"$addToSet": {"tags": tag}}),
-        (remove, {"$pull": {"tags": tag}}),
-    ):
-        if chosen:
-            coll.update_many(
-                {"_id": {"$in": [ObjectId(i) for i in chosen]}},
-                dict(update, **{"$set": {"last_modified_at": now}}),
-            )
+    batches = (
+        [UpdateMany(
+            {"_id": {"$in": [ObjectId(i) for i in chosen[start : start + BULK_BATCH]]}},
+            dict(update, **{"$set": {"last_modified_at": now}}),
+        )]
+        for chosen, update in (
+            (add, {"$addToSet": {"tags": tag}}),
+            (remove, {"$pull": {"tags": tag}}),
+        )
+        for start in range(0, len(chosen), BULK_BATCH)
+    )
+    _send_in_flight(dataset._sample_collection, batches)
     if add or remove:
         fos.Sample._reload_docs(dataset._sample_collection_name)
     return {"num_tagged": len(add), "num_untagged": len(remove)}
