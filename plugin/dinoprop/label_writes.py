@@ -306,27 +306,31 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
     Returns:
         a dict with ``num_tagged`` and ``num_untagged``
     """
+    import itertools
+
     import fiftyone.core.sample as fos
-    from bson import ObjectId
-    from pymongo import UpdateMany
 
     wanted = {str(i) for i in ids}
     tagged = {str(i) for i in samples.match_tags(tag).values("_id", _raw=True)}
     add, remove = sorted(wanted - tagged), sorted(tagged - wanted)
     dataset = samples._root_dataset
     now = utc_now()
-    batches = (
-        [UpdateMany(
-            {"_id": {"$in": [ObjectId(i) for i in chosen[start : start + BULK_BATCH]]}},
-            dict(update, **{"$set": {"last_modified_at": now}}),
-        )]
-        for chosen, update in (
-            (add, {"$addToSet": {"tags": tag}}),
-            (remove, {"$pull": {"tags": tag}}),
-        )
-        for start in range(0, len(chosen), BULK_BATCH)
-    )
-    _send_in_flight(dataset._sample_collection, batches)
+    _send_in_flight(dataset._sample_collection, itertools.chain(
+        _updates_of_many(add, {"$addToSet": {"tags": tag}}, now),
+        _updates_of_many(remove, {"$pull": {"tags": tag}}, now),
+    ))
     if add or remove:
         fos.Sample._reload_docs(dataset._sample_collection_name)
     return {"num_tagged": len(add), "num_untagged": len(remove)}
+
+
+def _updates_of_many(ids: list, update: dict, now: datetime) -> Iterator[list]:
+    """``update`` (with ``last_modified_at``) of the samples ``ids``, as one
+    ``UpdateMany`` of :data:`BULK_BATCH` samples per bulk write."""
+    from bson import ObjectId
+    from pymongo import UpdateMany
+
+    update = dict(update, **{"$set": {"last_modified_at": now}})
+    for start in range(0, len(ids), BULK_BATCH):
+        chunk = [ObjectId(i) for i in ids[start : start + BULK_BATCH]]
+        yield [UpdateMany({"_id": {"$in": chunk}}, update)]
