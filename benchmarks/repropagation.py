@@ -77,8 +77,9 @@ def run(rounds: int) -> dict:
         for timings in (by_hand, live):
             new = [i for i in rng.permutation(NUM) if i not in seeds][:NEW_LABELS]
             seeds.update(new)
-            dataset.select([ids[i] for i in new]).set_values(
-                "label", [fo.Classification(label=str(y[i])) for i in new]
+            dataset.set_values(  # by ID: select() keeps the dataset's order
+                "label", {ids[i]: fo.Classification(label=str(y[i])) for i in new},
+                key_field="id",
             )
             if timings is by_hand:
                 timings.append(_timed(lambda: dinoprop.propagate_labels(

@@ -252,8 +252,9 @@ def add_labels(dataset, ids: list, y: np.ndarray, labels: dict, count: int, seed
 
     rng = np.random.default_rng(seed)
     new = [int(r) for r in rng.permutation(len(y)) if int(r) not in labels][:count]
-    dataset.select([ids[r] for r in new]).set_values(
-        "label", [fo.Classification(label=str(y[r])) for r in new]
+    dataset.set_values(  # by ID: select() keeps the dataset's order, not the list's
+        "label", {ids[r]: fo.Classification(label=str(y[r])) for r in new},
+        key_field="id",
     )
     labels.update({r: int(y[r]) for r in new})
 
