@@ -333,7 +333,8 @@ def writing_through_set_values():
 
 
 def _set_values_writer(
-    samples, field, ids, labels, confidences, attributes, clear_ids=(), vectors=None
+    samples, field, ids, labels, confidences, attributes, clear_ids=(), vectors=None,
+    current=None,
 ):
     """``label_writes.write_classifications`` through ``set_values``."""
     import fiftyone as fo

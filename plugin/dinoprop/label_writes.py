@@ -171,6 +171,7 @@ def write_classifications(
     attributes: dict,
     clear_ids: Iterable[str] = (),
     vectors: Optional[dict] = None,
+    current: Optional[dict] = None,
 ) -> dict:
     """Writes ``Classification(label, confidence, **attributes)`` per sample.
 
@@ -186,6 +187,8 @@ def write_classifications(
         vectors: ``{name: per-sample 1-D arrays}`` stored as FiftyOne
             vector attributes (e.g. ``logits``); labels are then always
             rewritten
+        current: what :func:`stored_classifications` returns for ``field``
+            and these attribute names, if the caller has read it already
 
     Returns:
         a dict with ``num_written`` (labels written or rewritten),
@@ -205,7 +208,7 @@ def write_classifications(
         *(_plain(attributes[n]) for n in names),
     )
     vectors = vectors or {}
-    old = _current(samples, field, names)
+    old = stored_classifications(samples, field, names) if current is None else current
     counts = {"num_written": 0, "num_flipped": 0}
 
     def changed():
@@ -246,9 +249,18 @@ def _document(label_id, label, confidence, names, values):
 
 
 @gc_paused()
-def _current(samples, field, names):
-    """``{sample_id: (label ID, label, confidence, *attributes)}`` of the
-    labels present."""
+def stored_classifications(samples: Any, field: str, names: Iterable[str]) -> dict:
+    """The Classifications stored in ``field``, read in one pass.
+
+    Args:
+        samples: a FiftyOne collection
+        field: a top-level Classification field
+        names: attribute names to read too, in the order of the result
+
+    Returns:
+        ``{sample_id: (label ID, label, confidence, *attributes)}`` for
+        every sample with a label there (empty when the field is missing)
+    """
     if samples.get_field(field) is None:
         return {}
     paths = ["_id", field + "._id", field + ".label", field + ".confidence"]

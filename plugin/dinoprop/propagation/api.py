@@ -20,6 +20,7 @@ from dinoprop.core import (
 )
 from dinoprop.label_schema import try_enable_annotation
 from dinoprop.propagation.common import (
+    CONFIDENCE_TOLERANCE,
     DEFAULT_TARGET_PRECISION,
     RUN_TYPE,
     _fol,
@@ -36,7 +37,7 @@ from dinoprop.propagation.runs import (
     _results_fields,
     propagation_run_key,
 )
-from dinoprop.propagation.samples import _sample_data, _write_samples
+from dinoprop.propagation.samples import _sample_data, _write_samples, settle_labels
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,12 @@ def propagate_labels(
     hold its 4 most likely classes and their probabilities (what the App's
     triage panel offers as alternatives); seeds get None there, and the
     labels of ``label_field`` are never modified. A re-run writes only the
-    labels that changed. Both fields get label schemas
+    labels that changed: a label whose class and alternatives are the same
+    and whose confidences moved by at most
+    :data:`~dinoprop.propagation.common.CONFIDENCE_TOLERANCE` (0.001) is
+    kept as stored, and the run's thresholds, review queue and stop plan
+    use that stored confidence (``summary()["num_kept"]`` counts them;
+    with ``store_scores`` every label is rewritten). Both fields get label schemas
     (:func:`dinoprop.review.enable_annotation`), so the App's Annotate tab
     edits ``label_field`` with the full class list and shows the
     propagated field read-only.
@@ -204,7 +210,14 @@ def propagate_labels(
         bar.update()
         targets = np.setdiff1d(np.arange(len(data["ids"])), data["seed_idx"])
         probs = outcome.probs[targets]
-        confidence = probs.max(axis=1).astype(np.float64)
+        if objects:
+            confidence = probs.max(axis=1).astype(np.float64)
+        else:  # with scores stored, every label is rewritten (its logits moved)
+            settled = settle_labels(
+                samples, data, output_field, targets, classes, probs,
+                tolerance=0.0 if store_scores else CONFIDENCE_TOLERANCE,
+            )
+            confidence = settled.confidence
         calibrated = outcome.oof_probs is not None
         recommended, coverage, _ = pm.threshold_for_precision(
             confidence, target_precision
@@ -230,6 +243,7 @@ def propagate_labels(
             "num_propagated": int(len(targets)),
             "num_needs_review": None,
             "num_flipped": None,
+            "num_kept": None,
             "estimated_accuracy": _cv_accuracy(outcome),
             "recommended_threshold": float(recommended) if calibrated else None,
             "coverage_at_threshold": float(coverage) if calibrated else None,
@@ -261,12 +275,17 @@ def propagate_labels(
             target_accuracy=target_accuracy,
             label_type="detections" if objects else "classification",
         )
-        writer = _write_objects if objects else _write_samples
-        info["num_needs_review"], info["num_flipped"] = writer(
-            samples, data, output_field, targets, classes, probs,
-            needs_review, store_scores,
-        )
-        if not objects:
+        if objects:
+            info["num_needs_review"], info["num_flipped"] = _write_objects(
+                samples, data, output_field, targets, classes, probs,
+                needs_review, store_scores,
+            )
+        else:
+            info["num_needs_review"], info["num_flipped"] = _write_samples(
+                samples, data, output_field, targets, classes, settled,
+                probs if store_scores else None, needs_review,
+            )
+            info["num_kept"] = int(len(targets) - settled.write.sum())
             try_enable_annotation(samples, label_field, output_field=output_field)
         bar.update()
         results = _finish_run(samples, run_key, config, info, fields, start)

@@ -89,7 +89,10 @@ class PropagationResults(fors.RunResults):
         targets reach the target precision by their calibrated
         confidences), ``coverage_at_threshold`` (the fraction of targets
         it accepts), ``num_flipped`` (targets whose class differs from the
-        label an earlier run wrote there; None for object runs), ``ece``,
+        label an earlier run wrote there; None for object runs),
+        ``num_kept`` (targets whose stored label was left as it was
+        because it moved by at most ``CONFIDENCE_TOLERANCE``; None for
+        object runs), ``ece``,
         ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
         which the confidences are averaged over), ``seconds``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -17,6 +18,7 @@ from dinoprop.core import (
 )
 from dinoprop.label_states import accepted_unedited_ids
 from dinoprop.propagation.common import (
+    CONFIDENCE_TOLERANCE,
     NEEDS_REVIEW_TAG,
     NUM_TOP_CLASSES,
     REVIEW_QUEUE_VIEW,
@@ -161,35 +163,120 @@ def _digest(vectors: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-@gc_paused()
-def _write_samples(
-    samples, data, output_field, targets, classes, probs, needs_review,
-    store_scores,
-):
-    """Writes target labels and clears seeds' outputs; returns (#to review,
-    #labels whose class changed)."""
-    from dinoprop.label_writes import write_classifications
+@dataclass
+class SettledLabels:
+    """The Classifications a run gives its targets (rows aligned with them),
+    with the stored label kept wherever it barely moved.
 
-    ids = data["ids"]
+    Attributes:
+        top: ``N x NUM_TOP_CLASSES`` class indices, most likely first
+        top_confidences: their probabilities (rounded to 4 decimals)
+        confidence: the confidence of each label (the stored one where kept)
+        write: which labels are (re)written
+        stored: what :func:`dinoprop.label_writes.stored_classifications`
+            read of the output field
+    """
+
+    top: np.ndarray
+    top_confidences: np.ndarray
+    confidence: np.ndarray
+    write: np.ndarray
+    stored: dict
+
+
+def settle_labels(
+    samples, data, output_field, targets, classes, probs, tolerance=CONFIDENCE_TOLERANCE
+) -> SettledLabels:
+    """The targets' new labels; a stored label whose class and alternatives
+    are unchanged and whose confidences moved by at most ``tolerance`` is
+    kept as it is (``tolerance=0``: every label is rewritten)."""
+    from dinoprop.label_writes import stored_classifications
+
     top = top_classes(probs, NUM_TOP_CLASSES)
     top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    settled = SettledLabels(
+        top=top,
+        top_confidences=np.round(top_probs, 4),
+        confidence=top_probs[:, 0],
+        write=np.ones(len(targets), bool),
+        stored=stored_classifications(samples, output_field, _ATTRIBUTES),
+    )
+    if tolerance > 0 and settled.stored:
+        _keep_unmoved(settled, data["ids"][targets], classes, tolerance)
+    return settled
+
+
+#: The attributes of a propagated Classification, in the order
+#: :func:`~dinoprop.label_writes.stored_classifications` returns them.
+_ATTRIBUTES = sorted([TOP_CONFIDENCES_ATTRIBUTE, TOP_LABELS_ATTRIBUTE])
+
+
+def _keep_unmoved(settled, ids, classes, tolerance):
+    """Marks the labels that barely moved as kept and gives them their
+    stored confidences. Alternatives whose probability is within
+    ``tolerance`` of 0 both before and after may come in any order (they
+    are all as unlikely)."""
+    width = settled.top.shape[1]
+    rows, old_conf, old_top, old_top_conf = [], [], [], []
+    for row, sample_id in enumerate(ids):
+        _, label, confidence, top_confs, top_labels = settled.stored.get(
+            sample_id, (None,) * 5
+        )
+        if confidence is None or not top_labels or top_labels[0] != label:
+            continue
+        if len(top_labels) != width or len(top_confs or ()) != width:
+            continue
+        rows.append(row)
+        old_conf.append(confidence)
+        old_top.append(top_labels)
+        old_top_conf.append(top_confs)
+    if not rows:
+        return
+    rows = np.asarray(rows)
+    old_conf = np.asarray(old_conf, np.float64)
+    old_top_conf = np.asarray(old_top_conf, np.float64)
     names = np.asarray(classes).astype(str)
+    new_top = names[settled.top[rows]]
+    negligible = (settled.top_confidences[rows] <= tolerance) & (old_top_conf <= tolerance)
+    unmoved = (
+        ((new_top == np.asarray(old_top, dtype=str)) | negligible).all(axis=1)
+        & (np.abs(settled.confidence[rows] - old_conf) <= tolerance)
+        & (np.abs(settled.top_confidences[rows] - old_top_conf) <= tolerance).all(axis=1)
+    )
+    kept = rows[unmoved]
+    settled.write[kept] = False
+    settled.confidence[kept] = old_conf[unmoved]
+    settled.top_confidences[kept] = old_top_conf[unmoved]
+
+
+@gc_paused()
+def _write_samples(samples, data, output_field, targets, classes, settled, probs, needs_review):
+    """Writes the target labels to (re)write and clears seeds' outputs;
+    ``probs``: the targets' probabilities whose logarithms are stored too,
+    or None. Returns (#to review, #labels whose class changed)."""
+    from dinoprop.label_writes import write_classifications
+
+    rows = np.flatnonzero(settled.write)
+    names = np.asarray(classes).astype(str)
+    top = settled.top[rows]
     written = write_classifications(
         samples,
         output_field,
-        ids[targets],
+        data["ids"][targets[rows]],
         names[top[:, 0]].tolist(),
-        top_probs[:, 0],
+        settled.confidence[rows],
         {
             TOP_LABELS_ATTRIBUTE: names[top].tolist(),
-            TOP_CONFIDENCES_ATTRIBUTE: np.round(top_probs, 4).tolist(),
+            TOP_CONFIDENCES_ATTRIBUTE: settled.top_confidences[rows].tolist(),
         },
-        clear_ids=ids[data["seed_idx"]],
+        clear_ids=data["ids"][data["seed_idx"]],
         vectors=(
-            {"logits": np.log(np.clip(probs, 1e-12, None))} if store_scores else None
+            None if probs is None
+            else {"logits": np.log(np.clip(probs[rows], 1e-12, None))}
         ),
+        current=settled.stored,
     )
-    review_ids = list(ids[targets[needs_review]])
+    review_ids = list(data["ids"][targets[needs_review]])
     _mark_for_review(
         samples, review_ids, output_field, output_field + ".confidence",
         data["label_field"],
