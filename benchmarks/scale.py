@@ -309,6 +309,7 @@ def workflow(num: int, dim: int, steps: Steps) -> dict:
         "rerun_accuracy": accuracy(dataset, ids, y, labels),
         "method": first.summary()["method"],
         "rerun_num_flipped": rerun.summary()["num_flipped"],
+        "rerun_num_kept": rerun.summary()["num_kept"],
     }
     dataset.delete()
     return result
