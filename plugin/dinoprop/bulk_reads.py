@@ -52,12 +52,19 @@ def raw_values(samples: Any, paths: list) -> list:
     """
     keys = [path.split(".") for path in paths]
     columns: list = [[] for _ in paths]
-    cursor = samples._aggregate(pipeline=[{"$project": _projection(paths)}])
     with gc_paused():
-        for doc in cursor:
+        for doc in raw_documents(samples, paths):
             for column, key in zip(columns, keys):
                 column.append(_pick(doc, key))
     return columns
+
+
+def raw_documents(samples: Any, paths: list) -> Iterator[dict]:
+    """The stored documents of ``samples``, in the collection's order,
+    projected to ``paths`` (database paths; ``_id`` always comes along),
+    streamed from the database: for readers that take several values from
+    one embedded document, which is cheaper than one column per path."""
+    return samples._aggregate(pipeline=[{"$project": _projection(paths)}])
 
 
 def _projection(paths: list) -> dict:

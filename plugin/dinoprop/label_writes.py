@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from dinoprop.bulk_reads import gc_paused, raw_values
+from dinoprop.bulk_reads import gc_paused, raw_documents
 
 #: Updates sent per unordered bulk write. Batches bound the list of update
 #: operations held at once (at a million samples one list would hold a
@@ -263,14 +263,13 @@ def stored_classifications(samples: Any, field: str, names: Iterable[str]) -> di
     """
     if samples.get_field(field) is None:
         return {}
-    paths = ["_id", field + "._id", field + ".label", field + ".confidence"]
-    paths += [field + "." + n for n in names]
-    columns = raw_values(samples, paths)
-    return {
-        str(row[0]): tuple(row[1:])
-        for row in zip(*columns)
-        if row[2] is not None
-    }
+    keys = ["_id", "label", "confidence", *names]
+    stored = {}
+    for doc in raw_documents(samples, [field + "." + key for key in keys]):
+        label = doc.get(field)
+        if isinstance(label, dict) and label.get("label") is not None:
+            stored[str(doc["_id"])] = tuple(label.get(key) for key in keys)
+    return stored
 
 
 def _plain(values):
