@@ -217,29 +217,20 @@ def _keep_unmoved(settled, ids, classes, tolerance):
     ``tolerance`` of 0 both before and after may come in any order (they
     are all as unlikely)."""
     width = settled.top.shape[1]
-    rows, old_conf, old_top, old_top_conf = [], [], [], []
-    for row, sample_id in enumerate(ids):
-        _, label, confidence, top_confs, top_labels = settled.stored.get(
-            sample_id, (None,) * 5
-        )
-        if confidence is None or not top_labels or top_labels[0] != label:
-            continue
-        if len(top_labels) != width or len(top_confs or ()) != width:
-            continue
-        rows.append(row)
-        old_conf.append(confidence)
-        old_top.append(top_labels)
-        old_top_conf.append(top_confs)
+    found = [settled.stored.get(sample_id) for sample_id in ids]
+    rows = [row for row, stored in enumerate(found) if _comparable(stored, width)]
     if not rows:
         return
+    picked = [found[row] for row in rows]
     rows = np.asarray(rows)
-    old_conf = np.asarray(old_conf, np.float64)
-    old_top_conf = np.asarray(old_top_conf, np.float64)
+    old_conf = np.array([stored[2] for stored in picked], np.float64)
+    old_top_conf = np.array([stored[3] for stored in picked], np.float64)
+    old_top = np.array([stored[4] for stored in picked], dtype=str)
     names = np.asarray(classes).astype(str)
     new_top = names[settled.top[rows]]
     negligible = (settled.top_confidences[rows] <= tolerance) & (old_top_conf <= tolerance)
     unmoved = (
-        ((new_top == np.asarray(old_top, dtype=str)) | negligible).all(axis=1)
+        ((new_top == old_top) | negligible).all(axis=1)
         & (np.abs(settled.confidence[rows] - old_conf) <= tolerance)
         & (np.abs(settled.top_confidences[rows] - old_top_conf) <= tolerance).all(axis=1)
     )
@@ -247,6 +238,20 @@ def _keep_unmoved(settled, ids, classes, tolerance):
     settled.write[kept] = False
     settled.confidence[kept] = old_conf[unmoved]
     settled.top_confidences[kept] = old_top_conf[unmoved]
+
+
+def _comparable(stored, width):
+    """Whether a stored label (a row of
+    :func:`~dinoprop.label_writes.stored_classifications`) is one
+    a propagation wrote: a confidence, and ``width`` alternatives led by
+    its label."""
+    if stored is None:
+        return False
+    _, label, confidence, top_confs, top_labels = stored
+    return (
+        confidence is not None and bool(top_labels) and top_labels[0] == label
+        and len(top_labels) == width and len(top_confs or ()) == width
+    )
 
 
 @gc_paused()
