@@ -118,9 +118,12 @@ def _document(first, row, vector, label, rng):
 
 
 def _npy_blob(vector):
-    """``fiftyone.core.utils.serialize_numpy_array(vector)``, with the
-    ``.npy`` header built once per shape."""
+    """``dinoprop.label_writes.serialize_vector(vector)`` (what
+    ``compute_embeddings`` stores), with the ``.npy`` header built once
+    per shape."""
     import zlib
+
+    from dinoprop.label_writes import VECTOR_ZLIB_LEVEL
 
     key = (vector.dtype.str, vector.shape)
     if key not in _NPY_HEADERS:
@@ -129,7 +132,7 @@ def _npy_blob(vector):
         with io.BytesIO() as f:
             np.save(f, np.zeros(vector.shape, vector.dtype), allow_pickle=False)
             _NPY_HEADERS[key] = f.getvalue()[: -vector.nbytes]
-    return zlib.compress(_NPY_HEADERS[key] + vector.tobytes())
+    return zlib.compress(_NPY_HEADERS[key] + vector.tobytes(), VECTOR_ZLIB_LEVEL)
 
 
 _NPY_HEADERS: dict = {}
@@ -137,10 +140,10 @@ _NPY_HEADERS: dict = {}
 
 def check_samples(dataset, x: np.ndarray, labels: dict, ids: list) -> None:
     """Reads a spread of samples back through FiftyOne and compares."""
-    import fiftyone.core.utils as fou
+    from dinoprop.label_writes import serialize_vector
 
     assert len(dataset) == len(x), (len(dataset), len(x))
-    assert _npy_blob(x[-1]) == fou.serialize_numpy_array(x[-1])
+    assert _npy_blob(x[-1]) == serialize_vector(x[-1])
     rows = np.unique(np.linspace(0, len(x) - 1, 50).astype(int))
     for row in rows:
         sample = dataset[ids[row]]

@@ -413,8 +413,10 @@ def decode_vector(value: Any) -> np.ndarray:
 def decode_vectors(stored: list) -> np.ndarray | None:
     """Decodes vectors as FiftyOne stores them, all at once.
 
-    FiftyOne stores each vector as a zlib-compressed ``.npy`` blob and
-    decodes them one ``np.load`` at a time; when every blob holds a 1-D
+    FiftyOne stores each vector as a zlib-compressed ``.npy`` blob
+    (dinoprop's writer leaves the zlib stream uncompressed,
+    :data:`dinoprop.label_writes.VECTOR_ZLIB_LEVEL`, which decodes 8x
+    faster) and decodes them one ``np.load`` at a time; when every blob holds a 1-D
     array of the same dtype and length they share one header, so the
     payloads are decompressed and joined into a single array instead
     (about 1.5x faster for large views, with no per-vector arrays).
