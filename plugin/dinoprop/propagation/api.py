@@ -134,7 +134,7 @@ def propagate_labels(
             default is graph-smoothed logistic regression on graph-augmented
             features), ``"knn"``, ``"diffusion"``, ``"linear"`` or
             ``"graph_linear"``; the method an ``auto`` run chose (its
-            summary's ``method``, e.g. ``"graph_linear@0.8"``) is accepted
+            summary's ``method``, e.g. ``"graph_linear@0.5"``) is accepted
             too
         k: the number of neighbours of the kNN graph (and of the ``knn``
             vote)
