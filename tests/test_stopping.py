@@ -50,8 +50,14 @@ def test_forecast_waits_for_a_trend_then_recommends_stopping_when_flat():
     assert forecast == {"next_batch": 40, "next_batch_saving": 100.0, "recommend_stop": False}
 
     # noisy but flat: one low run does not hide that the cost stopped falling
-    flat = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1380, 1520, 1490, 1510, 1500])]
+    flat = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1380, 1520, 1490, 1510, 1480])]
     assert pm.stopping_forecast(flat)["recommend_stop"] is True
+
+    # flat, but this run jumped above the trend: one more batch, not a stop
+    spike = flat[:-1] + [[460, 1600]]
+    forecast = pm.stopping_forecast(spike)
+    assert forecast["next_batch_saving"] <= 0 and forecast["recommend_stop"] is False
+    assert pm.stopping_forecast(spike + [[500, 1450]])["recommend_stop"] is True
 
     # a re-run with the same labels replaces that point; fewer labels restart
     assert pm.stopping_forecast(falling + [[220, 1500]])["next_batch_saving"] == 100.0
@@ -65,6 +71,8 @@ def test_advice_names_the_finish_and_the_forecast():
     assert "accept the %d labels" % plan["num_accepted"] in keep
     stop = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "recommend_stop": True})
     assert stop.startswith("Stop labeling seeds")
+    above = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "recommend_stop": False})
+    assert above.startswith("Label one more batch") and "above their trend" in above
 
 
 # ------------------------------------------------- representative seeds
