@@ -8,8 +8,8 @@ import dinoprop
 from dinoprop import propagation_methods as pm
 from dinoprop import seeds as sd
 from dinoprop.core import DinopropError
-from dinoprop.propagation_methods import auto
 from dinoprop.graph import knn_search
+from dinoprop.propagation_methods import auto
 
 
 # ------------------------------------------------------------ the plan

@@ -216,12 +216,29 @@ def graph_features(x: np.ndarray, graph: Graph, hops: int = 2) -> np.ndarray:
     return GraphFeatures(x, smoothed_features(x, graph, hops)).toarray()
 
 
+#: How strongly ``graph_linear`` smooths the classifier's scores over the
+#: graph (``alpha`` of :func:`smooth_scores`). The classifier already sees
+#: each node's neighbourhood (graph-augmented features), so strong
+#: smoothing mostly lets a seed's label spill into its neighbours whatever
+#: they look like; with seeds picked by active learning, which crowd the
+#: class boundaries, that spill ranks wrong labels above right ones.
+#: Measured over simulated annotation loops on clothing-small and
+#: cifar10-test (3 starts each, efficientnet-lite0 features), the
+#: labels reachable at 95% dataset accuracy for a given ranking rose at
+#: every round from 60 human labels on with 0.5 instead of 0.8 (the
+#: cheapest stop, ranked with the truth: 24.8% -> 22.3% of N on
+#: clothing-small, 56.0% -> 53.6% on cifar10-test); with few random seeds
+#: it costs a little accuracy (clothing-small, 1 seed per class: 62.3% ->
+#: 60.3%; cifar10-test within 0.5 points either way).
+GRAPH_LINEAR_SMOOTHING = 0.5
+
+
 def smooth_scores(
     graph: Graph,
     probs: np.ndarray,
     seed_idx: np.ndarray,
     seed_labels: np.ndarray,
-    alpha: float = 0.5,
+    alpha: float = GRAPH_LINEAR_SMOOTHING,
     maxiter: int = 8,
 ) -> np.ndarray:
     """Spreads class scores over the graph, seeds clamped to their labels.
@@ -253,22 +270,6 @@ def smooth_scores(
 #: measured on clothing-small and cifar10-test it raises accuracy, the
 #: coverage reachable at 95% precision, and lowers calibration error.
 GRAPH_LINEAR_C = 10.0
-
-#: How strongly ``graph_linear`` smooths the classifier's scores over the
-#: graph (``alpha`` of :func:`smooth_scores`). The classifier already sees
-#: each node's neighbourhood (graph-augmented features), so strong
-#: smoothing mostly lets a seed's label spill into its neighbours whatever
-#: they look like; with seeds picked by active learning, which crowd the
-#: class boundaries, that spill ranks wrong labels above right ones.
-#: Measured over simulated annotation loops on clothing-small and
-#: cifar10-test (3 starts each, efficientnet-lite0 features), the
-#: labels reachable at 95% dataset accuracy for a given ranking rose at
-#: every round from 60 human labels on with 0.5 instead of 0.8 (the
-#: cheapest stop, ranked with the truth: 24.8% -> 22.3% of N on
-#: clothing-small, 56.0% -> 53.6% on cifar10-test); with few random seeds
-#: it costs a little accuracy (clothing-small, 1 seed per class: 62.3% ->
-#: 60.3%; cifar10-test within 0.5 points either way).
-GRAPH_LINEAR_SMOOTHING = 0.5
 
 
 class Problem:
