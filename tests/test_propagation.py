@@ -185,8 +185,15 @@ def test_top_classes_sorted_in_chunks_equal_a_full_sort():
 
     probs = np.random.default_rng(0).dirichlet(np.ones(6), 50).astype(np.float32)
     probs[::5, 1] = probs[::5, 2]  # ties keep class order
-    full = np.argsort(-probs, axis=1, kind="stable")[:, :4]
-    assert np.array_equal(top_classes(probs, 4, chunk=7), full)
+    probs[1::5] = 1 / 6  # uniform rows: every class ties
+    probs[2::5, 3:] = 0.0  # ties across the 4th and 5th class
+    probs[3::5, [0, 4, 5]] = probs[3::5, [2]]  # 4 classes tie at the top
+    # many ties at every rank, where a partial sort scrambles tied classes
+    coarse = np.round(np.random.default_rng(1).random((300, 20)) * 3) / 3
+    for scores in (probs, coarse):
+        full = np.argsort(-scores, axis=1, kind="stable")
+        for num in (1, 3, 4, 6):
+            assert np.array_equal(top_classes(scores, num, chunk=7), full[:, :num]), num
     assert top_classes(probs[:0], 4).shape == (0, 4)
 
 
@@ -489,6 +496,25 @@ def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatc
     dinoprop.propagate_labels(embedded_dataset, "label")
     assert len(reads) == 1, reads  # one scan over the samples with embeddings
     assert embedded_dataset.count("label_propagated") == 18
+
+
+def test_the_seeds_are_read_from_the_labeled_samples_only(embedded_dataset, monkeypatch):
+    from dinoprop.propagation import samples as propagation_samples
+
+    read = []
+    raw_values = propagation_samples.raw_values
+
+    def counted(view, paths):
+        columns = raw_values(view, paths)
+        if "label.label" in paths:
+            read.append(len(columns[0]))
+        return columns
+
+    monkeypatch.setattr(propagation_samples, "raw_values", counted)
+    results = dinoprop.propagate_labels(embedded_dataset, "label")
+    labeled = embedded_dataset.count("label")
+    assert read == [labeled] and labeled < len(embedded_dataset)
+    assert results.summary()["num_seeds"] == labeled
 
 
 def test_seed_tag_view_and_store_scores(embedded_dataset):
