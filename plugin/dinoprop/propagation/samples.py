@@ -82,8 +82,8 @@ def _sample_seeds(samples, label_field, seed_tag):
     and which of them are seeds.
 
     The database picks those samples (``exists``): the few labeled samples
-    of a large view come back, not one document per sample (at 1M
-    samples and 1,100 labels: 2.4 s of a 62 s re-run).
+    of a large view come back, not one document per sample (1M samples,
+    1,000 labeled: 0.4 s against 1.8 s reading every sample).
     """
     paths = ["_id", label_field + ".label"] + (["tags"] if seed_tag else [])
     columns = raw_values(samples.exists(label_field + ".label"), paths)
@@ -319,7 +319,7 @@ def top_classes(probs: np.ndarray, num: int, chunk: int = 65_536) -> np.ndarray:
     return np.concatenate([
         _top_of_block(-probs[start:start + chunk], num)
         for start in range(0, max(len(probs), 1), chunk)
-    ]).astype(np.int64, copy=False)
+    ])
 
 
 def _top_of_block(costs: np.ndarray, num: int) -> np.ndarray:
