@@ -493,6 +493,13 @@ def test_propagate_labels_reads_the_embeddings_once(embedded_dataset, monkeypatc
             return _aggregate(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "_aggregate", counted)
+    from dinoprop import vector_reads
+
+    def counted_batches(samples, paths, _raw_batches=vector_reads.raw_batches):
+        reads.append(paths)  # the raw BSON route of load_embeddings
+        return _raw_batches(samples, paths)
+
+    monkeypatch.setattr(vector_reads, "raw_batches", counted_batches)
     dinoprop.propagate_labels(embedded_dataset, "label")
     assert len(reads) == 1, reads  # one scan over the samples with embeddings
     assert embedded_dataset.count("label_propagated") == 18

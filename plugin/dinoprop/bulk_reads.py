@@ -55,7 +55,7 @@ def raw_values(samples: Any, paths: list) -> list:
     with gc_paused():
         for doc in raw_documents(samples, paths):
             for column, key in zip(columns, keys):
-                column.append(_pick(doc, key))
+                column.append(pick(doc, key))
     return columns
 
 
@@ -65,6 +65,16 @@ def raw_documents(samples: Any, paths: list) -> Iterator[dict]:
     streamed from the database: for readers that take several values from
     one embedded document, which is cheaper than one column per path."""
     return samples._aggregate(pipeline=[{"$project": _projection(paths)}])
+
+
+def raw_batches(samples: Any, paths: list) -> Iterator[bytes]:
+    """The documents of :func:`raw_documents`, as the database sends them:
+    raw BSON batches of whole documents (about 16 MB each), for readers
+    that take the values out of the bytes themselves
+    (:func:`dinoprop.vector_reads.read_vectors`)."""
+    pipeline = samples._pipeline(pipeline=[{"$project": _projection(paths)}])
+    collection = samples._dataset._sample_collection
+    return collection.aggregate_raw_batches(pipeline, allowDiskUse=True)
 
 
 def _projection(paths: list) -> dict:
@@ -77,7 +87,7 @@ def _projection(paths: list) -> dict:
     }
 
 
-def _pick(doc: Any, key: list) -> Any:
+def pick(doc: Any, key: list) -> Any:
     """The value at the path ``key`` (a list of names) of ``doc``, or None."""
     for name in key:
         if not isinstance(doc, dict):

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dinoprop.bulk_reads import gc_paused, raw_values
+from dinoprop.bulk_reads import gc_paused
+from dinoprop.vector_reads import read_vectors
 
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
@@ -323,24 +324,19 @@ def load_embeddings(
         "an embeddings field (run dinoprop.compute_embeddings first)",
     )
     check_vector_field(samples, field)
-    ids, raw = raw_values(samples, ["_id", field])
-    keep = [i for i, v in enumerate(raw) if v is not None]
-    if not keep and allow_empty:
+    sample_ids, embeddings = read_vectors(samples, field)
+    if not len(sample_ids) and allow_empty:
         return np.array([], dtype=str), np.zeros((0, 0), np.float32)
-    if not keep:
+    if not len(sample_ids):
         raise no_embeddings_error(field)
-    sample_ids = np.array([str(ids[i]) for i in keep])
-    stored = [raw[i] for i in keep]
-    embeddings = decode_vectors(stored)
-    if embeddings is None:  # not uniform stored arrays: one at a time
-        vectors = [decode_vector(v) for v in stored]
-        dims = {len(v) for v in vectors}
+    if isinstance(embeddings, list):  # not all of one length
+        dims = {len(v) for v in embeddings}
         if len(dims) > 1:
             raise DinopropError(
                 "Embeddings in '%s' have mixed dimensions %s; recompute them "
                 "with overwrite=True" % (field, sorted(dims))
             )
-        embeddings = np.stack(vectors)
+        embeddings = np.stack(embeddings)
     embeddings = embeddings.astype(np.float32, copy=False)
     check_finite(embeddings, sample_ids, field)
     return sample_ids, embeddings
@@ -398,63 +394,6 @@ def no_embeddings_error(field: str) -> DinopropError:
         "No sample in the view has an embedding in '%s'; run "
         "dinoprop.compute_embeddings first" % field
     )
-
-
-def decode_vector(value: Any) -> np.ndarray:
-    """One stored vector: FiftyOne's serialized array (how vector fields and
-    undeclared label attributes hold them), or a plain list."""
-    if isinstance(value, bytes):
-        import fiftyone.core.utils as fou
-
-        return fou.deserialize_numpy_array(value)
-    return np.asarray(value)
-
-
-def decode_vectors(stored: list) -> np.ndarray | None:
-    """Decodes vectors as FiftyOne stores them, all at once.
-
-    FiftyOne stores each vector as a zlib-compressed ``.npy`` blob
-    (dinoprop's writer leaves the zlib stream uncompressed,
-    :data:`dinoprop.label_writes.VECTOR_ZLIB_LEVEL`, which decodes 8x
-    faster) and decodes them one ``np.load`` at a time; when every blob holds a 1-D
-    array of the same dtype and length they share one header, so the
-    payloads are decompressed and joined into a single array instead
-    (about 1.5x faster for large views, with no per-vector arrays).
-
-    Args:
-        stored: the raw values of a vector field
-            (:func:`dinoprop.bulk_reads.raw_values`)
-
-    Returns:
-        the ``num x dim`` array, or None when the values are not uniform
-        stored arrays (lists, mixed shapes, another encoding)
-    """
-    import io
-    import zlib
-
-    try:
-        blobs = [zlib.decompress(value) for value in stored]
-    except (TypeError, zlib.error):
-        return None
-    with io.BytesIO(blobs[0]) as f:
-        readers = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        try:
-            reader = readers.get(np.lib.format.read_magic(f))
-            if reader is None:
-                return None
-            shape, _, dtype = reader(f)
-        except ValueError:
-            return None
-        offset = f.tell()
-    header, size = blobs[0][:offset], len(blobs[0])
-    uniform = all(len(b) == size and b.startswith(header) for b in blobs)
-    if not uniform or len(shape) != 1 or dtype.hasobject:
-        return None
-    payload = bytearray().join(memoryview(b)[offset:] for b in blobs)  # writable
-    return np.frombuffer(payload, dtype=dtype).reshape(len(blobs), shape[0])
 
 
 def usable_cores() -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import DinopropError, check_finite, decode_vector
+from dinoprop.core import DinopropError, check_finite
 from dinoprop.propagation.common import _check_seeds, _flatten, _fol, _is_seed
 from dinoprop.propagation.samples import _mark_for_review
+from dinoprop.vector_reads import decode_vector
 
 
 def _object_data(samples, label_field, embeddings, seed_tag, k):
