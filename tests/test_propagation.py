@@ -83,6 +83,22 @@ def test_diffusion_follows_the_graph_where_prototypes_fail():
     assert (diff.argmax(1) == labels).mean() > (lin.argmax(1) == labels).mean()
 
 
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8, 0.95])
+def test_score_smoothing_reaches_its_tolerance_at_every_strength(alpha):
+    from dinoprop.propagation_methods.methods import SMOOTHING_TOLERANCE, smooth_scores
+
+    x, labels = _clusters(num_classes=5, per_class=80, spread=1.2)
+    graph = _problem(x, 5).graph
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(5), size=len(labels)).astype(np.float32)
+    seeds = _seeds(labels, 3)
+    default = smooth_scores(graph, probs, seeds, labels[seeds], alpha=alpha)
+    exact = smooth_scores(graph, probs, seeds, labels[seeds], alpha=alpha, maxiter=500)
+    assert np.abs(default - exact).max() <= SMOOTHING_TOLERANCE
+    fewer = smooth_scores(graph, probs, seeds, labels[seeds], alpha=alpha, maxiter=1)
+    assert np.abs(fewer - exact).max() > np.abs(default - exact).max()
+
+
 def test_diffusion_is_class_balanced():
     """A class with many more seeds must not flood the other class."""
     x, labels = _clusters(num_classes=2, per_class=100)

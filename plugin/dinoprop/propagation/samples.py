@@ -192,6 +192,7 @@ class SettledLabels:
     stored: dict
 
 
+@gc_paused()
 def settle_labels(
     samples, data, output_field, targets, classes, probs, tolerance=CONFIDENCE_TOLERANCE
 ) -> SettledLabels:

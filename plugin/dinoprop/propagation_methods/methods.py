@@ -233,13 +233,45 @@ def graph_features(x: np.ndarray, graph: Graph, hops: int = 2) -> np.ndarray:
 GRAPH_LINEAR_SMOOTHING = 0.5
 
 
+#: How close :func:`smooth_scores` gets to the exact smoothed scores,
+#: relative to their scale, by the conjugate-gradient error bound.
+SMOOTHING_TOLERANCE = 1e-3
+
+
+def smoothing_iterations(alpha: float, tolerance: float = SMOOTHING_TOLERANCE) -> int:
+    """The conjugate-gradient iterations that smooth scores with ``alpha``
+    to within ``tolerance``.
+
+    The system ``I - alpha S`` (``S`` the normalised affinity, eigenvalues
+    in ``[-1, 1]``) has condition number ``k = (1 + alpha) / (1 - alpha)``,
+    and CG's error after ``n`` iterations is at most ``2 q^n`` with
+    ``q = (sqrt(k) - 1) / (sqrt(k) + 1)``, whatever the graph. At the
+    default ``alpha`` of 0.5 that is 6 iterations; measured on a 300k-node
+    graph with 100 classes, they leave the scores within 7e-5 of the
+    converged solve (8 iterations: 3e-6), below the 4 decimals confidences
+    are stored with, in 1.6 s against 2.4 s for 8.
+
+    Args:
+        alpha: the smoothing strength, in ``(0, 1)``
+        tolerance: the bound on the relative error
+
+    Returns:
+        the number of iterations (at least 1)
+    """
+    kappa = (1.0 + alpha) / (1.0 - alpha)
+    rate = (np.sqrt(kappa) - 1.0) / (np.sqrt(kappa) + 1.0)
+    if rate <= 0:
+        return 1
+    return max(1, int(np.ceil(np.log(tolerance / 2.0) / np.log(rate))))
+
+
 def smooth_scores(
     graph: Graph,
     probs: np.ndarray,
     seed_idx: np.ndarray,
     seed_labels: np.ndarray,
     alpha: float = GRAPH_LINEAR_SMOOTHING,
-    maxiter: int = 8,
+    maxiter: int | None = None,
 ) -> np.ndarray:
     """Spreads class scores over the graph, seeds clamped to their labels.
 
@@ -248,13 +280,16 @@ def smooth_scores(
     label, are propagated with label spreading, so neighbouring samples
     agree and the seeds' labels reach their neighbourhoods. With
     ``alpha`` well below 1 the system is well conditioned, so a few
-    conjugate-gradient iterations reach the solution (``maxiter``).
+    conjugate-gradient iterations reach the solution (``maxiter``; by
+    default :func:`smoothing_iterations` of ``alpha``).
 
     Returns:
         ``N x C`` class probabilities
     """
     z = probs.astype(np.float32, copy=True)
     z[seed_idx] = one_hot(seed_labels, probs.shape[1])
+    if maxiter is None:
+        maxiter = smoothing_iterations(alpha)
     f = diffuse(graph.s_norm, z, alpha=alpha, maxiter=maxiter)
     return _normalize_rows(np.clip(f, 0.0, None))
 
