@@ -338,7 +338,7 @@ def writing_through_set_values():
 
 def _set_values_writer(
     samples, field, ids, labels, confidences, attributes, clear_ids=(), vectors=None,
-    current=None,
+    label_ids=None, now=None,
 ):
     """``label_writes.write_classifications`` through ``set_values``."""
     import fiftyone as fo
@@ -353,8 +353,7 @@ def _set_values_writer(
     }
     values.update({str(sid): None for sid in clear_ids})
     samples._root_dataset.set_values(field, values, key_field="id")
-    # flips are not counted by this baseline
-    return {"num_written": len(ids), "num_flipped": None, "num_cleared": len(clear_ids)}
+    return {"num_written": len(ids), "num_cleared": len(clear_ids)}
 
 
 def propagate_100k(steps: Steps, num: int = 100_000) -> dict:

@@ -958,21 +958,33 @@ def test_a_rerun_keeps_labels_that_barely_moved_and_reports_what_it_stores(embed
 
 
 def test_negligible_alternatives_may_change_order_but_likely_ones_may_not():
-    from dinoprop.propagation.samples import SettledLabels, _keep_unmoved
+    from bson import ObjectId
+
+    from dinoprop.propagation.samples import _ATTRIBUTES, SettledLabels, _keep_unmoved
+    from dinoprop.stored_labels import _columns
 
     classes = np.array(["a", "b", "c", "d"])
+    stored = [
+        (0.9991, [0.9991, 0.0002, 0.0002], ["a", "c", "b"]),  # noise reordered
+        (0.9991, [0.9991, 0.0004, 0.0002], ["a", "d", "b"]),  # other classes, as unlikely
+        (0.7004, [0.7004, 0.1996, 0.1], ["a", "c", "b"]),  # the likely alternatives swapped
+    ]
+    docs = [
+        {"_id": ObjectId(), "out": dict(zip(
+            ("_id", "label", "confidence", *_ATTRIBUTES[::-1]),
+            (ObjectId(), "a", confidence, confidences, names),
+        ))}
+        for confidence, confidences, names in stored
+    ]
     settled = SettledLabels(
         top=np.array([[0, 1, 2], [0, 1, 2], [0, 1, 2]]),
         top_confidences=np.array([[0.9995, 0.0003, 0.0002]] * 2 + [[0.7, 0.2, 0.1]]),
         confidence=np.array([0.9995, 0.9995, 0.7]),
         write=np.ones(3, bool),
-        stored={
-            "s0": ("x", "a", 0.9991, [0.9991, 0.0002, 0.0002], ["a", "c", "b"]),  # noise reordered
-            "s1": ("x", "a", 0.9991, [0.9991, 0.0004, 0.0002], ["a", "d", "b"]),  # other classes, as unlikely
-            "s2": ("x", "a", 0.7004, [0.7004, 0.1996, 0.1], ["a", "c", "b"]),  # the likely alternatives swapped
-        },
+        stored=_columns(docs, "out", 3, _ATTRIBUTES),
+        rows=np.arange(3),
     )
-    _keep_unmoved(settled, ["s0", "s1", "s2"], classes, tolerance=1e-3)
+    _keep_unmoved(settled, classes, tolerance=1e-3)
     assert settled.write.tolist() == [False, False, True]
     assert settled.confidence.tolist() == [0.9991, 0.9991, 0.7]
     assert settled.top_confidences[0].tolist() == [0.9991, 0.0002, 0.0002]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 @contextmanager
@@ -67,12 +67,16 @@ def raw_documents(samples: Any, paths: list) -> Iterator[dict]:
     return samples._aggregate(pipeline=[{"$project": _projection(paths)}])
 
 
-def raw_batches(samples: Any, paths: list) -> Iterator[bytes]:
+def raw_batches(samples: Any, paths: list, match: Optional[dict] = None) -> Iterator[bytes]:
     """The documents of :func:`raw_documents`, as the database sends them:
     raw BSON batches of whole documents (about 16 MB each), for readers
     that take the values out of the bytes themselves
-    (:func:`dinoprop.vector_reads.read_vectors`)."""
-    pipeline = samples._pipeline(pipeline=[{"$project": _projection(paths)}])
+    (:func:`dinoprop.vector_reads.read_vectors`); only those matching the
+    query ``match``, if given."""
+    stages = [{"$project": _projection(paths)}]
+    if match is not None:
+        stages.insert(0, {"$match": match})
+    pipeline = samples._pipeline(pipeline=stages)
     collection = samples._dataset._sample_collection
     return collection.aggregate_raw_batches(pipeline, allowDiskUse=True)
 

@@ -1,4 +1,4 @@
-"""Writing many labels, vectors and tags fast, and only what changed.
+"""Writing many labels, vectors and tags fast.
 
 FiftyOne's ``set_values`` builds one label object per sample and validates
 it, which at 10k+ samples costs more than the propagation itself. The
@@ -6,9 +6,10 @@ writer here builds the documents FiftyOne itself stores (``_id``, ``_cls``,
 ``tags``, ``label``, ``confidence`` and attributes, the same serialisation
 as ``Classification.to_mongo()``), declares the field and its attributes in
 the dataset's schema first, and sends unordered bulk updates that also set
-``last_modified_at``, as FiftyOne does. A label whose class, confidence and
-attributes are unchanged is not written at all, so repeating a run with the
-same seeds writes nothing, and a rewritten label keeps its ID.
+``last_modified_at``, as FiftyOne does. Which labels to write is the
+caller's choice (:mod:`dinoprop.stored_labels` reads what is stored, so
+that a re-run writes only what moved, and a rewritten label keeps its ID);
+:func:`retag` writes only the tags that change.
 
 Every large write dinoprop makes goes through :func:`bulk_set` (labels,
 their scores, embedding vectors, accepted and reverted labels) or
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from dinoprop.bulk_reads import gc_paused, raw_documents
+from dinoprop.bulk_reads import gc_paused
 
 #: Updates sent per unordered bulk write. Batches bound the list of update
 #: operations held at once (at a million samples one list would hold a
@@ -183,7 +184,8 @@ def write_classifications(
     attributes: dict,
     clear_ids: Iterable[str] = (),
     vectors: Optional[dict] = None,
-    current: Optional[dict] = None,
+    label_ids: Optional[Iterable] = None,
+    now: Optional[datetime] = None,
 ) -> dict:
     """Writes ``Classification(label, confidence, **attributes)`` per sample.
 
@@ -197,15 +199,15 @@ def write_classifications(
             strings or of floats (declared as list fields)
         clear_ids: samples whose ``field`` is set to None
         vectors: ``{name: per-sample 1-D arrays}`` stored as FiftyOne
-            vector attributes (e.g. ``logits``); labels are then always
-            rewritten
-        current: what :func:`stored_classifications` returns for ``field``
-            and these attribute names, if the caller has read it already
+            vector attributes (e.g. ``logits``)
+        label_ids: the ID of each label (ObjectIds, or their 12 bytes as
+            ``bytes`` or a ``V12`` array; a rewritten label keeps its ID):
+            new IDs where None
+        now: the ``last_modified_at`` of every sample written (default:
+            :func:`utc_now`)
 
     Returns:
-        a dict with ``num_written`` (labels written or rewritten),
-        ``num_flipped`` (samples whose class changed from an earlier label)
-        and ``num_cleared``
+        a dict with ``num_written`` and ``num_cleared``
     """
     import fiftyone.core.sample as fos
 
@@ -215,33 +217,28 @@ def write_classifications(
     _declare(dataset, field, {n: attributes[n] for n in names})
     rows = zip(
         ids,
+        [None] * len(ids) if label_ids is None else label_ids,
         labels,
         (float(c) for c in confidences),
         *(_plain(attributes[n]) for n in names),
     )
     vectors = vectors or {}
-    old = stored_classifications(samples, field, names) if current is None else current
-    counts = {"num_written": 0, "num_flipped": 0}
+    now = now or utc_now()
 
-    def changed():
-        for row, (sample_id, label, confidence, *values) in enumerate(rows):
-            label_id, *before = old.get(sample_id, (None,))
-            if tuple(before) == (label, confidence, *values) and not vectors:
-                continue
-            counts["num_written"] += 1
-            counts["num_flipped"] += bool(before) and before[0] != label
+    def documents():
+        for row, (sample_id, label_id, label, confidence, *values) in enumerate(rows):
             doc = _document(label_id, label, confidence, names, values)
             doc.update(
                 (n, serialize_vector(np.asarray(v[row]))) for n, v in vectors.items()
             )
             yield sample_id, {field: doc}
 
-    cleared = [sid for sid in clear_ids if str(sid) in old]
-    bulk_set(dataset._sample_collection, changed())
-    bulk_set(dataset._sample_collection, ((sid, {field: None}) for sid in cleared))
-    if counts["num_written"] or cleared:
+    cleared = [str(sid) for sid in clear_ids]
+    bulk_set(dataset._sample_collection, documents(), now=now)
+    bulk_set(dataset._sample_collection, ((sid, {field: None}) for sid in cleared), now=now)
+    if ids or cleared:
         fos.Sample._reload_docs(dataset._sample_collection_name)
-    return dict(counts, num_cleared=len(cleared))
+    return {"num_written": len(ids), "num_cleared": len(cleared)}
 
 
 def _document(label_id, label, confidence, names, values):
@@ -250,7 +247,11 @@ def _document(label_id, label, confidence, names, values):
     from bson import ObjectId
 
     doc = {
-        "_id": label_id or ObjectId(),
+        "_id": (
+            ObjectId() if label_id is None
+            else label_id if isinstance(label_id, ObjectId)
+            else ObjectId(bytes(label_id))
+        ),
         "_cls": "Classification",
         "tags": [],
         "label": label,
@@ -258,30 +259,6 @@ def _document(label_id, label, confidence, names, values):
     }
     doc.update(zip(names, values))
     return doc
-
-
-@gc_paused()
-def stored_classifications(samples: Any, field: str, names: Iterable[str]) -> dict:
-    """The Classifications stored in ``field``, read in one pass.
-
-    Args:
-        samples: a FiftyOne collection
-        field: a top-level Classification field
-        names: attribute names to read too, in the order of the result
-
-    Returns:
-        ``{sample_id: (label ID, label, confidence, *attributes)}`` for
-        every sample with a label there (empty when the field is missing)
-    """
-    if samples.get_field(field) is None:
-        return {}
-    keys = ["_id", "label", "confidence", *names]
-    stored = {}
-    for doc in raw_documents(samples, [field + "." + key for key in keys]):
-        label = doc.get(field)
-        if isinstance(label, dict) and label.get("label") is not None:
-            stored[str(doc["_id"])] = tuple(label.get(key) for key in keys)
-    return stored
 
 
 def _plain(values):
@@ -314,7 +291,9 @@ def _declare(dataset, field, attributes):
         dataset.add_sample_field(path, fof.ListField, subfield=subfield)
 
 
-def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
+def retag(
+    samples: Any, tag: str, ids: Iterable[str], now: Optional[datetime] = None
+) -> dict:
     """Makes ``tag`` mark exactly ``ids`` among the samples of ``samples``.
 
     Only samples whose tags change are written (with ``last_modified_at``,
@@ -325,6 +304,8 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
         samples: a FiftyOne dataset or view
         tag: the sample tag
         ids: the sample IDs (of ``samples``) that should carry it
+        now: the ``last_modified_at`` of the samples retagged (default:
+            :func:`utc_now`)
 
     Returns:
         a dict with ``num_tagged`` and ``num_untagged``
@@ -337,7 +318,7 @@ def retag(samples: Any, tag: str, ids: Iterable[str]) -> dict:
     tagged = {str(i) for i in samples.match_tags(tag).values("_id", _raw=True)}
     add, remove = sorted(wanted - tagged), sorted(tagged - wanted)
     dataset = samples._root_dataset
-    now = utc_now()
+    now = now or utc_now()
     _send_in_flight(dataset._sample_collection, itertools.chain(
         _updates_of_many(add, {"$addToSet": {"tags": tag}}, now),
         _updates_of_many(remove, {"$pull": {"tags": tag}}, now),

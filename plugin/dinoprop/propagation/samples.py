@@ -181,15 +181,17 @@ class SettledLabels:
         top_confidences: their probabilities (rounded to 4 decimals)
         confidence: the confidence of each label (the stored one where kept)
         write: which labels are (re)written
-        stored: what :func:`dinoprop.label_writes.stored_classifications`
-            read of the output field
+        stored: the labels stored in the output field
+            (:func:`dinoprop.stored_labels.read_stored_labels`)
+        rows: each target's row in ``stored`` (-1: none)
     """
 
     top: np.ndarray
     top_confidences: np.ndarray
     confidence: np.ndarray
     write: np.ndarray
-    stored: dict
+    stored: Any
+    rows: np.ndarray
 
 
 @gc_paused()
@@ -199,68 +201,52 @@ def settle_labels(
     """The targets' new labels; a stored label whose class and alternatives
     are unchanged and whose confidences moved by at most ``tolerance`` is
     kept as it is (``tolerance=0``: every label is rewritten)."""
-    from dinoprop.label_writes import stored_classifications
+    from dinoprop.stored_labels import read_stored_labels
 
     top = top_classes(probs, NUM_TOP_CLASSES)
     top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float64)
+    stored = read_stored_labels(samples, output_field, top.shape[1], _ATTRIBUTES)
     settled = SettledLabels(
         top=top,
         top_confidences=np.round(top_probs, 4),
         confidence=top_probs[:, 0],
         write=np.ones(len(targets), bool),
-        stored=stored_classifications(samples, output_field, _ATTRIBUTES),
+        stored=stored,
+        rows=stored.rows(data["ids"][targets]),
     )
-    if tolerance > 0 and settled.stored:
-        _keep_unmoved(settled, data["ids"][targets], classes, tolerance)
+    if tolerance > 0:
+        _keep_unmoved(settled, classes, tolerance)
     return settled
 
 
-#: The attributes of a propagated Classification, in the order
-#: :func:`~dinoprop.label_writes.stored_classifications` returns them.
-_ATTRIBUTES = sorted([TOP_CONFIDENCES_ATTRIBUTE, TOP_LABELS_ATTRIBUTE])
+#: The attributes of a propagated Classification holding its ranked
+#: classes and their probabilities.
+_ATTRIBUTES = (TOP_LABELS_ATTRIBUTE, TOP_CONFIDENCES_ATTRIBUTE)
 
 
-def _keep_unmoved(settled, ids, classes, tolerance):
+def _keep_unmoved(settled, classes, tolerance):
     """Marks the labels that barely moved as kept and gives them their
     stored confidences. Alternatives whose probability is within
     ``tolerance`` of 0 both before and after may come in any order (they
     are all as unlikely)."""
-    width = settled.top.shape[1]
-    found = [settled.stored.get(sample_id) for sample_id in ids]
-    rows = [row for row, stored in enumerate(found) if _comparable(stored, width)]
-    if not rows:
-        return
-    picked = [found[row] for row in rows]
-    rows = np.asarray(rows)
-    old_conf = np.array([stored[2] for stored in picked], np.float64)
-    old_top_conf = np.array([stored[3] for stored in picked], np.float64)
-    old_top = np.array([stored[4] for stored in picked], dtype=str)
-    names = np.asarray(classes).astype(str)
-    new_top = names[settled.top[rows]]
-    negligible = (settled.top_confidences[rows] <= tolerance) & (old_top_conf <= tolerance)
+    stored = settled.stored
+    targets = np.flatnonzero(settled.rows >= 0)
+    targets = targets[stored.comparable[settled.rows[targets]]]
+    rows = settled.rows[targets]
+    codes = stored.codes(np.asarray(classes).astype(str))
+    old_conf = stored.confidence[rows]
+    old_top_conf = stored.top_confidences[rows]
+    new_top_conf = settled.top_confidences[targets]
+    negligible = (new_top_conf <= tolerance) & (old_top_conf <= tolerance)
     unmoved = (
-        ((new_top == old_top) | negligible).all(axis=1)
-        & (np.abs(settled.confidence[rows] - old_conf) <= tolerance)
-        & (np.abs(settled.top_confidences[rows] - old_top_conf) <= tolerance).all(axis=1)
+        ((codes[settled.top[targets]] == stored.top_labels[rows]) | negligible).all(axis=1)
+        & (np.abs(settled.confidence[targets] - old_conf) <= tolerance)
+        & (np.abs(new_top_conf - old_top_conf) <= tolerance).all(axis=1)
     )
-    kept = rows[unmoved]
+    kept = targets[unmoved]
     settled.write[kept] = False
     settled.confidence[kept] = old_conf[unmoved]
     settled.top_confidences[kept] = old_top_conf[unmoved]
-
-
-def _comparable(stored, width):
-    """Whether a stored label (a row of
-    :func:`~dinoprop.label_writes.stored_classifications`) is one
-    a propagation wrote: a confidence, and ``width`` alternatives led by
-    its label."""
-    if stored is None:
-        return False
-    _, label, confidence, top_confs, top_labels = stored
-    return (
-        confidence is not None and bool(top_labels) and top_labels[0] == label
-        and len(top_labels) == width and len(top_confs or ()) == width
-    )
 
 
 @gc_paused()
@@ -268,34 +254,73 @@ def _write_samples(samples, data, output_field, targets, classes, settled, probs
     """Writes the target labels to (re)write and clears seeds' outputs;
     ``probs``: the targets' probabilities whose logarithms are stored too,
     or None. Returns (#to review, #labels whose class changed)."""
-    from dinoprop.label_writes import write_classifications
+    from dinoprop.label_writes import utc_now, write_classifications
+    from dinoprop.stored_labels import columns_of, remember_written
 
+    stored = settled.stored
     rows = np.flatnonzero(settled.write)
     names = np.asarray(classes).astype(str)
     top = settled.top[rows]
-    written = write_classifications(
+    at = settled.rows[rows]
+    label_ids, previous = _previous_labels(stored, at)
+    codes = stored.codes(names)
+    flipped = int(((previous >= 0) & (previous != codes[top[:, 0]])).sum())
+    seeds = stored.rows(data["ids"][data["seed_idx"]])
+    cleared = seeds[seeds >= 0][stored.label[seeds[seeds >= 0]] >= 0]
+    now = utc_now()
+    labels = names[top[:, 0]]
+    write_classifications(
         samples,
         output_field,
         data["ids"][targets[rows]],
-        names[top[:, 0]].tolist(),
+        labels.tolist(),
         settled.confidence[rows],
         {
             TOP_LABELS_ATTRIBUTE: names[top].tolist(),
             TOP_CONFIDENCES_ATTRIBUTE: settled.top_confidences[rows].tolist(),
         },
-        clear_ids=data["ids"][data["seed_idx"]],
+        clear_ids=stored.sample_ids[cleared],
         vectors=(
             None if probs is None
             else {"logits": np.log(np.clip(probs[rows], 1e-12, None))}
         ),
-        current=settled.stored,
+        label_ids=label_ids,
+        now=now,
     )
     review_ids = list(data["ids"][targets[needs_review]])
     _mark_for_review(
         samples, review_ids, output_field, output_field + ".confidence",
-        data["label_field"],
+        data["label_field"], now=now,
     )
-    return len(review_ids), written["num_flipped"]
+    placed = at >= 0
+    remember_written(
+        stored,
+        columns_of(
+            names, top[placed], settled.top_confidences[rows][placed],
+            settled.confidence[rows][placed], label_ids[placed],
+        ),
+        at[placed],
+        cleared,
+        now,
+    )
+    return len(review_ids), flipped
+
+
+def _previous_labels(stored, rows):
+    """The label IDs to write at ``rows`` of ``stored`` (the stored ones,
+    new ones where none) and the stored class codes there (-1: none)."""
+    from bson import ObjectId
+
+    from dinoprop.stored_labels import NO_ID
+
+    placed = rows >= 0
+    label_ids = np.full(len(rows), NO_ID, "V12")
+    previous = np.full(len(rows), -1, np.int32)
+    label_ids[placed] = stored.label_ids[rows[placed]]
+    previous[placed] = stored.label[rows[placed]]
+    fresh = np.flatnonzero(label_ids == np.void(NO_ID))
+    label_ids[fresh] = np.frombuffer(b"".join(ObjectId().binary for _ in fresh), "V12")
+    return label_ids, previous
 
 
 def top_classes(probs: np.ndarray, num: int, chunk: int = 65_536) -> np.ndarray:
@@ -340,7 +365,9 @@ def _top_of_block(costs: np.ndarray, num: int) -> np.ndarray:
     return top
 
 
-def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=None):
+def _mark_for_review(
+    samples, review_ids, output_field, sort_key, unlabeled_in=None, now=None
+):
     """Tags the samples to review and saves the review queue view.
 
     Args:
@@ -350,10 +377,11 @@ def _mark_for_review(samples, review_ids, output_field, sort_key, unlabeled_in=N
         sort_key: the field path or expression ranking them, ascending
         unlabeled_in: an optional label field: samples that have a label
             there (a human's, or an accepted one) leave the queue
+        now: the ``last_modified_at`` of the samples retagged (default: now)
     """
     from dinoprop.label_writes import retag
 
-    retag(samples, NEEDS_REVIEW_TAG, review_ids)  # writes only changed tags
+    retag(samples, NEEDS_REVIEW_TAG, review_ids, now=now)  # writes only changed tags
     queue = samples.match_tags(NEEDS_REVIEW_TAG)
     if unlabeled_in is not None:
         queue = queue.exists(unlabeled_in, False)
