@@ -280,7 +280,7 @@ def _refreshed(samples, field, attributes, remembered) -> Optional[StoredLabels]
     rows = stored.rows(fresh.sample_ids)
     if (rows < 0).any():
         return None
-    left = stored.rows(np.array([str(i) for i in changed], "U24"))
+    left = stored.rows(_hex_ids(changed))
     if np.setdiff1d(left[left >= 0], rows).size or samples.count() != len(stored.sample_ids):
         return None  # samples left the view, or were deleted
     stored.assign(rows, fresh)

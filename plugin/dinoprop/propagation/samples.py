@@ -266,7 +266,8 @@ def _write_samples(samples, data, output_field, targets, classes, settled, probs
     codes = stored.codes(names)
     flipped = int(((previous >= 0) & (previous != codes[top[:, 0]])).sum())
     seeds = stored.rows(data["ids"][data["seed_idx"]])
-    cleared = seeds[seeds >= 0][stored.label[seeds[seeds >= 0]] >= 0]
+    seeds = seeds[seeds >= 0]
+    cleared = seeds[stored.label[seeds] >= 0]  # seeds with a propagated label
     now = utc_now()
     labels = names[top[:, 0]]
     write_classifications(
