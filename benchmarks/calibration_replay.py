@@ -75,16 +75,22 @@ def code_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def record_loop(name: str, start: int, rounds: int) -> list:
-    """Today's loop on one dataset from one start, every round's raw scores."""
+def _dataset(name: str):
+    """The dataset's centred features, kNN graph (as ``propagate_labels``
+    searches it) and class indices, built once for all its starts."""
     from dinoprop import propagation_methods as pm
     from dinoprop.graph import knn_search
-    from dinoprop.seeds import suggest
 
     raw, labels = features(name)
     _, y = np.unique(labels, return_inverse=True)
-    x = pm.center_and_normalize(raw)
-    graph = pm.Graph(*knn_search(raw, 10))
+    return pm.center_and_normalize(raw), pm.Graph(*knn_search(raw, 10)), y
+
+
+def record_loop(x, graph, y, start: int, rounds: int) -> list:
+    """Today's loop on one dataset from one start, every round's raw scores."""
+    from dinoprop import propagation_methods as pm
+    from dinoprop.seeds import suggest
+
     rng = np.random.default_rng(start)
     seeds = [int(rng.integers(len(y)))]
     seeds += [int(i) for i in suggest(x, graph, np.array(seeds), list(y[seeds]), 2 * (y.max() + 1) - 1)]
@@ -111,11 +117,20 @@ def record_loop(name: str, start: int, rounds: int) -> list:
 
 
 def _held_out_scores(problem, graph, seed_idx, seed_labels, method):
-    """The out-of-fold scores ``propagate`` calibrated on (the same folds),
-    their true classes and graph-cell weights."""
+    """The out-of-fold scores ``propagate`` calibrated on (the same folds,
+    from its default fold count and shuffling seed; the whole graph, which
+    it cross-validates on below ``cv_max_nodes``), their true classes and
+    graph-cell weights. ``propagate`` keeps only their calibrated form, so
+    the chosen method's folds run again here."""
+    import inspect
+
+    from dinoprop import propagation_methods as pm
     from dinoprop.propagation_methods import auto
 
-    folds = auto._seed_folds(seed_labels, 5, 0)
+    defaults = inspect.signature(pm.propagate).parameters
+    folds = auto._seed_folds(
+        seed_labels, defaults["max_folds"].default, defaults["random_state"].default
+    )
     held_out = np.concatenate(folds)
     oof = auto._out_of_fold(problem, seed_idx, seed_labels, folds, [method])[method]
     weights = auto.seed_weights(graph, seed_idx)[held_out]
@@ -129,11 +144,11 @@ def recorded_loops(name: str, starts: int, rounds: int) -> dict:
         with open(path, "rb") as f:
             return pickle.load(f)
     tick = time.perf_counter()
+    x, graph, y = _dataset(name)
     loops = []
     for start in range(starts):
-        loops.append(record_loop(name, start, rounds))
+        loops.append(record_loop(x, graph, y, start, rounds))
         print("  %s: start %d recorded (%.0f s)" % (name, start, time.perf_counter() - tick), flush=True)
-    _, y = np.unique(features(name)[1], return_inverse=True)
     recorded = {"truth": y, "loops": loops}
     REPLAY_CACHE.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
