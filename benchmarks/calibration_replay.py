@@ -26,8 +26,11 @@ Reported per dataset and calibration (mean over the starts): the best stop
 (the cheapest round whose dataset really is >= 95% right), the rounds from
 the sixth on whose plan promised 95% and whose dataset was less accurate,
 the accepted labels' real errors over the plan's estimate, and the stop
-``stopping_forecast`` recommends on the calibration's own cost history
-(its cost over the best stop, and the least accurate dataset it left).
+``stopping_forecast`` recommends on the calibration's own cost history,
+finished as ``plan_stop`` finishes it (at no less than the trend's cost),
+or the last round where none is recommended (as ``annotation_loop.py``
+reports it): its cost over the best stop, and the least accurate dataset
+it left.
 "A perfect threshold" accepts the most confident labels while their real
 errors fit the budget: the ceiling of a calibration on this ranking.
 
@@ -67,11 +70,14 @@ TRUSTED_FROM_ROUND = 6
 
 
 def code_digest() -> str:
-    """A digest of the code the recorded loops depend on."""
+    """A digest of the code the recorded loops depend on (the stop plan is
+    replayed, not recorded, so ``stopping.py`` is left out)."""
     digest = hashlib.sha256()
     package = REPO / "plugin" / "dinoprop"
-    for path in sorted((package / "propagation_methods").glob("*.py")) + [package / "seeds.py"]:
-        digest.update(path.read_bytes())
+    sources = sorted((package / "propagation_methods").glob("*.py")) + [package / "seeds.py"]
+    for path in sources:
+        if path.name != "stopping.py":
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -218,11 +224,11 @@ CALIBRATIONS = {
 # ------------------------------------------------------------ scoring
 
 
-def _accept(label_conf, plan_conf, num_human):
+def _accept(label_conf, plan_conf, num_human, min_cost=None):
     """The stop plan's acceptance: most confident labels first, their
     errors counted with ``plan_conf`` (as :func:`stop_plan` counts them
-    with the labels' own confidences)."""
-    from dinoprop.propagation_methods.stopping import ERROR_MARGIN_SIGMAS
+    with the labels' own confidences), at no less than ``min_cost``."""
+    from dinoprop.propagation_methods.stopping import ERROR_MARGIN_SIGMAS, _tie_boundary
 
     budget = (1.0 - TARGET_ACCURACY) * (num_human + len(label_conf))
     order = np.argsort(-label_conf, kind="stable")
@@ -231,8 +237,10 @@ def _accept(label_conf, plan_conf, num_human):
     fits = errors + ERROR_MARGIN_SIGMAS * np.sqrt(np.cumsum(p * (1.0 - p))) <= budget + 1e-9
     count = int(np.argmin(fits)) if not fits.all() else len(p)
     ranked = label_conf[order]
-    while 0 < count < len(ranked) and ranked[count] == ranked[count - 1]:
-        count -= 1
+    count = _tie_boundary(ranked, count, step=-1)
+    capped = num_human + len(p) - int(np.ceil(min_cost - 1e-9)) if min_cost is not None else count
+    if capped < count:
+        count = _tie_boundary(ranked, max(capped, 0), step=1)
     accepted = np.zeros(len(label_conf), bool)
     accepted[order[:count]] = True
     return accepted, float(errors[count - 1]) if count else 0.0
@@ -244,17 +252,22 @@ def replay(recorded: dict, calibration) -> dict:
 
     truth, num = recorded["truth"], len(recorded["truth"])
     best, perfect, below, trusted, worst, ratios, recommended = [], [], 0, 0, 0, [], []
+    num_recommended = 0
     for loop in recorded["loops"]:
         rows, history, start_below, cheapest = [], [], 0, num
         for number, round_ in enumerate(loop):
             scores = round_["scores"].astype(np.float32)
             right = round_["present"][scores.argmax(1)] == truth[round_["targets"]]
             cheapest = min(cheapest, num - _perfect_accepted(scores.max(1), right, num))
-            accepted, estimated = _accept(*calibration(round_, scores), len(round_["seed_idx"]))
+            confidences, num_human = calibration(round_, scores), len(round_["seed_idx"])
+            accepted, estimated = _accept(*confidences, num_human)
+            history.append([num_human, num - int(accepted.sum())])
+            forecast = pm.stopping_forecast(history)
+            if forecast["recommend_stop"]:  # the finish, as plan_stop makes it
+                accepted, estimated = _accept(*confidences, num_human, forecast["trend_cost"])
             wrong = int((accepted & ~right).sum())
             cost, accuracy = num - int(accepted.sum()), 1.0 - wrong / num
-            history.append([len(round_["seed_idx"]), cost])
-            rows.append((cost, accuracy, pm.stopping_forecast(history)["recommend_stop"]))
+            rows.append((cost, accuracy, forecast["recommend_stop"]))
             if number >= TRUSTED_FROM_ROUND:
                 trusted += 1
                 start_below += accuracy < TARGET_ACCURACY
@@ -266,9 +279,10 @@ def replay(recorded: dict, calibration) -> dict:
         best_cost = min(reached) if reached else num
         best.append(best_cost / num)
         perfect.append(cheapest / num)
-        stop = next((row for row in rows if row[2]), None)
-        if stop is not None:
-            recommended.append((stop[0] / best_cost, stop[1]))
+        # as annotation_loop.py: the first recommended round, else the last
+        stop = next((row for row in rows if row[2]), rows[-1])
+        recommended.append((stop[0] / best_cost, stop[1]))
+        num_recommended += any(row[2] for row in rows)
     return {
         "best_stop": float(np.mean(best)),
         "perfect_threshold": float(np.mean(perfect)),
@@ -278,7 +292,7 @@ def replay(recorded: dict, calibration) -> dict:
         "real_over_estimated": float(np.mean(ratios)) if ratios else None,
         "recommended_over_best": float(np.mean([r for r, _ in recommended])) if recommended else None,
         "recommended_min_accuracy": min((a for _, a in recommended), default=None),
-        "starts_recommended": len(recommended),
+        "starts_recommended": num_recommended,
         "starts": len(recorded["loops"]),
     }
 
@@ -315,7 +329,8 @@ def report(results: dict, args) -> str:
                 name, label, 100 * r["best_stop"], 100 * r["perfect_threshold"],
                 r["rounds_below"], r["trusted_rounds"], r["worst_start_below"],
                 "%.2f" % r["real_over_estimated"] if r["real_over_estimated"] else "-",
-                "%.2fx (%d of %d starts)" % (r["recommended_over_best"], r["starts_recommended"], r["starts"])
+                "%.2fx (recommended at %d of %d starts)"
+                % (r["recommended_over_best"], r["starts_recommended"], r["starts"])
                 if r["recommended_over_best"] else "none",
                 "%.2f%%" % (100 * r["recommended_min_accuracy"]) if r["recommended_min_accuracy"] else "-",
             ))

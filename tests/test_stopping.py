@@ -47,31 +47,81 @@ def test_forecast_waits_for_a_trend_then_recommends_stopping_when_flat():
     falling = [[20 + 40 * i, 2000 - 100 * i] for i in range(6)]
     assert pm.stopping_forecast(falling[:5])["next_batch_saving"] is None
     forecast = pm.stopping_forecast(falling)
-    assert forecast == {"next_batch": 40, "next_batch_saving": 100.0, "recommend_stop": False}
+    assert forecast["next_batch_saving"] == 100.0 and forecast["trend_cost"] == 1500.0
+    assert forecast["recommend_stop"] is False and forecast["stop_reason"] is None
 
-    # noisy but flat: one low run does not hide that the cost stopped falling
-    flat = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1380, 1520, 1490, 1510, 1480])]
-    assert pm.stopping_forecast(flat)["recommend_stop"] is True
+    # flat on average, but within the noise of its runs: one low run is no
+    # evidence that the cost stopped falling
+    noisy = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1380, 1520, 1490, 1510, 1480])]
+    forecast = pm.stopping_forecast(noisy)
+    assert forecast["next_batch_saving"] < 0 < forecast["next_batch_saving"] + forecast["saving_stderr"]
+    assert forecast["recommend_stop"] is False
 
-    # flat, but this run jumped above the trend: one more batch, not a stop
-    spike = flat[:-1] + [[460, 1600]]
+    # rising beyond the noise: the batches no longer pay
+    rising = falling + [[260 + 40 * i, c] for i, c in enumerate([1500, 1530, 1530, 1570, 1580, 1600])]
+    forecast = pm.stopping_forecast(rising)
+    assert forecast["next_batch_saving"] + forecast["saving_stderr"] <= 0
+    assert forecast["recommend_stop"] is True and forecast["stop_reason"] == "no_saving"
+
+    # rising, but this run jumped above the trend: one more batch, not a stop
+    spike = rising[:-1] + [[460, 1700]]
     forecast = pm.stopping_forecast(spike)
     assert forecast["next_batch_saving"] <= 0 and forecast["recommend_stop"] is False
-    assert pm.stopping_forecast(spike + [[500, 1450]])["recommend_stop"] is True
 
     # a re-run with the same labels replaces that point; fewer labels restart
     assert pm.stopping_forecast(falling + [[220, 1500]])["next_batch_saving"] == 100.0
     assert pm.stopping_forecast(falling + [[20, 2000]])["next_batch_saving"] is None
 
 
+def test_forecast_stops_when_the_labels_left_fit_in_one_batch():
+    # 2 runs, no trend yet: 1000 human labels and 30 left to label by hand
+    forecast = pm.stopping_forecast([[960, 1100], [1000, 1030]])
+    assert forecast["next_batch_saving"] is None
+    assert forecast["recommend_stop"] is True and forecast["stop_reason"] == "one_batch_left"
+    assert pm.stopping_forecast([[960, 1100], [1000, 1041]])["recommend_stop"] is False
+    assert pm.stopping_forecast([[1000, 1030]])["recommend_stop"] is False  # no batch size yet
+
+
+def test_a_recommended_finish_keeps_to_the_trend_not_to_a_lucky_run():
+    confidence = np.linspace(0.999, 0.99, 900).tolist() + [0.5] * 200
+    confidence = np.array(confidence)
+    alone = pm.stop_plan(confidence, num_human=500)
+    # the cost rose by 40 a batch until this run's bold plan came in below the line
+    history = [[300 + 40 * i, alone.cost - 160 + 40 * i] for i in range(5)]
+    plan = pm.plan_stop(confidence, 500, history)
+    assert plan["recommend_stop"] is True and plan["stop_reason"] == "no_saving"
+    assert plan["cost"] >= plan["trend_cost"] > alone.cost
+    assert plan["num_held_back"] == alone.num_accepted - plan["num_accepted"] > 0
+    assert plan["num_accepted"] + plan["num_to_label"] == len(confidence)
+    assert plan["estimated_accuracy"] > alone.estimated_accuracy
+    # the run's own cost is what the loop's history keeps
+    assert plan["history"][-1] == [500, alone.cost]
+    assert "labels fewer than this run alone would accept" in plan["advice"]
+
+    # a cap inside a group of equal confidences keeps the whole group
+    tied = np.array([0.995] * 900 + [0.5] * 200)
+    tied_plan = pm.plan_stop(tied, 500, [[300 + 40 * i, 540 + 40 * i] for i in range(5)])
+    assert tied_plan["trend_cost"] > 700 and tied_plan["num_accepted"] == 900
+
+    # not recommended: the plan is the run's own
+    rising = [[300 + 40 * i, alone.cost + 400 - 40 * i] for i in range(5)]
+    own = pm.plan_stop(confidence, 500, rising)
+    assert own["recommend_stop"] is False and own["num_held_back"] == 0
+    assert own["cost"] == alone.cost and own["threshold"] == alone.threshold
+
+
 def test_advice_names_the_finish_and_the_forecast():
     plan = pm.stop_plan(np.array([0.99] * 50 + [0.6] * 50), num_human=10).to_dict()
-    keep = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": 12.0, "recommend_stop": False})
-    assert keep.startswith("Keep labeling") and "save 12 labels" in keep
+    keep = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": 12.0, "saving_stderr": 3.0})
+    assert keep.startswith("Keep labeling") and "save 12 (+/- 3) labels" in keep
     assert "accept the %d labels" % plan["num_accepted"] in keep
     stop = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "recommend_stop": True})
-    assert stop.startswith("Stop labeling seeds")
-    above = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "recommend_stop": False})
+    assert stop.startswith("Stop labeling seeds: the last batches saved nothing")
+    last = pm.stop_advice(plan, {"next_batch": 40, "recommend_stop": True, "stop_reason": "one_batch_left"})
+    assert "fit in one more batch" in last
+    noisy = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -3.0, "saving_stderr": 9.0})
+    assert noisy.startswith("Label one more batch") and "-3 +/- 9 labels" in noisy
+    above = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": -30.0, "saving_stderr": 9.0})
     assert above.startswith("Label one more batch") and "above their trend" in above
 
 

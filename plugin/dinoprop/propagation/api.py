@@ -110,7 +110,10 @@ def propagate_labels(
     Runs under the same ``run_key`` keep the history of that cost, from
     which ``stop_plan`` forecasts what the next batch of suggested labels
     would save and recommends when to stop labeling seeds
-    (:func:`dinoprop.propagation_methods.stopping_forecast`).
+    (:func:`dinoprop.propagation_methods.stopping_forecast`); the plan of
+    a run that recommends stopping accepts no more labels than the
+    trend's cost allows, so one run's bolder calibration does not break
+    the promise (:func:`dinoprop.propagation_methods.plan_stop`).
 
     The run is recorded, with ``summary()["status"] == "writing"``, before
     any label is written, and marked ``"complete"`` once every label is.
@@ -325,12 +328,9 @@ def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
 
 def _stop_plan(samples, run_key, confidence, num_seeds, target_accuracy):
     """The stop plan of this run, with the loop's history and forecast."""
-    plan = pm.stop_plan(confidence, num_seeds, target_accuracy).to_dict()
-    history = _previous_stop_history(samples, run_key) + [[plan["num_human"], plan["cost"]]]
-    forecast = pm.stopping_forecast(history)
-    plan.update(forecast, history=history)
-    plan["advice"] = pm.stop_advice(plan, forecast)
-    return plan
+    return pm.plan_stop(
+        confidence, num_seeds, _previous_stop_history(samples, run_key), target_accuracy
+    )
 
 
 def _previous_stop_history(samples, run_key):

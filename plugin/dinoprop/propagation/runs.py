@@ -105,9 +105,12 @@ class PropagationResults(fors.RunResults):
         (``target_accuracy``, ``threshold``, ``num_accepted``,
         ``num_to_label``, ``num_human``, ``cost``, ``estimated_errors``,
         ``estimated_accuracy``), with the loop's ``history`` of
-        ``[num_human, cost]`` pairs, the forecast of
+        ``[num_human, cost]`` pairs (each run's own plan), the forecast of
         :func:`dinoprop.propagation_methods.stopping_forecast`
-        (``next_batch``, ``next_batch_saving``, ``recommend_stop``) and an
+        (``next_batch``, ``next_batch_saving``, ``trend_cost``,
+        ``recommend_stop``), ``num_held_back`` (the labels a recommended
+        finish leaves to a human because the run's cost was below the
+        trend, :func:`dinoprop.propagation_methods.plan_stop`) and an
         ``advice`` sentence, also the top-level ``stop_advice`` (None when
         the seeds are too few to calibrate). Estimates are None when the
         seeds are too few to cross-validate (fewer than 2 per class).

@@ -64,6 +64,7 @@ from dinoprop.propagation_methods.methods import (  # noqa: F401
 from dinoprop.propagation_methods.stopping import (  # noqa: F401
     DEFAULT_TARGET_ACCURACY,
     StopPlan,
+    plan_stop,
     stop_advice,
     stop_plan,
     stopping_forecast,
