@@ -12,7 +12,7 @@ crashing it; reasons read ``"<kind>: <detail>"`` (see
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from dinoprop.core import usable_cores
 from dinoprop.models import (
@@ -166,24 +166,119 @@ def collate(items: list) -> tuple:
 
 
 def make_loader(
-    items: Any, batch_size: int, num_workers: int, device: Any, collate_fn: Any = None
+    items: Any, batch_size: int, num_workers: int, device: Any, collate_fn: Any = None,
+    pin_memory: bool = True,
 ) -> Any:
-    """A DataLoader tuned for the device: pinned memory and prefetch on CUDA."""
+    """A DataLoader tuned for the device: pinned memory and prefetch on CUDA.
+
+    Batches larger than :data:`DECODE_CHUNK` come as chunks that tile each
+    batch (:class:`ChunkSampler`); :func:`gather_chunks` joins them again.
+
+    ``pin_memory=False`` leaves batches in pageable memory even on CUDA (the
+    encoded files of :class:`EncodedItems`: nvJPEG reads them from the host
+    itself, and pinning hundreds of small buffers per batch only costs time).
+    """
     import torch
 
     on_cuda = device.type == "cuda"
     kwargs = {}
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4 if on_cuda else 2
+    if batch_size > DECODE_CHUNK:
+        kwargs["batch_sampler"] = ChunkSampler(len(items), batch_size)
+    else:
+        kwargs["batch_size"] = batch_size
     return torch.utils.data.DataLoader(
         items,
-        batch_size=batch_size,
-        shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn or collate,
-        pin_memory=on_cuda,
+        pin_memory=on_cuda and pin_memory,
         **kwargs,
     )
+
+
+#: The most images one DataLoader task (what one worker decodes at a time)
+#: holds. Model batches larger than this (GPU batches reach 512) are
+#: decoded as several chunks by several workers at once and gathered again
+#: (:func:`gather_chunks`): the first batch is ready after one chunk's
+#: decoding instead of a whole batch's, and a run of a few batches keeps
+#: every worker busy instead of one worker per batch.
+DECODE_CHUNK = 64
+
+
+class ChunkSampler:
+    """A DataLoader ``batch_sampler``: the positions ``0 .. num_items - 1``
+    as chunks of at most :data:`DECODE_CHUNK` that tile every model batch of
+    ``batch_size`` exactly (a batch of 512 is 8 chunks of 64, one of 100 is
+    2 of 50).
+
+    Args:
+        num_items: how many items the dataset holds
+        batch_size: positions per model batch
+    """
+
+    def __init__(self, num_items: int, batch_size: int):
+        self.num_items = num_items
+        self.batch_size = batch_size
+
+    def _batches(self) -> Iterator[tuple]:
+        for start in range(0, self.num_items, self.batch_size):
+            stop = min(start + self.batch_size, self.num_items)
+            yield start, stop, -(-(stop - start) // DECODE_CHUNK)
+
+    def __iter__(self) -> Iterator[list]:
+        for start, stop, parts in self._batches():
+            size = stop - start
+            for k in range(parts):
+                yield list(range(start + size * k // parts, start + size * (k + 1) // parts))
+
+    def __len__(self) -> int:
+        return sum(parts for _, _, parts in self._batches())
+
+
+def gather_chunks(loader: Any, batch_size: int, device: Any) -> Iterator[tuple]:
+    """Merges consecutive loader chunks (see :class:`ChunkSampler`) into
+    model batches of ``batch_size`` items, in order.
+
+    Chunks are :func:`collate` (or :func:`collate_encoded`) tuples
+    ``(indices, images, counts, failures)``; an item is counted once,
+    embedded or failed. Decoded images are moved to a CUDA ``device`` chunk
+    by chunk as they arrive (asynchronous copies from pinned memory) and
+    concatenated there; encoded files (lists) are joined.
+
+    Yields:
+        ``(indices, images, counts, failures)`` per model batch
+    """
+    group, items = [], 0
+    for chunk in loader:
+        group.append(chunk)
+        items += len(chunk[0]) + len(chunk[3])
+        if items >= batch_size:
+            yield _merge_chunks(group, device)
+            group, items = [], 0
+    if group:
+        yield _merge_chunks(group, device)
+
+
+def _merge_chunks(chunks: list, device: Any) -> tuple:
+    import torch
+
+    if len(chunks) == 1:
+        return chunks[0]
+    indices, counts, failures, images = [], [], [], []
+    for chunk_indices, chunk_images, chunk_counts, chunk_failures in chunks:
+        indices += chunk_indices
+        counts += chunk_counts
+        failures += chunk_failures
+        if isinstance(chunk_images, list):  # encoded files
+            images += chunk_images
+        elif chunk_images is not None:
+            if device.type == "cuda":
+                chunk_images = chunk_images.to(device, non_blocking=True)
+            images.append(chunk_images)
+    if isinstance(chunks[0][1], list):
+        return indices, images, counts, failures
+    return indices, torch.cat(images) if images else None, counts, failures
 
 
 def default_num_workers(device: Any) -> int:

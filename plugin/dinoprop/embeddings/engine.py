@@ -62,6 +62,10 @@ class EmbeddingEngine:
     the model runs in its precision; vectors are pooled and optionally L2
     normalised. Unreadable files are reported per batch, never raised.
 
+    DataLoader workers decode chunks of at most
+    :data:`dinoprop.embeddings_data.DECODE_CHUNK` images, gathered into
+    model batches of ``batch_size``, so that all workers share each batch.
+
     Args:
         model: a :class:`dinoprop.models.EmbeddingModel`
         batch_size: images per forward pass; default 16 on CPU and a
@@ -86,7 +90,9 @@ class EmbeddingEngine:
             decoded batches), ``model_seconds`` (decoding on the GPU, the
             transfer and the model), ``images_per_second`` and
             ``wait_share`` (``wait_seconds / seconds``: near 1 when decoding
-            is the bottleneck, near 0 when the model is)
+            is the bottleneck, near 0 when the model is) and
+            ``first_batch_seconds`` (until the first batch was decoded:
+            starting the workers and decoding that batch's chunks)
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class EmbeddingEngine:
             PatchItems,
             WholeImageItems,
             collate_encoded,
+            gather_chunks,
             make_loader,
         )
 
@@ -166,13 +173,17 @@ class EmbeddingEngine:
             items = ImageItems(paths, model.preprocessing)
         loader = make_loader(
             items, self.batch_size, self.num_workers, model.device,
-            collate_encoded if encoded else None,
+            collate_encoded if encoded else None, pin_memory=not encoded,
         )
         self.stats = _empty_stats()
         start = waited = time.perf_counter()
-        for indices, tensors, counts, failures in loader:
+        for indices, tensors, counts, failures in gather_chunks(
+            loader, self.batch_size, model.device
+        ):
             ready = time.perf_counter()
             self.stats["wait_seconds"] += ready - waited
+            if not self.stats["first_batch_seconds"]:
+                self.stats["first_batch_seconds"] = ready - start
             if boxes is not None and self.patch_mode == "tokens":
                 batch = self._embed_box_tokens(indices, tensors, failures, boxes)
             else:
@@ -256,7 +267,7 @@ class EmbeddingEngine:
 
 def _empty_stats() -> dict:
     return {"images": 0, "vectors": 0, "failed": 0, "seconds": 0.0, "wait_seconds": 0.0,
-            "model_seconds": 0.0, "images_per_second": 0.0, "wait_share": 0.0}
+            "first_batch_seconds": 0.0, "model_seconds": 0.0, "images_per_second": 0.0, "wait_share": 0.0}
 
 
 def embed_files(
