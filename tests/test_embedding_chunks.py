@@ -56,3 +56,27 @@ def test_box_crops_keep_their_counts_across_chunks(image_items, tiny_dinov2_dir,
     assert [c for b in gathered for c in b.counts] == [len(b) for b in boxes]
     np.testing.assert_allclose(np.concatenate([b.vectors for b in gathered]),
                                np.concatenate([b.vectors for b in whole]), atol=1e-6)
+
+
+def test_device_resizes_batch_images_of_one_size_in_few_calls(monkeypatch):
+    import torch
+
+    from dinoprop.models import Preprocessing
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 60, 90), (3, 80, 50), (3, 60, 90), (3, 60, 90), (3, 80, 50)]
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=generator) for s in shapes]
+    preprocessing = Preprocessing(crop_size=28, resize_size=32)
+    one_by_one = [data.resize_crop_tensors([image], preprocessing)[0] for image in images]
+
+    calls = []
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate",
+                        lambda x, **kw: calls.append(len(x)) or interpolate(x, **kw))
+    monkeypatch.setattr(data, "RESIZE_VALUES_PER_CALL", 2 * 3 * 60 * 90)  # 2 of the 60 x 90 per call
+    together = data.resize_crop_tensors(images, preprocessing)
+
+    assert sorted(calls) == [1, 2, 2]  # 60 x 90: 2 + 1 images; 80 x 50: both at once
+    assert all(t.shape == (3, 28, 28) and t.dtype == torch.uint8 for t in together)
+    for alone, batched in zip(one_by_one, together):
+        assert torch.equal(alone, batched)
