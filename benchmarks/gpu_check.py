@@ -77,7 +77,7 @@ SHAPES = {
 #: The shapes ``--quick`` times.
 QUICK_SHAPES = ("dinov2-small", "dinov3-small")
 
-#: Images copied by ``--prepare`` (about 18 KB each: well inside what a
+#: Images copied by ``--prepare`` (about 28 KB each, 42 MB in all: inside what a
 #: device call can carry).
 PAYLOAD_IMAGES = 1500
 
