@@ -265,18 +265,19 @@ def _merge_chunks(chunks: list, device: Any) -> tuple:
 
     if len(chunks) == 1:
         return chunks[0]
+    encoded = isinstance(chunks[0][1], list)  # files, not decoded images
     indices, counts, failures, images = [], [], [], []
     for chunk_indices, chunk_images, chunk_counts, chunk_failures in chunks:
         indices += chunk_indices
         counts += chunk_counts
         failures += chunk_failures
-        if isinstance(chunk_images, list):  # encoded files
+        if encoded:
             images += chunk_images
         elif chunk_images is not None:
             if device.type == "cuda":
                 chunk_images = chunk_images.to(device, non_blocking=True)
             images.append(chunk_images)
-    if isinstance(chunks[0][1], list):
+    if encoded:
         return indices, images, counts, failures
     return indices, torch.cat(images) if images else None, counts, failures
 
@@ -340,7 +341,7 @@ def collate_encoded(items: list) -> tuple:
 
 #: The most values (images x channels x pixels) one resize call of
 #: :func:`resize_crop_tensors` turns into float32 at once: 64 Mi values,
-#: 256 MiB (about 75 photos of 400 x 711).
+#: 256 MiB (78 photos of 400 x 711).
 RESIZE_VALUES_PER_CALL = 1 << 26
 
 
@@ -406,25 +407,13 @@ def _decode_jpegs(encoded: list, device: Any) -> list:
         return images
 
 
-def resize_crop_tensor(image: Any, preprocessing: Preprocessing) -> Any:
-    """DINOv2's resize + centre crop of a ``3 x H x W`` uint8 tensor.
+def resize_crop_tensors(images: list, preprocessing: Preprocessing) -> list:
+    """DINOv2's resize + centre crop of ``3 x H x W`` uint8 tensors, in
+    order: one interpolation call per group of images of the same size (at
+    most :data:`RESIZE_VALUES_PER_CALL` values each), not one per image.
 
     Bicubic with antialiasing, like PIL; results match the CPU path within a
     few grey levels.
-
-    Raises:
-        UnsupportedImage: for sizes :func:`dinoprop.models.open_image`
-            refuses
-    """
-    _, height, width = image.shape
-    check_image_size(width, height)
-    return resize_crop_tensors([image], preprocessing)[0]
-
-
-def resize_crop_tensors(images: list, preprocessing: Preprocessing) -> list:
-    """:func:`resize_crop_tensor` for many images, in order: one
-    interpolation call per group of images of the same size (at most
-    :data:`RESIZE_VALUES_PER_CALL` values each), not one per image.
 
     Args:
         images: ``3 x H x W`` uint8 tensors on one device, of sizes
