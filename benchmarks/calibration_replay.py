@@ -93,19 +93,21 @@ def _dataset(name: str):
 
 
 def record_loop(x, graph, y, start: int, rounds: int) -> list:
-    """Today's loop on one dataset from one start, every round's raw scores."""
+    """Today's loop on one dataset from one start, every round's raw scores
+    (each run given the checked predictions the one before handed on, as
+    ``propagate_labels`` gives them)."""
     from dinoprop import propagation_methods as pm
     from dinoprop.seeds import suggest
 
     rng = np.random.default_rng(start)
     seeds = [int(rng.integers(len(y)))]
     seeds += [int(i) for i in suggest(x, graph, np.array(seeds), list(y[seeds]), 2 * (y.max() + 1) - 1)]
-    loop = []
+    loop, handed_on = [], {}
     for _ in range(rounds):
         seed_idx = np.array(seeds, np.int64)
         present, seed_labels = np.unique(y[seed_idx], return_inverse=True)
         problem = pm.Problem(x, graph, len(present), knn_k=10)
-        outcome = pm.propagate(problem, seed_idx, seed_labels)
+        outcome = pm.propagate(problem, seed_idx, seed_labels, **_handed_on(handed_on, present, len(seed_idx)))
         targets = np.setdiff1d(np.arange(len(y)), seed_idx)
         loop.append(dict(
             seed_idx=seed_idx, targets=targets, present=present,
@@ -119,7 +121,20 @@ def record_loop(x, graph, y, start: int, rounds: int) -> list:
         if not len(suggested):
             break
         seeds += [int(i) for i in suggested]
+        handed_on = dict(checked=outcome.checked, classes=present, num_seeds=len(seed_idx))
     return loop
+
+
+def _handed_on(previous: dict, classes, num_seeds: int) -> dict:
+    """What ``propagate_labels`` hands from one run to the next: the
+    previous run's checked predictions (on the seeds, which keep their
+    positions as the loop appends) and the seeds labeled since."""
+    if not previous:
+        return {}
+    checked = previous["checked"]
+    if checked is not None:
+        checked = checked.remapped(checked.positions, previous["classes"], classes)
+    return dict(checked=checked, new_seeds=np.arange(previous["num_seeds"], num_seeds))
 
 
 def _held_out_scores(problem, graph, seed_idx, seed_labels, method):

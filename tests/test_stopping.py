@@ -193,7 +193,71 @@ def test_weighting_crowded_seeds_brings_the_estimated_errors_near_the_truth(monk
     assert weighted - true < 0.6 * (uniform - true)
 
 
-# ------------------------------------------------------------ the SDK
+def _uncertain_clusters(seed):
+    """Five overlapping clusters, 3 seeds each, and the 40 samples
+    ``suggest`` asks about next, appended to the seeds."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(5, 12)) * 2
+    y = np.repeat(np.arange(5), 120)
+    x = (centers[y] + rng.normal(size=(len(y), 12)) * 1.6).astype(np.float32)
+    first = np.concatenate([rng.choice(np.flatnonzero(y == c), 3, replace=False) for c in range(5)])
+    neighbors, sims = knn_search(x, 10)
+    problem = pm.Problem(pm.center_and_normalize(x), pm.Graph(neighbors, sims), 5)
+    asked = sd.suggest(problem.x, problem.graph, first, list(y[first]), 40)
+    return problem, y, np.concatenate([first, asked]), np.arange(len(first), len(first) + 40)
+
+
+def test_checked_predictions_bring_the_estimated_errors_nearer_the_truth():
+    # the loop asks about the samples it is least sure of, so the held-out
+    # seeds make the targets look less certain than they are; the asked
+    # samples, scored as the run before them scored them, say how often
+    # predictions like theirs are right
+    gaps = []
+    for seed in range(8):
+        problem, y, seeds, asked = _uncertain_clusters(seed)
+        targets = np.setdiff1d(np.arange(len(y)), seeds)
+        estimated = []
+        for checked in ({}, {"new_seeds": asked}):
+            probs = pm.propagate(problem, seeds, y[seeds], **checked).probs[targets]
+            estimated.append((1.0 - probs.max(axis=1)).sum())
+            true = (probs.argmax(axis=1) != y[targets]).sum()  # the same either way
+        gaps.append(np.abs(np.array(estimated) - true))
+    without, checked = np.array(gaps).T
+    assert (checked < without).sum() >= 6
+    assert checked.sum() < 0.8 * without.sum()
+
+
+def _label_with_truth(dataset, ids):
+    for sample in dataset.select(ids):
+        sample["label"] = sample.ground_truth.copy()
+        sample.save()
+
+
+def test_each_run_checks_its_predictions_for_the_suggested_samples_labeled_next(embedded_dataset):
+    dataset = embedded_dataset
+    first = dinoprop.propagate_labels(dataset, "label", method="graph_linear")
+    assert first.summary()["num_checked_predictions"] == 0 and first.checked_ids == []
+    predicted = dict(zip(*dataset.values(["id", "label_propagated.label"])))
+    suggested = dinoprop.suggest_seeds(dataset, 3, "label", progress=False)
+    unasked = next(i for i, label in predicted.items() if label and i not in suggested)
+    _label_with_truth(dataset, suggested + [unasked])
+    second = dinoprop.propagate_labels(dataset, "label", method="graph_linear")
+    # only the suggestions: the loop asked for them by the scores alone
+    assert sorted(second.checked_ids) == sorted(suggested)
+    assert second.summary()["num_checked_predictions"] == 3
+    # each is what the propagation predicted before the human labeled it
+    assert [second.classes[int(np.argmax(p))] for p in second.checked_probs] == [
+        predicted[i] for i in second.checked_ids
+    ]
+    # a sample unlabeled again drops out; the others are handed on
+    sample = dataset[suggested[0]]
+    sample["label"] = None
+    sample.save()
+    third = dinoprop.propagate_labels(dataset, "label", method="graph_linear")
+    assert sorted(third.checked_ids) == sorted(suggested[1:])
+    reloaded = dataset.load_run_results(third.key, cache=False)
+    assert reloaded.checked_ids == third.checked_ids
+    assert reloaded.summary()["num_checked_predictions"] == 2
 
 
 def test_summary_plans_the_stop_and_the_history_grows(embedded_dataset):

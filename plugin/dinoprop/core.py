@@ -16,6 +16,9 @@ from dinoprop.vector_reads import read_vectors
 #: Prefix of every tag dinoprop writes on samples.
 TAG_PREFIX = "dinoprop:"
 
+#: The tag :func:`dinoprop.suggest_seeds` puts on the samples it suggests.
+ANNOTATE_NEXT_TAG = TAG_PREFIX + "annotate_next"
+
 
 class DinopropError(ValueError):
     """Raised for invalid user input; the message says what to change."""

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from dinoprop import propagation_methods as pm
-from dinoprop.core import (
-    TAG_PREFIX,
+from dinoprop.core import (  # noqa: F401 (ANNOTATE_NEXT_TAG: public here too)
+    ANNOTATE_NEXT_TAG,
     DinopropError,
     check_int,
     progress_bar,
@@ -35,8 +35,6 @@ POOL_FACTOR = 5
 #: cover the densest regions instead, from a wider pool.
 COVERAGE_POOL_FACTOR = 20
 
-#: The tag put on the suggested samples.
-ANNOTATE_NEXT_TAG = TAG_PREFIX + "annotate_next"
 
 
 def suggest_seeds(

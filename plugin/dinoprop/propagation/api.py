@@ -10,6 +10,7 @@ import numpy as np
 
 from dinoprop import propagation_methods as pm
 from dinoprop.core import (
+    ANNOTATE_NEXT_TAG,
     DinopropError,
     check_field_name,
     check_int,
@@ -115,6 +116,15 @@ def propagate_labels(
     trend's cost allows, so one run's bolder calibration does not break
     the promise (:func:`dinoprop.propagation_methods.plan_stop`).
 
+    Samples that :func:`dinoprop.suggest_seeds` suggested (they carry its
+    tag ``dinoprop:annotate_next``) and a human labeled since the last run
+    under the same ``run_key`` are scored as that run would have scored
+    them, and these checked predictions, handed on from run to run, join
+    the calibration (``summary()["num_checked_predictions"]`` counts
+    them): the loop asks for the samples the propagation is least sure
+    of, so the held-out seeds alone make the targets look less certain
+    than they are (:class:`dinoprop.propagation_methods.CheckedPredictions`).
+
     The run is recorded, with ``summary()["status"] == "writing"``, before
     any label is written, and marked ``"complete"`` once every label is.
     A run that is interrupted (killed, or failing while writing) therefore
@@ -209,7 +219,13 @@ def propagate_labels(
             len(classes),
             knn_k=k,
         )
-        outcome = pm.propagate(problem, data["seed_idx"], seed_labels, method=method)
+        previous = _previous_results(samples, run_key)
+        seed_ids = [str(i) for i in data["ids"][data["seed_idx"]]]
+        suggested = set() if objects else set(samples.match_tags(ANNOTATE_NEXT_TAG).values("id"))
+        outcome = pm.propagate(
+            problem, data["seed_idx"], seed_labels, method=method,
+            **_checked_predictions(previous, seed_ids, classes, suggested),
+        )
         bar.update()
         targets = np.setdiff1d(np.arange(len(data["ids"])), data["seed_idx"])
         probs = outcome.probs[targets]
@@ -235,8 +251,8 @@ def propagate_labels(
         )
         if note:
             logger.warning(note)
-        stop = _stop_plan(
-            samples, run_key, confidence, len(data["seed_idx"]), target_accuracy,
+        stop = pm.plan_stop(
+            confidence, len(data["seed_idx"]), _stop_history(previous), target_accuracy,
         ) if calibrated else None
         needs_review = confidence < review_threshold
         info = {
@@ -255,6 +271,7 @@ def propagate_labels(
             "temperature": float(outcome.temperature),
             "temperature_spread": float(outcome.temperature_spread),
             "cv_accuracy_by_method": outcome.cv_accuracy,
+            "num_checked_predictions": len(outcome.checked or ()),
             "seconds": 0.0,
             "run_key": run_key,
             "label_field": label_field,
@@ -326,26 +343,70 @@ def _threshold_note(outcome, confidence, coverage, target_precision, chosen):
     )
 
 
-def _stop_plan(samples, run_key, confidence, num_seeds, target_accuracy):
-    """The stop plan of this run, with the loop's history and forecast."""
-    return pm.plan_stop(
-        confidence, num_seeds, _previous_stop_history(samples, run_key), target_accuracy
-    )
-
-
-def _previous_stop_history(samples, run_key):
-    """The ``[num_human, cost]`` history of the run this one replaces."""
+def _previous_results(samples, run_key):
+    """The results of the run this one replaces, or None (none, or an
+    older or broken record: the loop's history restarts)."""
     dataset = samples._root_dataset
     if run_key not in dataset.list_runs():
-        return []
+        return None
     try:
-        previous = dataset.load_run_results(run_key, cache=False)
-    except Exception:  # an older or broken record: the history restarts
-        return []
+        return dataset.load_run_results(run_key, cache=False)
+    except Exception:
+        return None
+
+
+def _stop_history(previous):
+    """The ``[num_human, cost]`` history of the run this one replaces."""
     info = getattr(previous, "info", None) or {}
     history = [list(p) for p in (info.get("stop_plan") or {}).get("history", [])]
     # an interrupted run's own point is the one this run measures again
     return history[:-1] if info.get("status") == WRITING else history
+
+
+def _checked_predictions(previous, seed_ids, classes, suggested):
+    """What a run hands on to the next for its calibration.
+
+    The ``suggested`` seeds labeled since the ``previous`` run (not among
+    its ``seed_ids``) are to be scored as that run would have scored them,
+    and
+    the predictions earlier runs made for seeds before they were labeled
+    (its ``checked_ids`` and ``checked_probs``) are carried over to the
+    current seeds and classes: samples no longer labeled drop out, and a
+    sample whose label a human changed is checked against its new label
+    (:class:`dinoprop.propagation_methods.CheckedPredictions`).
+
+    Args:
+        previous: the previous run's results (None for a first run)
+        seed_ids: the IDs of this run's seeds, in seed order
+        classes: this run's classes, in column order
+        suggested: the IDs of the samples :func:`dinoprop.suggest_seeds`
+            suggested (its tag): only their predictions are checked, as the
+            loop asked for them by the scores alone, never by whether they
+            were right
+
+    Returns:
+        the ``checked`` and ``new_seeds`` keyword arguments of
+        :func:`dinoprop.propagation_methods.propagate`
+    """
+    previous_ids = getattr(previous, "seed_ids", None)
+    if not previous_ids:
+        return {}
+    earlier = set(previous_ids)
+    position = {sid: i for i, sid in enumerate(seed_ids)}
+    new_seeds = np.array(
+        [i for i, sid in enumerate(seed_ids) if sid in suggested and sid not in earlier],
+        np.int64,
+    )
+    carried_ids = list(getattr(previous, "checked_ids", None) or [])
+    if not carried_ids:
+        return {"new_seeds": new_seeds}
+    carried = pm.CheckedPredictions(
+        np.arange(len(carried_ids)), np.asarray(previous.checked_probs, np.float32)
+    ).remapped(
+        [position.get(sid, -1) for sid in carried_ids],
+        list(previous.classes), [str(c) for c in classes],
+    )
+    return {"checked": carried, "new_seeds": new_seeds}
 
 
 def check_output_field(

@@ -76,6 +76,11 @@ class PropagationResults(fors.RunResults):
         oof_labels: the seeds' class indices, aligned with ``oof_probs``
         oof_probs: calibrated out-of-fold class probabilities of the seeds
             (empty when the seeds were too few to cross-validate)
+        checked_ids: the IDs of seeds an earlier run predicted before they
+            were labeled (the :data:`MAX_CHECKED_PREDICTIONS` most recent)
+        checked_probs: those predictions' uncalibrated class
+            probabilities, columns in ``classes`` order; the next run
+            fits its calibration on them too
     """
 
     def summary(self) -> dict:
@@ -95,7 +100,10 @@ class PropagationResults(fors.RunResults):
         object runs), ``ece``,
         ``review_threshold``, ``temperature`` and
         ``temperature_spread`` (the standard deviation of its logarithm,
-        which the confidences are averaged over), ``seconds``,
+        which the confidences are averaged over),
+        ``num_checked_predictions`` (earlier runs' predictions for
+        suggested samples that a human has labeled since, which the
+        temperature is fitted on beside the held-out seeds), ``seconds``,
         ``run_key``, ``output_field``, ``label_field``, ``status``
         (:data:`COMPLETE`, or :data:`WRITING` while the labels are being
         written or after an interruption), ``note`` (why
@@ -355,7 +363,8 @@ def _begin_run(samples, run_key, info, results_fields, **params):
     field refuse it (:func:`check_run_complete`), and ``delete_run``
     removes it all. The record leaves out the seeds' out-of-fold scores
     (only a complete run's :meth:`PropagationResults.evaluate` reads them;
-    at 1,000 seeds and 100 classes they take half a second to save).
+    at 1,000 seeds and 100 classes they take half a second to save), but
+    keeps the seeds and checked predictions the next run builds on.
     Returns the recorded config.
     """
     config = PropagationRunConfig(run_type=RUN_TYPE, **params)
@@ -379,13 +388,31 @@ def _finish_run(samples, run_key, config, info, results_fields, start):
     )
 
 
+#: The most checked predictions a run hands on to the next (the most
+#: recent are kept): at 100 classes, 5,000 of them take about 6 MB in the
+#: run's results, saved twice per run.
+MAX_CHECKED_PREDICTIONS = 5000
+
+
 def _results_fields(classes, data, outcome):
-    """What the results store besides ``info``: the classes, the seeds and
-    their cross-validated scores."""
+    """What the results store besides ``info``: the classes, the seeds,
+    their cross-validated scores and the checked predictions (as float32
+    values, which JSON keeps exactly: the next run fits on what this one
+    did)."""
     oof = outcome.oof_probs
+    seed_ids = [str(i) for i in data["ids"][data["seed_idx"]]]
+    checked = outcome.checked
+    if checked is not None:
+        recent = slice(-MAX_CHECKED_PREDICTIONS, None)
+        checked_ids = [seed_ids[i] for i in checked.positions[recent]]
+        checked_probs = checked.probs[recent].astype(np.float32).tolist()
+    else:
+        checked_ids, checked_probs = [], []
     return dict(
         classes=[str(c) for c in classes],
-        seed_ids=[str(i) for i in data["ids"][data["seed_idx"]]],
+        seed_ids=seed_ids,
+        checked_ids=checked_ids,
+        checked_probs=checked_probs,
         oof_labels=[] if oof is None else [int(v) for v in outcome.oof_labels],
         oof_probs=[] if oof is None else np.round(oof, 5).tolist(),
     )

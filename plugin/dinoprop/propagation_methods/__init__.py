@@ -14,6 +14,8 @@ No ``N x N`` dense matrix is ever formed: graphs are sparse ``N x N`` with
 
 from dinoprop.propagation_methods.auto import (  # noqa: F401
     AUTO_CANDIDATES,
+    CHECKED_PREDICTION_WEIGHT,
+    CheckedPredictions,
     Propagation,
     _choose,
     _cv_problem,
