@@ -27,7 +27,8 @@ Reported per dataset and calibration (mean over the starts): the best stop
 the sixth on whose plan promised 95% and whose dataset was less accurate,
 the accepted labels' real errors over the plan's estimate, and the stop
 ``stopping_forecast`` recommends on the calibration's own cost history,
-finished as ``plan_stop`` finishes it (at no less than the trend's cost),
+finished as ``plan_stop`` finishes it (at no less than the trend's cost,
+with its larger reserve),
 or the last round where none is recommended (as ``annotation_loop.py``
 reports it): its cost over the best stop, and the least accurate dataset
 it left.
@@ -239,17 +240,19 @@ CALIBRATIONS = {
 # ------------------------------------------------------------ scoring
 
 
-def _accept(label_conf, plan_conf, num_human, min_cost=None):
+def _accept(label_conf, plan_conf, num_human, min_cost=None, sigmas=None):
     """The stop plan's acceptance: most confident labels first, their
     errors counted with ``plan_conf`` (as :func:`stop_plan` counts them
-    with the labels' own confidences), at no less than ``min_cost``."""
+    with the labels' own confidences) with ``sigmas`` standard deviations
+    in reserve (default the plan's), at no less than ``min_cost``."""
     from dinoprop.propagation_methods.stopping import ERROR_MARGIN_SIGMAS, _tie_boundary
 
+    sigmas = ERROR_MARGIN_SIGMAS if sigmas is None else sigmas
     budget = (1.0 - TARGET_ACCURACY) * (num_human + len(label_conf))
     order = np.argsort(-label_conf, kind="stable")
     p = plan_conf[order].astype(np.float64)
     errors = np.cumsum(1.0 - p)
-    fits = errors + ERROR_MARGIN_SIGMAS * np.sqrt(np.cumsum(p * (1.0 - p))) <= budget + 1e-9
+    fits = errors + sigmas * np.sqrt(np.cumsum(p * (1.0 - p))) <= budget + 1e-9
     count = int(np.argmin(fits)) if not fits.all() else len(p)
     ranked = label_conf[order]
     count = _tie_boundary(ranked, count, step=-1)
@@ -279,7 +282,9 @@ def replay(recorded: dict, calibration) -> dict:
             history.append([num_human, num - int(accepted.sum())])
             forecast = pm.stopping_forecast(history)
             if forecast["recommend_stop"]:  # the finish, as plan_stop makes it
-                accepted, estimated = _accept(*confidences, num_human, forecast["trend_cost"])
+                accepted, estimated = _accept(
+                    *confidences, num_human, forecast["trend_cost"], pm.FINISH_MARGIN_SIGMAS
+                )
             wrong = int((accepted & ~right).sum())
             cost, accuracy = num - int(accepted.sum()), 1.0 - wrong / num
             rows.append((cost, accuracy, forecast["recommend_stop"]))

@@ -110,6 +110,21 @@ def test_a_recommended_finish_keeps_to_the_trend_not_to_a_lucky_run():
     assert own["cost"] == alone.cost and own["threshold"] == alone.threshold
 
 
+def test_a_recommended_finish_keeps_a_larger_reserve():
+    rng = np.random.default_rng(0)
+    confidence = np.clip(rng.beta(12, 1, 2000), 0.3, 0.999)
+    alone = pm.stop_plan(confidence, num_human=500)
+    # the cost has stayed flat: the next batch saves nothing, and this run
+    # is on the line
+    history = [[300 + 40 * i, alone.cost] for i in range(5)]
+    plan = pm.plan_stop(confidence, 500, history)
+    assert plan["recommend_stop"] is True and plan["trend_cost"] <= alone.cost
+    reserved = pm.stop_plan(confidence, 500, margin_sigmas=pm.FINISH_MARGIN_SIGMAS)
+    assert plan["num_accepted"] == reserved.num_accepted < alone.num_accepted
+    assert plan["num_held_back"] == alone.num_accepted - reserved.num_accepted
+    assert plan["estimated_accuracy"] > alone.estimated_accuracy >= 0.95
+
+
 def test_advice_names_the_finish_and_the_forecast():
     plan = pm.stop_plan(np.array([0.99] * 50 + [0.6] * 50), num_human=10).to_dict()
     keep = pm.stop_advice(plan, {"next_batch": 40, "next_batch_saving": 12.0, "saving_stderr": 3.0})

@@ -65,6 +65,8 @@ from dinoprop.propagation_methods.methods import (  # noqa: F401
 )
 from dinoprop.propagation_methods.stopping import (  # noqa: F401
     DEFAULT_TARGET_ACCURACY,
+    ERROR_MARGIN_SIGMAS,
+    FINISH_MARGIN_SIGMAS,
     StopPlan,
     plan_stop,
     stop_advice,
