@@ -184,6 +184,7 @@ def propagate(
     seed_labels = np.asarray(seed_labels, np.int64)
     folds = _seed_folds(seed_labels, max_folds, random_state)
     oof = {}
+    new_seeds = None if new_seeds is None or not len(new_seeds) else new_seeds
     if folds or new_seeds is not None:
         cv_problem, cv_seeds = _cv_problem(problem, seed_idx, cv_max_nodes)
     if folds:
