@@ -368,9 +368,8 @@ def _checked_predictions(previous, seed_ids, classes, suggested):
 
     The ``suggested`` seeds labeled since the ``previous`` run (not among
     its ``seed_ids``) are to be scored as that run would have scored them,
-    and
-    the predictions earlier runs made for seeds before they were labeled
-    (its ``checked_ids`` and ``checked_probs``) are carried over to the
+    and the predictions earlier runs made for seeds before they were
+    labeled (its ``checked_ids`` and ``checked_probs``) are carried over to the
     current seeds and classes: samples no longer labeled drop out, and a
     sample whose label a human changed is checked against its new label
     (:class:`dinoprop.propagation_methods.CheckedPredictions`).
