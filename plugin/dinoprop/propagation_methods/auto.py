@@ -39,8 +39,8 @@ AUTO_CANDIDATES = (
 #: recommended finish fell to 94.8%); on cifar10-test the stop stayed at
 #: 59.7-59.8% with 8 or 9 such rounds instead of 13. Recorded again with
 #: weight 3 steering the loops: 24.6% and 60.1%, and through the SDK
-#: (``annotation_loop.py``, 3 starts) 24.8% and 59.3% (26.9% and 59.2%
-#: before). Only suggested samples are checked (see
+#: (``annotation_loop.py``, 5 starts) 24.8% and 59.4% (26.9% and 59.2%
+#: before, 3 starts). Only suggested samples are checked (see
 #: :func:`dinoprop.propagate_labels`): with seeds drawn at random, whose
 #: held-out seeds already stand for the targets, checked predictions made
 #: the plan bolder still (clothing-small, 3 loops of random batches:
