@@ -96,7 +96,7 @@ def test_a_recommended_finish_keeps_to_the_trend_not_to_a_lucky_run():
     assert plan["estimated_accuracy"] > alone.estimated_accuracy
     # the run's own cost is what the loop's history keeps
     assert plan["history"][-1] == [500, alone.cost]
-    assert "labels fewer than this run alone would accept" in plan["advice"]
+    assert "labels fewer than this run alone would accept: its cost is below the trend" in plan["advice"]
 
     # a cap inside a group of equal confidences keeps the whole group
     tied = np.array([0.995] * 900 + [0.5] * 200)
@@ -123,6 +123,7 @@ def test_a_recommended_finish_keeps_a_larger_reserve():
     assert plan["num_accepted"] == reserved.num_accepted < alone.num_accepted
     assert plan["num_held_back"] == alone.num_accepted - reserved.num_accepted
     assert plan["estimated_accuracy"] > alone.estimated_accuracy >= 0.95
+    assert "a finish keeps 2 standard deviations of its error count in reserve" in plan["advice"]
 
 
 def test_advice_names_the_finish_and_the_forecast():

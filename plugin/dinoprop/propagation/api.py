@@ -221,10 +221,9 @@ def propagate_labels(
         )
         previous = _previous_results(samples, run_key)
         seed_ids = [str(i) for i in data["ids"][data["seed_idx"]]]
-        suggested = set() if objects else set(samples.match_tags(ANNOTATE_NEXT_TAG).values("id"))
         outcome = pm.propagate(
             problem, data["seed_idx"], seed_labels, method=method,
-            **_checked_predictions(previous, seed_ids, classes, suggested),
+            **_checked_predictions(previous, seed_ids, classes, None if objects else samples),
         )
         bar.update()
         targets = np.setdiff1d(np.arange(len(data["ids"])), data["seed_idx"])
@@ -363,11 +362,12 @@ def _stop_history(previous):
     return history[:-1] if info.get("status") == WRITING else history
 
 
-def _checked_predictions(previous, seed_ids, classes, suggested):
+def _checked_predictions(previous, seed_ids, classes, samples):
     """What a run hands on to the next for its calibration.
 
-    The ``suggested`` seeds labeled since the ``previous`` run (not among
-    its ``seed_ids``) are to be scored as that run would have scored them,
+    The seeds labeled since the ``previous`` run (not among its
+    ``seed_ids``) that :func:`dinoprop.suggest_seeds` suggested (they carry
+    its tag) are to be scored as that run would have scored them,
     and the predictions earlier runs made for seeds before they were
     labeled (its ``checked_ids`` and ``checked_probs``) are carried over to the
     current seeds and classes: samples no longer labeled drop out, and a
@@ -378,10 +378,10 @@ def _checked_predictions(previous, seed_ids, classes, suggested):
         previous: the previous run's results (None for a first run)
         seed_ids: the IDs of this run's seeds, in seed order
         classes: this run's classes, in column order
-        suggested: the IDs of the samples :func:`dinoprop.suggest_seeds`
-            suggested (its tag): only their predictions are checked, as the
-            loop asked for them by the scores alone, never by whether they
-            were right
+        samples: the samples of the run, whose tags say which new seeds
+            were suggested (None for objects, which are not suggested):
+            only those predictions are checked, as the loop asked for them
+            by the scores alone, never by whether they were right
 
     Returns:
         the ``checked`` and ``new_seeds`` keyword arguments of
@@ -392,10 +392,12 @@ def _checked_predictions(previous, seed_ids, classes, suggested):
         return {}
     earlier = set(previous_ids)
     position = {sid: i for i, sid in enumerate(seed_ids)}
-    new_seeds = np.array(
-        [i for i, sid in enumerate(seed_ids) if sid in suggested and sid not in earlier],
-        np.int64,
+    new_ids = [sid for sid in seed_ids if sid not in earlier]
+    suggested = (
+        set(samples.select(new_ids).match_tags(ANNOTATE_NEXT_TAG).values("id"))
+        if samples is not None and new_ids else set()
     )
+    new_seeds = np.array([position[sid] for sid in new_ids if sid in suggested], np.int64)
     carried_ids = list(getattr(previous, "checked_ids", None) or [])
     if not carried_ids:
         return {"new_seeds": new_seeds}

@@ -31,7 +31,7 @@ ERROR_MARGIN_SIGMAS = 1.0
 #: clothing-small and cifar10-test, efficientnet-lite0 features), one
 #: recommended finish of 21 left its dataset at 94.95% with 1 standard
 #: deviation in reserve; with 2 the least accurate finishes were 95.24% and
-#: 96.24%, at 1.08x and 1.07x the best stop (1.05x and 1.05x with 1).
+#: 96.24%, at 1.08x and 1.06x the best stop (1.05x and 1.05x with 1).
 FINISH_MARGIN_SIGMAS = 2.0
 
 #: Runs the stopping forecast fits its trend on: a run's cost of stopping
@@ -313,7 +313,7 @@ def stop_advice(plan: dict, forecast: dict) -> str:
     if forecast.get("recommend_stop"):
         return "Stop labeling seeds: %s. To finish, %s%s." % (
             _STOP_REASONS[forecast.get("stop_reason") or "no_saving"], finish,
-            _held_back_note(plan.get("num_held_back") or 0),
+            _held_back_note(plan, forecast),
         )
     saving = forecast.get("next_batch_saving")
     if saving is None:
@@ -346,12 +346,22 @@ _STOP_REASONS = {
 }
 
 
-def _held_back_note(held_back: int) -> str:
-    """Why a recommended finish accepts fewer labels than its run would."""
+def _held_back_note(plan: dict, forecast: dict) -> str:
+    """Why a recommended finish accepts fewer labels than its run would:
+    the trend's cost, where this run's own (the last of its ``history``)
+    is below it, else the finish's larger reserve."""
+    held_back = plan.get("num_held_back") or 0
     if not held_back:
         return ""
-    return (
-        " (%s labels fewer than this run alone would accept: its cost is below "
-        "the trend of the last runs, within the noise of its calibration)"
-        % format(held_back, ",")
+    own_cost = (plan.get("history") or [[None, None]])[-1][1]
+    trend_cost = forecast.get("trend_cost")
+    if own_cost is not None and trend_cost is not None and trend_cost > own_cost:
+        reason = "its cost is below the trend of the last runs, within the noise of its calibration"
+    else:
+        reason = (
+            "a finish keeps %g standard deviations of its error count in reserve, "
+            "a run's plan %g" % (FINISH_MARGIN_SIGMAS, ERROR_MARGIN_SIGMAS)
+        )
+    return " (%s labels fewer than this run alone would accept: %s)" % (
+        format(held_back, ","), reason
     )
